@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every hopwatch test, exactly what CI runs (`.ci/run` calls this):
+#   lints, native unit/integration tests, the filter's logic on wasm32 under
+#   wasm-bindgen-test, the filter inside a real Envoy 1.40, the collector's gRPC and CLI
+#   tests, the manifest validation (real `envoy --mode validate`), and the end-to-end
+#   local-mesh scenarios. Installs what it needs on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+log() { printf '\n==> %s\n' "$*"; }
+
+# shellcheck source=scripts/ensure-tools.sh
+source scripts/ensure-tools.sh
+
+log "build: the filter (wasm32-wasip1, release) that the Envoy tests load"
+cargo build --locked -p hopwatch-filter --target wasm32-wasip1 --release
+wasm=target/wasm32-wasip1/release/hopwatch_filter.wasm
+size=$(stat -c %s "$wasm")
+echo "hopwatch_filter.wasm: $size bytes (budget 153600)"
+if [ "$size" -gt 153600 ]; then
+  echo "error: $wasm is $size bytes, over the 150 KB budget" >&2
+  exit 1
+fi
+
+log "build: collector and CLI (used by the end-to-end tests)"
+cargo build --locked -p hopwatch-collector --bins
+
+log "lint: rustfmt and clippy (native and wasm32-wasip1)"
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked -p hopwatch-filter --target wasm32-wasip1 -- -D warnings
+
+log "test: filter logic on wasm32-unknown-unknown (wasm-bindgen-test under node)"
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+  cargo test --locked -p hopwatch-filter --target wasm32-unknown-unknown
+
+log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh)"
+cargo test --locked --workspace
+
+log "all tests passed in $(( $(date +%s) - start ))s"
