@@ -1,1 +1,20 @@
-//! placeholder
+//! hopwatch collector: receives hop reports from the hopwatch filters, joins them into call
+//! chains per trace, detects where a tag chain or a trace chain broke and where a failure
+//! started, stores those findings and answers queries.
+//!
+//! Layout:
+//! - [`model`]: the compact hop ([`model::CHop`]) and string interning.
+//! - [`analysis`]: joining hops into a call tree and the eight break detectors (pure).
+//! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
+//! - [`store`]: the deduplicated findings index and its redb persistence.
+//! - [`service`]: shared state, metrics, Report/Query semantics.
+//! - [`server`]: tonic + HTTP front ends, background loops, graceful shutdown.
+//! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON).
+
+pub mod analysis;
+pub mod cli;
+pub mod core;
+pub mod model;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,4 +1,18 @@
 //! The local mesh of real Envoys that runs hopwatch on one machine, and the pieces its
 //! tests share.
+//!
+//! - [`topology`]: the topology file (workloads, environments, calls, faults).
+//! - [`plan`]: a topology resolved to ports and Istio-style names.
+//! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
+//! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
+//! - [`render`]: writes the configuration for the docker-compose setup.
+//! - [`httpc`]: the small blocking HTTP client all of it uses.
 
+pub mod bins;
+pub mod bootstrap;
+pub mod httpc;
 pub mod manifests;
+pub mod mesh;
+pub mod plan;
+pub mod render;
+pub mod topology;

@@ -125,7 +125,11 @@ mod tests {
         assert_eq!(inbound["direction"], "inbound");
         assert_eq!(outbound["direction"], "outbound");
         let vm = |f: &Value| f["typed_config"]["config"]["vm_config"]["vm_id"].clone();
-        assert_eq!(vm(&filters.inbound), vm(&filters.outbound), "one vm_id for both sides");
+        assert_eq!(
+            vm(&filters.inbound),
+            vm(&filters.outbound),
+            "one vm_id for both sides"
+        );
         let moved = with_wasm_file(&filters.outbound, Path::new("/tmp/x.wasm"));
         assert_eq!(
             moved["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"],

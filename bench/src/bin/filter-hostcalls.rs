@@ -1,0 +1,312 @@
+//! filter-hostcalls: where a hopwatch request's cost goes, without a profiler for V8's
+//! JIT code. Runs the filter's own per-request logic (`hopwatch_filter::filter`, the
+//! code the wasm glue calls) natively over a host that counts every host call and the
+//! bytes each one copies, for the same request pool and configurations as
+//! `filter-bench`, and times the pure computation (native, so a lower bound of the
+//! in-VM compute). Host calls made by the glue itself (fetching the request headers,
+//! writing the tag, reading `:status`) are added per the glue's documented sequence.
+//!
+//! Each host call is a VM exit plus a copy across the sandbox boundary: measured here,
+//! a Rust filter doing 4 host calls on the response path cost +6 us/request more than the
+//! empty filter (docs/BENCHMARKS.md), so calls per request are the figure to minimise.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use anyhow::Result;
+use hopwatch_bench::wrk::{request_pool, PoolEntry};
+use hopwatch_bench::Table;
+use hopwatch_filter::config::PluginConfig;
+use hopwatch_filter::filter::{Core, Identity, Stream};
+use hopwatch_filter::host::{Host, SetStatus};
+use hopwatch_filter::metrics::{self, Metric};
+use hopwatch_filter::tag::TagEdit;
+use hopwatch_test_envoy::manifests;
+use prost::Message;
+
+#[derive(Default, Clone, Debug)]
+struct Calls {
+    by_kind: BTreeMap<&'static str, (u64, u64)>, // kind -> (calls, bytes copied)
+    metrics: BTreeMap<String, u64>,
+}
+
+impl Calls {
+    fn add(&mut self, kind: &'static str, bytes: usize) {
+        let e = self.by_kind.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += bytes as u64;
+    }
+    fn total(&self) -> u64 {
+        self.by_kind.values().map(|v| v.0).sum()
+    }
+}
+
+struct CountingHost {
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    headers: RefCell<Vec<(String, String)>>,
+    calls: RefCell<Calls>,
+    names: Vec<String>,
+    counting: bool,
+}
+
+impl CountingHost {
+    fn new(direction: &str, counting: bool) -> Self {
+        CountingHost {
+            shared: RefCell::default(),
+            headers: RefCell::default(),
+            calls: RefCell::default(),
+            names: metrics::names(direction),
+            counting,
+        }
+    }
+    fn note(&self, kind: &'static str, bytes: usize) {
+        if self.counting {
+            self.calls.borrow_mut().add(kind, bytes);
+        }
+    }
+}
+
+fn prop_value(path: &[&str]) -> Option<Vec<u8>> {
+    let s = |v: &str| Some(v.as_bytes().to_vec());
+    match path {
+        ["response", "flags"] => Some(0u64.to_le_bytes().to_vec()),
+        ["response", "code"] => Some(200u64.to_le_bytes().to_vec()),
+        ["response", "code_details"] => s("via_upstream"),
+        ["xds", "cluster_name"] => s("outbound|8080||upstream.bench.svc.cluster.local"),
+        ["xds", "route_name"] => s("default"),
+        ["upstream", "address"] => s("10.1.0.21:8080"),
+        ["upstream", "local_address"] => s("10.1.0.9:39876"),
+        ["source", "address"] => s("10.1.0.9:41234"),
+        ["destination", "address"] => s("10.96.12.4:8080"),
+        ["xds", "node", "metadata", "WORKLOAD_NAME"] => s("bench-client"),
+        ["xds", "node", "metadata", "NAMESPACE"] => s("bench"),
+        ["xds", "node", "metadata", "NAME"] => s("bench-client-7d9f8b6c5-x2x4z"),
+        ["xds", "node", "metadata", "LABELS", "app"] => s("bench-client"),
+        ["xds", "node", "metadata", "LABELS", "virtual-env"] => s("dev.proj1"),
+        _ => None,
+    }
+}
+
+impl Host for CountingHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let v = self.shared.borrow().get(key).cloned();
+        self.note("get_shared_data", v.as_ref().map(|v| v.0.len()).unwrap_or(0));
+        v
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus {
+        self.note("set_shared_data", value.len());
+        let mut m = self.shared.borrow_mut();
+        let cur = m.get(key).map(|v| v.1).unwrap_or(0);
+        if cas != 0 && cas != cur {
+            return SetStatus::CasMismatch;
+        }
+        m.insert(key.to_string(), (value.to_vec(), cur + 1));
+        SetStatus::Ok
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let v = prop_value(path);
+        self.note("get_property", v.as_ref().map(Vec::len).unwrap_or(0));
+        v
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        let v = self
+            .headers
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone());
+        self.note("get_header_map_value", v.as_ref().map(String::len).unwrap_or(0));
+        v
+    }
+    fn now_nanos(&self) -> u64 {
+        self.note("get_current_time", 8);
+        1_795_000_000_000_000_000
+    }
+    fn count(&self, metric: Metric, _by: u64) {
+        self.note("increment_metric", 0);
+        if self.counting {
+            let name = self.names.get(metric.0 as usize).cloned().unwrap_or_default();
+            *self.calls.borrow_mut().metrics.entry(name).or_default() += 1;
+        }
+    }
+}
+
+fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = vec![
+        (":authority".into(), "upstream.bench.svc.cluster.local:8080".into()),
+        (":path".into(), "/api/v1/items".into()),
+        (":method".into(), "GET".into()),
+        (":scheme".into(), "http".into()),
+        ("user-agent".into(), "bench-app/1.0".into()),
+        ("x-request-id".into(), e.request_id.clone()),
+        ("x-b3-traceid".into(), e.trace_id.clone()),
+        ("x-b3-sampled".into(), "1".into()),
+        ("x-forwarded-proto".into(), "http".into()),
+    ];
+    if inbound {
+        h.push(("x-b3-spanid".into(), e.inbound_span.clone()));
+        h.push(("x-virtual-env".into(), "dev.proj1.alice".into()));
+    } else {
+        h.push(("x-b3-spanid".into(), e.outbound_span.clone()));
+        h.push(("x-b3-parentspanid".into(), e.inbound_span.clone()));
+    }
+    h
+}
+
+/// The serialized size of a proxy-wasm header map (what `get_header_map_pairs` copies).
+fn map_bytes(h: &[(String, String)]) -> usize {
+    4 + h.iter().map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>()
+}
+
+fn core(inbound: bool, rate: f64, overrides: &[(&str, serde_json::Value)]) -> Result<Core> {
+    let root = manifests::repo_root();
+    let filters = manifests::load_sidecar_filters(&root)?;
+    let f = if inbound { &filters.inbound } else { &filters.outbound };
+    let mut plugin = manifests::plugin_configuration_json(f).unwrap_or_default();
+    plugin["report_sample_rate"] = serde_json::json!(rate);
+    for (k, v) in overrides {
+        plugin[*k] = v.clone();
+    }
+    let cfg = PluginConfig::parse(plugin.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let host = CountingHost::new("x", false);
+    let identity = Identity::load(&cfg, &host, Some("dev.proj1".into()));
+    Ok(Core::new(cfg, identity))
+}
+
+/// One request through the glue's sequence; returns the encoded report, if any.
+fn one(core: &Core, host: &CountingHost, h: &[(String, String)]) -> Option<Vec<u8>> {
+    // proxy_on_request_headers: get_header_map_pairs, then the logic, then the tag edit.
+    host.note("get_header_map_pairs", map_bytes(h));
+    *host.headers.borrow_mut() = h.to_vec();
+    let (st, edit) = Stream::on_request_headers(core, host, h);
+    match edit {
+        TagEdit::Keep => {}
+        TagEdit::Set(v) => host.note("replace_header_map_value", v.len()),
+        TagEdit::Remove => host.note("remove_header_map_value", 0),
+    }
+    // proxy_on_response_headers: `:status` only when annotation is possible.
+    if st.may_annotate(core) {
+        host.note("get_header_map_value", 3);
+        if let Some(v) = st.annotation(core, host, 200) {
+            host.note("add_header_map_value", v.len());
+        }
+    }
+    // proxy_on_log: the hop, queued (encoded when the batch is sent).
+    st.on_log(core, host).map(|hop| hop.encode_to_vec())
+}
+
+struct Case {
+    name: String,
+    inbound: bool,
+    rate: f64,
+    overrides: Vec<(&'static str, serde_json::Value)>,
+}
+
+fn main() -> Result<()> {
+    let pool = request_pool(200, 2, |t| hopwatch_filter::sampling::sampled(0.01, t, ""));
+    let mut cases = Vec::new();
+    for (inbound, rate) in [(false, 0.01), (false, 1.0), (true, 0.01), (true, 1.0)] {
+        cases.push(Case {
+            name: format!("hopwatch-{}@{rate}", if inbound { "in" } else { "out" }),
+            inbound,
+            rate,
+            overrides: vec![],
+        });
+    }
+    cases.push(Case {
+        name: "hopwatch-out@0.01+annotate_response=never".into(),
+        inbound: false,
+        rate: 0.01,
+        overrides: vec![("annotate_response", serde_json::json!("never"))],
+    });
+    cases.push(Case {
+        name: "hopwatch-out@0.01+correlation_buckets=256".into(),
+        inbound: false,
+        rate: 0.01,
+        overrides: vec![("correlation_buckets", serde_json::json!(256))],
+    });
+
+    println!("# hopwatch host calls per request (filter logic run natively over a counting host)\n");
+    println!("pool: {} traces (as filter-bench), outbound calls preceded by their inbound request (same VM store)\n", pool.len());
+    let mut summary = Table::new(&[
+        "config",
+        "host calls/req",
+        "of which increment_metric",
+        "get_shared_data (calls, bytes)",
+        "set_shared_data (calls, bytes)",
+        "get_property (calls)",
+        "bytes copied in",
+        "reported",
+        "native compute ns/req",
+    ]);
+    let mut detail = Vec::new();
+    for c in &cases {
+        let inb_core = core(true, c.rate, &c.overrides)?;
+        let core_ = core(c.inbound, c.rate, &c.overrides)?;
+        let dir = if c.inbound { "inbound" } else { "outbound" };
+        let host = CountingHost::new(dir, false);
+        // Warm the correlation store as the sidecar's inbound side does.
+        for e in &pool {
+            one(&inb_core, &host, &headers(e, true));
+        }
+        // Count over one pass of the pool.
+        let counting = CountingHost { counting: true, ..CountingHost::new(dir, true) };
+        *counting.shared.borrow_mut() = host.shared.borrow().clone();
+        let mut reported = 0usize;
+        let reqs: Vec<Vec<(String, String)>> = pool.iter().map(|e| headers(e, c.inbound)).collect();
+        for h in &reqs {
+            if one(&core_, &counting, h).is_some() {
+                reported += 1;
+            }
+        }
+        let n = reqs.len() as f64;
+        let calls = counting.calls.borrow().clone();
+        let per = |k: &str| calls.by_kind.get(k).copied().unwrap_or((0, 0));
+        let bytes_in: u64 = ["get_header_map_pairs", "get_shared_data", "get_property", "get_header_map_value", "get_current_time"]
+            .iter()
+            .map(|k| per(k).1)
+            .sum();
+        // Time the pure computation (no counting) over many passes.
+        let passes = 500;
+        let t = Instant::now();
+        let mut sink = 0usize;
+        for _ in 0..passes {
+            for h in &reqs {
+                sink += one(&core_, &host, h).map(|v| v.len()).unwrap_or(0);
+            }
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (passes as f64 * n);
+        std::hint::black_box(sink);
+        summary.row(vec![
+            c.name.clone(),
+            format!("{:.2}", calls.total() as f64 / n),
+            format!("{:.2}", per("increment_metric").0 as f64 / n),
+            format!("{:.2}, {:.0} B", per("get_shared_data").0 as f64 / n, per("get_shared_data").1 as f64 / n),
+            format!("{:.2}, {:.0} B", per("set_shared_data").0 as f64 / n, per("set_shared_data").1 as f64 / n),
+            format!("{:.2}", per("get_property").0 as f64 / n),
+            format!("{:.0} B", bytes_in as f64 / n),
+            format!("{:.1}%", 100.0 * reported as f64 / n),
+            format!("{ns:.0}"),
+        ]);
+        detail.push((c.name.clone(), calls, n));
+    }
+    print!("{}", summary.render());
+    println!("\nper call kind (calls per request):");
+    for (name, calls, n) in &detail {
+        let kinds: Vec<String> = calls
+            .by_kind
+            .iter()
+            .map(|(k, (c, _))| format!("{k} {:.2}", *c as f64 / n))
+            .collect();
+        let mets: Vec<String> = calls
+            .metrics
+            .iter()
+            .map(|(k, c)| format!("{} {:.2}", k.trim_start_matches("hopwatch.").trim_start_matches("outbound.").trim_start_matches("inbound."), *c as f64 / n))
+            .collect();
+        println!("  {name}: {}\n    counters incremented: {}", kinds.join(", "), mets.join(", "));
+    }
+    println!("\n(plus, for every wasm filter including the empty one, the VM entries for the stream callbacks; a sampled hop also costs its share of one dispatch_grpc_call per batch)");
+    Ok(())
+}

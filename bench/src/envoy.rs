@@ -1,0 +1,265 @@
+//! Envoy bootstraps for the filter benchmark: one Envoy per filter configuration, each
+//! with a `direct_response` listener (Envoy answers itself: all the cost is the proxy's)
+//! and a listener routing to a local upstream, node metadata shaped like Istio's, and the
+//! collector cluster the hopwatch plugin configuration names.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// The workload's own virtual environment, given to Envoy as `VIRTUAL_ENVIRONMENT_TAG`
+/// (read by the Lua filter with `os.getenv` and by wasm filters via `host_env_keys`).
+pub const OWN_TAG: &str = "dev.proj1";
+
+/// The upstream cluster (Istio naming) of the upstream listener's route.
+pub const UPSTREAM_CLUSTER: &str = "outbound|8080||upstream.bench.svc.cluster.local";
+/// The `:authority` the load generator sends.
+pub const UPSTREAM_AUTHORITY: &str = "upstream.bench.svc.cluster.local:8080";
+
+/// The Lua filter of the previous tool: stamps the sidecar's own tag (from
+/// `VIRTUAL_ENVIRONMENT_TAG`) on requests that carry none, and nothing else.
+pub const LUA_TAG_FILTER: &str = r#"
+function envoy_on_request(request_handle)
+  local headers = request_handle:headers()
+  if headers:get("x-virtual-env") == nil then
+    local tag = os.getenv("VIRTUAL_ENVIRONMENT_TAG")
+    if tag ~= nil and tag ~= "" then
+      headers:add("x-virtual-env", tag)
+    end
+  end
+end
+"#;
+
+/// The Lua tag filter as an Envoy HTTP filter.
+pub fn lua_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": { "inline_string": LUA_TAG_FILTER }
+        }
+    })
+}
+
+/// The empty Rust proxy-wasm filter, with the same VM settings as hopwatch's manifest
+/// (V8, FAIL_OPEN, `VIRTUAL_ENVIRONMENT_TAG` exposed) so it is the floor hopwatch pays.
+pub fn empty_wasm_filter(wasm: &Path) -> Value {
+    json!({
+        "name": "bench.empty",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "bench.empty",
+                "root_id": "",
+                "failure_policy": "FAIL_OPEN",
+                "vm_config": {
+                    "vm_id": "empty",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": wasm.display().to_string() } },
+                    "environment_variables": { "host_env_keys": ["VIRTUAL_ENVIRONMENT_TAG"] }
+                }
+            }
+        }
+    })
+}
+
+/// A filter from the shipped EnvoyFilter with `report_sample_rate` overridden (the only
+/// change made to what users deploy, besides the wasm file path).
+pub fn with_sample_rate(filter: &Value, rate: f64) -> Value {
+    let mut filter = filter.clone();
+    let cfg = &mut filter["typed_config"]["config"]["configuration"];
+    if let Some(text) = cfg["value"].as_str() {
+        if let Ok(mut plugin) = serde_json::from_str::<Value>(text) {
+            plugin["report_sample_rate"] = json!(rate);
+            cfg["value"] = Value::String(plugin.to_string());
+        }
+    }
+    filter
+}
+
+/// A filter with plugin configuration keys overridden (profiling variants).
+pub fn with_plugin_overrides(filter: &Value, overrides: &[(String, Value)]) -> Value {
+    let mut filter = filter.clone();
+    let cfg = &mut filter["typed_config"]["config"]["configuration"];
+    if let Some(text) = cfg["value"].as_str() {
+        if let Ok(mut plugin) = serde_json::from_str::<Value>(text) {
+            for (k, v) in overrides {
+                plugin[k.as_str()] = v.clone();
+            }
+            cfg["value"] = Value::String(plugin.to_string());
+        }
+    }
+    filter
+}
+
+fn router() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+    })
+}
+
+fn listener(name: &str, port: u16, route: Value, http_filters: &[Value]) -> Value {
+    let mut filters: Vec<Value> = http_filters.to_vec();
+    filters.push(router());
+    json!({
+        "name": name,
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+        "filter_chains": [{
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": name,
+                    "codec_type": "AUTO",
+                    "route_config": {
+                        "name": "8080",
+                        "virtual_hosts": [{
+                            "name": "upstream.bench.svc.cluster.local:8080",
+                            "domains": ["*"],
+                            "routes": [ route ]
+                        }]
+                    },
+                    "http_filters": filters
+                }
+            }]
+        }]
+    })
+}
+
+fn static_cluster(name: &str, port: u16, http2: bool) -> Value {
+    let mut c = json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": "127.0.0.1", "port_value": port }
+            } } }] }]
+        }
+    });
+    if http2 {
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        });
+    }
+    c
+}
+
+/// Ports of one benchmark Envoy.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub admin: u16,
+    /// Listener whose route is a `direct_response`.
+    pub direct: u16,
+    /// Listener whose route goes to the local upstream.
+    pub proxied: u16,
+    /// The local upstream server.
+    pub upstream: u16,
+    /// A `direct_response` listener with the inbound filter, through which the benchmark
+    /// sends the inbound requests the outbound calls belong to (hopwatch outbound
+    /// configurations: a real sidecar has both filters in one VM).
+    pub prime: Option<u16>,
+}
+
+/// The bootstrap of one benchmark Envoy. `collector` is the cluster named by the plugin
+/// configuration's `collector_cluster` and the local collector's gRPC port.
+pub fn bootstrap(
+    ports: Ports,
+    http_filters: &[Value],
+    prime_filters: &[Value],
+    collector: Option<(&str, u16)>,
+) -> Value {
+    let direct_route = json!({
+        "name": "direct",
+        "match": { "prefix": "/" },
+        "direct_response": { "status": 200, "body": { "inline_string": "ok" } }
+    });
+    let upstream_route = json!({
+        "name": "default",
+        "match": { "prefix": "/" },
+        "route": { "cluster": UPSTREAM_CLUSTER, "timeout": "10s" }
+    });
+    let mut listeners = vec![
+        listener("direct", ports.direct, direct_route.clone(), http_filters),
+        listener("proxied", ports.proxied, upstream_route, http_filters),
+    ];
+    if let Some(port) = ports.prime {
+        listeners.push(listener("inbound", port, direct_route, prime_filters));
+    }
+    let mut clusters = vec![static_cluster(UPSTREAM_CLUSTER, ports.upstream, false)];
+    if let Some((name, port)) = collector {
+        clusters.push(static_cluster(name, port, true));
+    }
+    json!({
+        "node": {
+            "id": "sidecar~10.1.2.3~bench-client-7d9f8b6c5-x2x4z.bench~bench.svc.cluster.local",
+            "cluster": "bench-client.bench",
+            "metadata": {
+                "WORKLOAD_NAME": "bench-client",
+                "NAMESPACE": "bench",
+                "NAME": "bench-client-7d9f8b6c5-x2x4z",
+                "CLUSTER_ID": "Kubernetes",
+                "SERVICE_ACCOUNT": "default",
+                "LABELS": {
+                    "app": "bench-client",
+                    "version": "v1",
+                    "virtual-env": OWN_TAG,
+                    "service.istio.io/canonical-name": "bench-client"
+                }
+            }
+        },
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": ports.admin } } },
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": clusters
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_rate_override_keeps_the_rest_of_the_plugin_configuration() {
+        let root = hopwatch_test_envoy::manifests::repo_root();
+        let filters = hopwatch_test_envoy::manifests::load_sidecar_filters(&root).unwrap();
+        let f = with_sample_rate(&filters.outbound, 0.01);
+        let plugin = hopwatch_test_envoy::manifests::plugin_configuration_json(&f).unwrap();
+        let orig = hopwatch_test_envoy::manifests::plugin_configuration_json(&filters.outbound)
+            .unwrap();
+        assert_eq!(plugin["report_sample_rate"], 0.01);
+        assert_eq!(plugin["direction"], orig["direction"]);
+        assert_eq!(plugin["collector_cluster"], orig["collector_cluster"]);
+    }
+
+    #[test]
+    fn bootstrap_has_both_listeners_and_the_collector_cluster() {
+        let ports = Ports {
+            admin: 1,
+            direct: 2,
+            proxied: 3,
+            upstream: 4,
+            prime: Some(6),
+        };
+        let b = bootstrap(ports, &[lua_filter()], &[], Some(("outbound|9090||c", 5)));
+        let listeners = b["static_resources"]["listeners"].as_array().unwrap();
+        assert_eq!(listeners.len(), 3);
+        let hcm = &listeners[0]["filter_chains"][0]["filters"][0]["typed_config"];
+        let names: Vec<&str> = hcm["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["envoy.filters.http.lua", "envoy.filters.http.router"]);
+        let clusters = b["static_resources"]["clusters"].as_array().unwrap();
+        assert_eq!(clusters[1]["name"], "outbound|9090||c");
+        assert!(clusters[1]["typed_extension_protocol_options"].is_object());
+    }
+}

@@ -1,0 +1,852 @@
+//! Joining the hops of one trace into a call tree and detecting breaks in it.
+//!
+//! Pure functions over a slice of [`CHop`]s plus read-only context (interner, the per-pod
+//! index of recent inbound requests across traces, the registry of instance environments),
+//! so every finding kind can be unit-tested on constructed hop sets.
+
+use std::collections::VecDeque;
+
+use hopwatch_proto::v1::{BreakKind, Severity, TagSource, TraceContext};
+use rustc_hash::FxHashMap;
+
+use crate::model::{
+    flag_bit, flag_names, hash64, match_level, CHop, Interner, Sym, BIT_DEST_EXTERNAL,
+    BIT_DEST_IN_MESH,
+};
+
+const NONE: u32 = u32::MAX;
+
+/// A recent inbound request of one pod (any trace), to link an outbound call whose trace
+/// context was lost to the request the workload was serving.
+#[derive(Clone, Copy, Debug)]
+pub struct PodInbound {
+    pub start_us: u64,
+    pub end_us: u64,
+    pub key: u128,
+    pub traced: bool,
+    pub tag: Sym,
+    pub req: u64,
+}
+
+/// Bounded per-pod index of recent inbound requests.
+pub struct PodIndex {
+    map: FxHashMap<(Sym, Sym, Sym), VecDeque<PodInbound>>,
+    per_pod: usize,
+    max_pods: usize,
+    pub dropped: u64,
+}
+
+impl PodIndex {
+    pub fn new(per_pod: usize, max_pods: usize) -> Self {
+        PodIndex { map: FxHashMap::default(), per_pod: per_pod.max(1), max_pods, dropped: 0 }
+    }
+    pub fn record(&mut self, h: &CHop, key: u128) {
+        let k = (h.namespace, h.workload, h.pod);
+        if !self.map.contains_key(&k) && self.map.len() >= self.max_pods {
+            self.dropped += 1;
+            return;
+        }
+        let q = self.map.entry(k).or_default();
+        if q.len() >= self.per_pod {
+            q.pop_front();
+        }
+        q.push_back(PodInbound {
+            start_us: h.start_us,
+            end_us: h.end_us(),
+            key,
+            traced: h.has_trace_id,
+            tag: h.inbound_tag(),
+            req: req_hash(h),
+        });
+    }
+    /// The inbound request of `o`'s pod, in another trace group than `key`, that `o` was
+    /// made while serving: same request id, else the latest one whose time window holds
+    /// `o`'s start.
+    pub fn find(&self, o: &CHop, key: u128, slack_us: u64) -> Option<PodInbound> {
+        let q = self.map.get(&(o.namespace, o.workload, o.pod))?;
+        let req = req_hash(o);
+        let mut best: Option<(bool, u64, PodInbound)> = None;
+        for e in q.iter() {
+            if e.key == key {
+                continue;
+            }
+            let strong = req != 0 && e.req == req;
+            let contain = e.start_us <= o.start_us + slack_us && o.start_us <= e.end_us + slack_us;
+            if !strong && !contain {
+                continue;
+            }
+            let cand = (strong, e.start_us, *e);
+            if best.as_ref().is_none_or(|b| (b.0, b.1) < (cand.0, cand.1)) {
+                best = Some(cand);
+            }
+        }
+        best.map(|b| b.2)
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// Forgets pods whose newest request ended before `before_us`.
+    pub fn prune(&mut self, before_us: u64) {
+        self.map.retain(|_, q| q.back().is_some_and(|e| e.end_us >= before_us));
+    }
+}
+
+fn req_hash(h: &CHop) -> u64 {
+    h.request_id.as_deref().map(|r| hash64(r.as_bytes(), 7) | 1).unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct InstanceEnv {
+    pub tag: Sym,
+    pub first_us: u64,
+    pub last_us: u64,
+}
+
+/// The environments (own tags) seen per service: which instances exist.
+pub struct Registry {
+    map: FxHashMap<(Sym, Sym), Vec<InstanceEnv>>,
+    per_service: usize,
+    max_services: usize,
+}
+
+impl Registry {
+    pub fn new(per_service: usize, max_services: usize) -> Self {
+        Registry { map: FxHashMap::default(), per_service, max_services }
+    }
+    pub fn record(&mut self, ns: Sym, svc: Sym, tag: Sym, t_us: u64) {
+        if svc.is_empty() {
+            return;
+        }
+        if !self.map.contains_key(&(ns, svc)) && self.map.len() >= self.max_services {
+            return;
+        }
+        let v = self.map.entry((ns, svc)).or_default();
+        if let Some(e) = v.iter_mut().find(|e| e.tag == tag) {
+            e.first_us = e.first_us.min(t_us);
+            e.last_us = e.last_us.max(t_us);
+        } else if v.len() < self.per_service {
+            v.push(InstanceEnv { tag, first_us: t_us, last_us: t_us });
+        }
+    }
+    pub fn knows(&self, ns: Sym, svc: Sym) -> bool {
+        if ns.is_empty() {
+            return self.map.keys().any(|(_, s)| *s == svc);
+        }
+        self.map.contains_key(&(ns, svc))
+    }
+    /// The best-matching environment for `tag` among instances of (ns, svc) alive at `at_us`.
+    pub fn best(&self, ns: Sym, svc: Sym, tag: &str, at_us: u64, cx: &Ctx) -> Option<(Sym, i32)> {
+        let (ttl_us, slack_us, it) = (cx.instance_ttl_us, cx.slack_us, cx.it);
+        let v = self.map.get(&(ns, svc))?;
+        v.iter()
+            .filter(|e| e.first_us <= at_us + slack_us && e.last_us + ttl_us >= at_us)
+            .map(|e| (e.tag, match_level(it.resolve(e.tag), tag)))
+            .max_by_key(|x| x.1)
+    }
+}
+
+/// Read-only inputs of an analysis.
+pub struct Ctx<'a> {
+    pub it: &'a Interner,
+    pub pods: &'a PodIndex,
+    pub registry: &'a Registry,
+    /// Clock slack when comparing hops reported by different sidecars.
+    pub slack_us: u64,
+    /// How long an instance environment stays known after its last hop.
+    pub instance_ttl_us: u64,
+    /// The trace was cut short (evicted): no HOP_MISSING (the partner may still come).
+    pub partial: bool,
+    pub now_ms: u64,
+}
+
+/// One call: the caller's outbound hop and the callee's inbound hop (either may be absent).
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    pub out: Option<u32>,
+    pub inb: Option<u32>,
+    pub children: Vec<u32>,
+    pub breaks: Vec<BreakKind>,
+}
+
+/// One occurrence of a break in one trace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub kind: BreakKind,
+    pub severity: Severity,
+    pub workload: String,
+    pub namespace: String,
+    pub peer: String,
+    pub flags: Vec<String>,
+    pub summary: String,
+    pub hint: String,
+    pub seen_ms: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Analysis {
+    pub nodes: Vec<Node>,
+    pub roots: Vec<u32>,
+    pub findings: Vec<Finding>,
+}
+
+pub fn severity_of(kind: BreakKind) -> Severity {
+    match kind {
+        BreakKind::TagNotPropagated | BreakKind::TraceMalformed => Severity::Warning,
+        BreakKind::Unspecified => Severity::Info,
+        // TRACE_NOT_PROPAGATED is an ERROR: the filter restores tags through the trace
+        // ids, so a call whose trace was lost also loses the tag restoration downstream.
+        _ => Severity::Error,
+    }
+}
+
+/// Joins hops: returns (callee inbound per outbound hop, caller outbound per inbound hop).
+pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
+    let n = hops.len();
+    let mut callee = vec![NONE; n];
+    let mut caller = vec![NONE; n];
+    let outs: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_outbound()).collect();
+    let ins: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_inbound()).collect();
+    // 1. The span id the outbound sidecar sent upstream is the callee's span id.
+    let mut by_span: FxHashMap<u64, u32> = FxHashMap::default();
+    for &i in &ins {
+        let s = hops[i as usize].span_id;
+        if s != 0 {
+            by_span.entry(s).or_insert(i);
+        }
+    }
+    for &o in &outs {
+        let up = hops[o as usize].upstream_span_id;
+        if up == 0 {
+            continue;
+        }
+        if let Some(&i) = by_span.get(&up) {
+            if caller[i as usize] == NONE {
+                caller[i as usize] = o;
+                callee[o as usize] = i;
+            }
+        }
+    }
+    // 2. Same request id (or none to compare) + destination service + timing. A request
+    // id alone is not unique per edge (apps that copy x-request-id share it along the
+    // whole chain), so the service and the time window disambiguate.
+    for &o in &outs {
+        if callee[o as usize] != NONE {
+            continue;
+        }
+        let oh = &hops[o as usize];
+        let mut best: Option<(bool, i64, u32)> = None;
+        for &i in &ins {
+            if caller[i as usize] != NONE {
+                continue;
+            }
+            let ih = &hops[i as usize];
+            let req_ok = match (&oh.request_id, &ih.request_id) {
+                (Some(a), Some(b)) => {
+                    if a != b {
+                        continue;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            let svc_ok = !oh.dest_service.is_empty()
+                && (ih.service == oh.dest_service || ih.authority_service == oh.dest_service);
+            if !(svc_ok || (req_ok && oh.dest_service.is_empty())) {
+                continue;
+            }
+            // Timing is a hard condition only without a matching request id (with one,
+            // it only picks the closest of several calls to the same service).
+            let in_window =
+                ih.start_us + slack_us >= oh.start_us && ih.start_us <= oh.end_us() + slack_us;
+            if !in_window && !(req_ok && svc_ok) {
+                continue;
+            }
+            let dist = -((ih.start_us as i64 - oh.start_us as i64).abs());
+            let strong = req_ok && in_window;
+            if best.is_none_or(|b| (b.0, b.1) < (strong, dist)) {
+                best = Some((strong, dist, i));
+            }
+        }
+        if let Some((_, _, i)) = best {
+            caller[i as usize] = o;
+            callee[o as usize] = i;
+        }
+    }
+    (callee, caller)
+}
+
+/// For each outbound hop, the inbound hop of the same pod (same trace) it was made while
+/// serving.
+fn parents(hops: &[CHop], callee: &[u32], slack_us: u64) -> Vec<u32> {
+    let n = hops.len();
+    let mut parent = vec![NONE; n];
+    let ins: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_inbound()).collect();
+    for o in 0..n {
+        let oh = &hops[o];
+        if !oh.is_outbound() {
+            continue;
+        }
+        let mut best: Option<(bool, u64, u32)> = None;
+        for &i in &ins {
+            if callee[o] == i {
+                continue;
+            }
+            let ih = &hops[i as usize];
+            if ih.pod != oh.pod || ih.workload != oh.workload || ih.namespace != oh.namespace {
+                continue;
+            }
+            let strong = oh.span_id != 0
+                && ih.span_id != 0
+                && (oh.span_id == ih.span_id || oh.parent_span_id == ih.span_id);
+            let contain =
+                ih.start_us <= oh.start_us + slack_us && oh.start_us <= ih.end_us() + slack_us;
+            if !strong && !contain {
+                continue;
+            }
+            if best.is_none_or(|b| (b.0, b.1) < (strong, ih.start_us)) {
+                best = Some((strong, ih.start_us, i));
+            }
+        }
+        if let Some((_, _, i)) = best {
+            parent[o] = i;
+        }
+    }
+    parent
+}
+
+/// Builds the call tree of a trace.
+pub fn build_tree(hops: &[CHop], slack_us: u64) -> (Vec<Node>, Vec<u32>, Vec<u32>, Vec<u32>) {
+    let (callee, caller) = join(hops, slack_us);
+    let parent_in = parents(hops, &callee, slack_us);
+    let n = hops.len();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut node_of_in = vec![NONE; n];
+    let mut node_of_out = vec![NONE; n];
+    for (h, hop) in hops.iter().enumerate() {
+        if hop.is_outbound() {
+            let inb = (callee[h] != NONE).then_some(callee[h]);
+            let id = nodes.len() as u32;
+            nodes.push(Node { out: Some(h as u32), inb, ..Default::default() });
+            node_of_out[h] = id;
+            if let Some(i) = inb {
+                node_of_in[i as usize] = id;
+            }
+        }
+    }
+    for (h, hop) in hops.iter().enumerate() {
+        if hop.is_inbound() && caller[h] == NONE {
+            let id = nodes.len() as u32;
+            nodes.push(Node { inb: Some(h as u32), ..Default::default() });
+            node_of_in[h] = id;
+        }
+    }
+    let mut parent_node = vec![NONE; nodes.len()];
+    for (id, node) in nodes.iter().enumerate() {
+        if let Some(o) = node.out {
+            let p = parent_in[o as usize];
+            if p != NONE && node_of_in[p as usize] != NONE && node_of_in[p as usize] != id as u32 {
+                parent_node[id] = node_of_in[p as usize];
+            }
+        }
+    }
+    // Break cycles (possible with clock slack): walk up from each node.
+    // A walk longer than the node count is a cycle: cut it at the node where it started.
+    for id in 0..nodes.len() {
+        let mut cur = id as u32;
+        let mut steps = 0;
+        while parent_node[cur as usize] != NONE {
+            cur = parent_node[cur as usize];
+            steps += 1;
+            if cur == id as u32 || steps > nodes.len() {
+                parent_node[id] = NONE;
+                break;
+            }
+        }
+    }
+    let start = |node: &Node| {
+        node.out
+            .or(node.inb)
+            .map(|h| hops[h as usize].start_us)
+            .unwrap_or(0)
+    };
+    let mut roots = Vec::new();
+    for (id, &p) in parent_node.iter().enumerate() {
+        if p == NONE {
+            roots.push(id as u32);
+        } else {
+            nodes[p as usize].children.push(id as u32);
+        }
+    }
+    let starts: Vec<u64> = nodes.iter().map(start).collect();
+    for node in nodes.iter_mut() {
+        node.children.sort_by_key(|&c| starts[c as usize]);
+    }
+    roots.sort_by_key(|&c| starts[c as usize]);
+    (nodes, roots, parent_in, caller)
+}
+
+const DC: u64 = 1 << 14;
+
+/// Joins and analyses one trace group.
+pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
+    let (mut nodes, roots, parent_in, caller) = build_tree(hops, cx.slack_us);
+    let it = cx.it;
+    let r = |s: Sym| it.resolve(s).to_string();
+    let mut out: Vec<(u32, Finding)> = Vec::new();
+    let seen_ms = |h: &CHop| {
+        if h.start_us > 0 {
+            h.start_us / 1000
+        } else {
+            cx.now_ms
+        }
+    };
+    let dest = |o: &CHop| {
+        if !o.dest_service.is_empty() {
+            r(o.dest_service)
+        } else if !o.upstream_cluster.is_empty() {
+            r(o.upstream_cluster)
+        } else {
+            r(o.authority)
+        }
+    };
+    let caller_wl = |i: u32| {
+        let c = caller[i as usize];
+        if c == NONE {
+            String::new()
+        } else {
+            r(hops[c as usize].workload)
+        }
+    };
+    let mk = |kind: BreakKind, h: &CHop, peer: String, flags: Vec<String>, summary: String, hint: String| Finding {
+        kind,
+        severity: severity_of(kind),
+        workload: r(h.workload),
+        namespace: r(h.namespace),
+        peer,
+        flags,
+        summary,
+        hint,
+        seen_ms: seen_ms(h),
+    };
+
+    for (nid, node) in nodes.iter().enumerate() {
+        let nid = nid as u32;
+        // --- outbound hop checks: tag chain, trace chain, missing callee ---
+        if let Some(o) = node.out {
+            let oh = &hops[o as usize];
+            let peer = dest(oh);
+            let tctx = oh.trace_context();
+            let lost_trace = matches!(tctx, TraceContext::New | TraceContext::Missing);
+            // The request this call was made while serving: same trace first, else (trace
+            // lost) the pod's overlapping inbound request in another trace.
+            let in_trace = parent_in[o as usize];
+            let cross = if in_trace == NONE && lost_trace {
+                cx.pods.find(oh, key, cx.slack_us)
+            } else {
+                None
+            };
+            let received: Sym = if in_trace != NONE {
+                hops[in_trace as usize].inbound_tag()
+            } else {
+                cross.map(|e| e.tag).unwrap_or_default()
+            };
+            if lost_trace && cross.is_some_and(|e| e.traced) {
+                {
+                    let missing = oh.missing_header_names();
+                    let what = if missing.is_empty() {
+                        "a new trace context".to_string()
+                    } else {
+                        format!("missing {}", missing.join(", "))
+                    };
+                    out.push((
+                        nid,
+                        mk(
+                            BreakKind::TraceNotPropagated,
+                            oh,
+                            peer.clone(),
+                            vec![],
+                            format!(
+                                "{} served a traced request but called {} with {} ({}): the trace broke here",
+                                r(oh.workload),
+                                peer,
+                                what,
+                                if tctx == TraceContext::New { "new trace" } else { "no trace headers" }
+                            ),
+                            format!(
+                                "Make the app of {} copy the trace headers (x-request-id, x-b3-*/b3, traceparent/tracestate) from the request it serves onto its outgoing calls (or use an OpenTelemetry/B3 propagator).",
+                                r(oh.workload)
+                            ),
+                        ),
+                    ));
+                }
+            }
+            let reference = if !oh.correlated_tag.is_empty() { oh.correlated_tag } else { received };
+            match oh.tag_source() {
+                TagSource::Correlated => out.push((
+                    nid,
+                    mk(
+                        BreakKind::TagNotPropagated,
+                        oh,
+                        peer.clone(),
+                        vec![],
+                        format!(
+                            "{} called {} without the tag {:?}; hopwatch restored it from the trace",
+                            r(oh.workload),
+                            peer,
+                            it.resolve(oh.tag_sent)
+                        ),
+                        format!(
+                            "The chain held, but fix the app of {}: copy the {} header from the request it serves onto its outgoing calls.",
+                            r(oh.workload),
+                            "virtual-env tag"
+                        ),
+                    ),
+                )),
+                TagSource::Request if !reference.is_empty() && oh.tag_sent != reference => out.push((
+                    nid,
+                    mk(
+                        BreakKind::TagChanged,
+                        oh,
+                        peer.clone(),
+                        vec![],
+                        format!(
+                            "{} received tag {:?} but called {} with tag {:?}",
+                            r(oh.workload),
+                            it.resolve(reference),
+                            peer,
+                            it.resolve(oh.tag_sent)
+                        ),
+                        format!(
+                            "Check where the app of {} sets the tag header on outgoing calls: it must forward the received tag unchanged.",
+                            r(oh.workload)
+                        ),
+                    ),
+                )),
+                TagSource::Environment | TagSource::None | TagSource::Unspecified
+                    if !reference.is_empty() && oh.tag_sent != reference =>
+                {
+                    let left = if oh.tag_sent.is_empty() {
+                        "no tag".to_string()
+                    } else {
+                        format!("its own tag {:?}", it.resolve(oh.tag_sent))
+                    };
+                    out.push((
+                        nid,
+                        mk(
+                            BreakKind::TagDropped,
+                            oh,
+                            peer.clone(),
+                            vec![],
+                            format!(
+                                "{} received tag {:?} but its call to {} left with {}",
+                                r(oh.workload),
+                                it.resolve(reference),
+                                peer,
+                                left
+                            ),
+                            if lost_trace {
+                                format!(
+                                    "The app of {} dropped both the tag and the trace headers, so hopwatch could not restore the tag: make it copy x-virtual-env and the trace headers onto outgoing calls.",
+                                    r(oh.workload)
+                                )
+                            } else {
+                                format!(
+                                    "Make the app of {} copy the tag header onto outgoing calls; check that the hopwatch outbound filter runs on it (WasmPlugin selector, vm_id shared with the inbound filter).",
+                                    r(oh.workload)
+                                )
+                            },
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            // HOP_MISSING: answered by an upstream, but no inbound hop from the callee.
+            if !cx.partial
+                && node.inb.is_none()
+                && oh.sampled_report()
+                && oh.has_trace_id
+                && oh.response_code != 0
+                && oh.response_flags == 0
+                && !oh.upstream_host.is_empty()
+                && oh.bits & BIT_DEST_EXTERNAL == 0
+                && (oh.bits & BIT_DEST_IN_MESH != 0
+                    || cx.registry.knows(oh.dest_namespace, oh.dest_service))
+            {
+                out.push((
+                    nid,
+                    mk(
+                        BreakKind::HopMissing,
+                        oh,
+                        peer.clone(),
+                        vec![],
+                        format!(
+                            "{} called {} ({}), which answered {} but never reported the inbound hop",
+                            r(oh.workload),
+                            peer,
+                            r(oh.upstream_host),
+                            oh.response_code
+                        ),
+                        format!(
+                            "Check that the pods of {peer} have an injected sidecar with the hopwatch inbound filter, and that the Service port is named with its protocol (http-*, grpc-*): an unnamed port is treated as TCP."
+                        ),
+                    ),
+                ));
+            }
+        }
+        // --- inbound hop: misrouting ---
+        if let Some(i) = node.inb {
+            let ih = &hops[i as usize];
+            let tag = if !ih.tag_malformed() { ih.tag_received } else { Sym::EMPTY };
+            if !tag.is_empty() && !ih.service.is_empty() {
+                let t = it.resolve(tag);
+                let mine = match_level(it.resolve(ih.own_tag), t);
+                if let Some((better, lvl)) = cx.registry.best(ih.namespace, ih.service, t, ih.start_us, cx) {
+                    if lvl > mine {
+                        let served = if ih.own_tag.is_empty() {
+                            "the default instance (no tag)".to_string()
+                        } else {
+                            format!("environment {:?}", it.resolve(ih.own_tag))
+                        };
+                        let exists = if better.is_empty() {
+                            "a default instance".to_string()
+                        } else {
+                            format!("an instance with environment {:?}", it.resolve(better))
+                        };
+                        out.push((
+                            nid,
+                            mk(
+                                BreakKind::TagMisrouted,
+                                ih,
+                                caller_wl(i),
+                                vec![],
+                                format!(
+                                    "A request tagged {:?} for {} was served by {} ({}) although {} exists",
+                                    t,
+                                    r(ih.service),
+                                    r(ih.workload),
+                                    served,
+                                    exists
+                                ),
+                                format!(
+                                    "Check the VirtualService and DestinationRule of {}: a subset for virtual-env={} with a header match on the tag, labels matching the pods, and a Service port named http-*/grpc-*.",
+                                    r(ih.service),
+                                    if better.is_empty() { t } else { it.resolve(better) }
+                                ),
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    // --- UPSTREAM_FAILURE: the deepest failing hop is the origin ---
+    let sig = |h: Option<u32>| h.map(|h| hops[h as usize].response_flags & !DC).unwrap_or(0);
+    let all = |h: Option<u32>| h.map(|h| hops[h as usize].response_flags).unwrap_or(0);
+    let mut sub_sig = vec![false; nodes.len()];
+    let order = postorder(&nodes, &roots);
+    for &id in &order {
+        let node = &nodes[id as usize];
+        let own = sig(node.out) != 0 || sig(node.inb) != 0;
+        sub_sig[id as usize] = own || node.children.iter().any(|&c| sub_sig[c as usize]);
+    }
+    for &id in &order {
+        let node = &nodes[id as usize];
+        if node.children.iter().any(|&c| sub_sig[c as usize]) {
+            continue; // a deeper hop failed: this one is a consequence
+        }
+        let at = if sig(node.inb) != 0 {
+            node.inb
+        } else if sig(node.out) != 0 {
+            node.out
+        } else if all(node.inb) != 0 && all(node.out) == 0 {
+            node.inb
+        } else if all(node.out) != 0 {
+            node.out
+        } else {
+            None
+        };
+        let Some(h) = at else { continue };
+        let hh = &hops[h as usize];
+        let names = flag_names(hh.response_flags);
+        let peer = if hh.is_outbound() { dest(hh) } else { r(hh.service) };
+        let code = if hh.response_code == 0 { "no response".to_string() } else { hh.response_code.to_string() };
+        let details = if hh.code_details.is_empty() { String::new() } else { format!(" ({})", r(hh.code_details)) };
+        let what = if hh.is_outbound() {
+            format!("The sidecar of {} failed the call to {} itself: {} {}{}", r(hh.workload), peer, code, names.join(","), details)
+        } else {
+            format!("The inbound sidecar of {} failed to pass the request to its app: {} {}{}", r(hh.workload), code, names.join(","), details)
+        };
+        out.push((
+            id,
+            mk(
+                BreakKind::UpstreamFailure,
+                hh,
+                peer.clone(),
+                names.clone(),
+                what,
+                flag_hint(&names, if hh.is_outbound() { &peer } else { it.resolve(hh.workload) }),
+            ),
+        ));
+    }
+
+    // --- TRACE_MALFORMED: the first hop of each path where it appeared ---
+    let bad = |h: Option<u32>| {
+        h.is_some_and(|h| {
+            matches!(
+                hops[h as usize].trace_context(),
+                TraceContext::Malformed | TraceContext::Inconsistent | TraceContext::Partial
+            )
+        })
+    };
+    let mut stack: Vec<(u32, bool)> = roots.iter().rev().map(|&r| (r, false)).collect();
+    while let Some((id, above)) = stack.pop() {
+        let node = &nodes[id as usize];
+        let mut above = above;
+        for h in [node.out, node.inb] {
+            if !above && bad(h) {
+                let h = h.unwrap_or_default();
+                let hh = &hops[h as usize];
+                let peer = if hh.is_outbound() { dest(hh) } else { caller_wl(h) };
+                let ctx = format!("{:?}", hh.trace_context()).to_uppercase();
+                let origin = if hh.is_outbound() {
+                    format!("the app of {} sent them to {}", r(hh.workload), peer)
+                } else if peer.is_empty() {
+                    format!("they arrived at {} from outside the mesh", r(hh.workload))
+                } else {
+                    format!("they arrived at {} from {}", r(hh.workload), peer)
+                };
+                out.push((
+                    id,
+                    mk(
+                        BreakKind::TraceMalformed,
+                        hh,
+                        peer,
+                        vec![],
+                        format!(
+                            "{} trace headers ({}): {}",
+                            ctx,
+                            if hh.trace_detail.is_empty() { "no detail".to_string() } else { r(hh.trace_detail) },
+                            origin
+                        ),
+                        "Check the tracing library / header propagation of that app: B3 ids are 16 or 32 lowercase hex digits, not all zero; `b3` and `x-b3-*` (and traceparent) must agree; send x-b3-traceid and x-b3-spanid together.".to_string(),
+                    ),
+                ));
+                above = true;
+            }
+        }
+        for &c in node.children.iter().rev() {
+            stack.push((c, above));
+        }
+    }
+
+    // Dedup within the trace (a break counts once per trace), mark the nodes.
+    let mut findings: Vec<Finding> = Vec::new();
+    for (nid, f) in out {
+        if !nodes[nid as usize].breaks.contains(&f.kind) {
+            nodes[nid as usize].breaks.push(f.kind);
+        }
+        if let Some(e) = findings.iter_mut().find(|e| {
+            e.kind == f.kind && e.namespace == f.namespace && e.workload == f.workload && e.peer == f.peer
+        }) {
+            for fl in f.flags {
+                if !e.flags.contains(&fl) {
+                    e.flags.push(fl);
+                }
+            }
+            e.seen_ms = e.seen_ms.max(f.seen_ms);
+        } else {
+            findings.push(f);
+        }
+    }
+    Analysis { nodes, roots, findings }
+}
+
+fn postorder(nodes: &[Node], roots: &[u32]) -> Vec<u32> {
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut stack: Vec<(u32, bool)> = roots.iter().map(|&r| (r, false)).collect();
+    while let Some((id, done)) = stack.pop() {
+        if done {
+            order.push(id);
+            continue;
+        }
+        stack.push((id, true));
+        for &c in &nodes[id as usize].children {
+            stack.push((c, false));
+        }
+    }
+    order
+}
+
+/// An actionable hint for a set of Envoy response flags.
+pub fn flag_hint(flags: &[String], peer: &str) -> String {
+    let has = |f: &str| flags.iter().any(|x| x == f);
+    let mut hints: Vec<String> = Vec::new();
+    if has("UH") {
+        hints.push(format!("UH (no healthy upstream): {peer} has no ready endpoint in the selected subset; check that the DestinationRule subset labels (version, virtual-env) match running pods and their readiness probes"));
+    }
+    if has("NR") {
+        hints.push(format!("NR (no route): the VirtualService for {peer} refers to a subset or host with no route; apply the DestinationRule (subsets) before the VirtualService (make before break) and check the host names"));
+    }
+    if has("UF") {
+        hints.push(format!("UF (upstream connection failure): check that {peer} listens on the target port on 0.0.0.0 (not only the pod IP) and that the sidecar starts before the app (holdApplicationUntilProxyStarts)"));
+    }
+    if has("UC") {
+        hints.push(format!("UC (upstream connection termination): often an mTLS mismatch; check the DestinationRule tls settings for {peer} against the PeerAuthentication mode"));
+    }
+    if has("UO") {
+        hints.push(format!("UO (circuit breaker overflow): raise the DestinationRule connectionPool limits for {peer} or reduce load"));
+    }
+    if has("URX") {
+        hints.push(format!("URX (retries exhausted): every retry to {peer} failed; look at {peer}'s errors and the VirtualService retry policy"));
+    }
+    if has("UT") {
+        hints.push(format!("UT (upstream timeout): {peer} did not answer within the route timeout; check its latency and the VirtualService timeout"));
+    }
+    if has("DC") {
+        hints.push("DC (downstream closed): the caller gave up first; check the caller's client timeout".to_string());
+    }
+    if has("RL") || has("RLSE") {
+        hints.push("RL (rate limited): the request was refused by a local or global rate limit".to_string());
+    }
+    if has("UAEX") {
+        hints.push("UAEX (ext_authz denied): the external authorization service refused the request; check the AuthorizationPolicy / ext_authz provider".to_string());
+    }
+    if has("LR") {
+        hints.push("LR (connection local reset): the sidecar reset the connection; check idle timeouts and the sidecar's logs".to_string());
+    }
+    if has("UR") {
+        hints.push(format!("UR (upstream remote reset): {peer} reset the connection; check its logs and protocol (port naming http-*/grpc-*)"));
+    }
+    if has("NC") {
+        hints.push(format!("NC (no cluster): no Envoy cluster for {peer}; check the host name, ServiceEntry and Sidecar egress scope"));
+    }
+    if has("DPE") || has("UPE") {
+        hints.push("DPE/UPE (protocol error): the protocol does not match the port's declared protocol; check the Service port name (http-*, http2-*, grpc-*)".to_string());
+    }
+    if has("LH") {
+        hints.push("LH (local health check failed): the upstream host failed its health check".to_string());
+    }
+    if has("FI") || has("DI") {
+        hints.push("FI/DI (fault injection): a VirtualService fault injection is active".to_string());
+    }
+    if has("UMSDR") || has("SI") || has("DT") {
+        hints.push("A stream/duration timeout fired (UMSDR/SI/DT): check the route and stream timeouts".to_string());
+    }
+    if hints.is_empty() {
+        format!(
+            "Envoy response flags {}: see Envoy's access log response flags documentation",
+            flags.join(",")
+        )
+    } else {
+        hints.join("; ")
+    }
+}
+
+/// True when `f` contains the Envoy flag `name`.
+pub fn has_flag(f: u64, name: &str) -> bool {
+    flag_bit(name).is_some_and(|b| f & b != 0)
+}

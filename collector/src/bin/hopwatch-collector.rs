@@ -1,0 +1,53 @@
+//! `hopwatch-collector`: the gRPC/HTTP server.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use hopwatch_collector::server::{bind, serve, ServerArgs};
+use hopwatch_collector::service::Collector;
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = ServerArgs::parse();
+    let collector = Arc::new(
+        Collector::open(args.settings(), &args.data_dir)
+            .with_context(|| format!("opening the findings database in {}", args.data_dir.display()))?,
+    );
+    let (grpc, http) = bind(args.listen, args.http_listen).await?;
+    tracing::info!(grpc = %args.listen, http = %args.http_listen, data_dir = %args.data_dir.display(),
+        trace_quiet = ?args.trace_quiet, "hopwatch-collector started");
+    serve(collector, grpc, http, shutdown_signal()).await?;
+    tracing::info!("hopwatch-collector stopped");
+    Ok(())
+}

@@ -1,0 +1,380 @@
+//! Rendering for the `hopwatch` CLI: aligned tables, the call tree, and the stable JSON
+//! shapes (`breaks --output json` is an array of break objects).
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use hopwatch_proto::v1::{
+    Break, BreakKind, CallNode, Direction, GetTraceResponse, Hop, Sampled, Severity, SummaryResponse,
+    TagSource, TraceContext,
+};
+use serde_json::{json, Value};
+
+/// Parses a break kind name (case-insensitive), listing the valid ones on error.
+pub fn parse_kind(s: &str) -> Result<BreakKind, String> {
+    BreakKind::from_str_name(&s.trim().to_ascii_uppercase().replace('-', "_"))
+        .filter(|k| *k != BreakKind::Unspecified)
+        .ok_or_else(|| {
+            format!(
+                "unknown kind '{s}'; valid kinds: {}",
+                crate::server::valid_kinds().join(", ")
+            )
+        })
+}
+
+fn kind_name(k: i32) -> &'static str {
+    BreakKind::try_from(k).map(|k| k.as_str_name()).unwrap_or("UNKNOWN")
+}
+fn severity_name(s: i32) -> &'static str {
+    Severity::try_from(s).map(|k| k.as_str_name()).unwrap_or("UNKNOWN")
+}
+/// Enum names without their prefix: TRACE_CONTEXT_VALID -> VALID.
+fn short<'a>(name: &'a str, prefix: &str) -> &'a str {
+    name.strip_prefix(prefix).unwrap_or(name)
+}
+fn tag_source_name(v: i32) -> &'static str {
+    short(TagSource::try_from(v).unwrap_or(TagSource::Unspecified).as_str_name(), "TAG_SOURCE_")
+}
+fn trace_context_name(v: i32) -> &'static str {
+    short(TraceContext::try_from(v).unwrap_or(TraceContext::Unspecified).as_str_name(), "TRACE_CONTEXT_")
+}
+fn direction_name(v: i32) -> &'static str {
+    short(Direction::try_from(v).unwrap_or(Direction::Unspecified).as_str_name(), "DIRECTION_")
+}
+fn sampled_name(v: i32) -> &'static str {
+    short(Sampled::try_from(v).unwrap_or(Sampled::Unspecified).as_str_name(), "SAMPLED_")
+}
+
+fn rfc3339(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A break as JSON (stable field names; enums by name).
+pub fn break_json(b: &Break) -> Value {
+    json!({
+        "id": b.id,
+        "kind": kind_name(b.kind),
+        "severity": severity_name(b.severity),
+        "workload": b.workload,
+        "namespace": b.namespace,
+        "peer": b.peer,
+        "count": b.count,
+        "trace_ids": b.trace_ids,
+        "flags": b.flags,
+        "summary": b.summary,
+        "hint": b.hint,
+        "first_seen": rfc3339(b.first_seen_unix_ms),
+        "last_seen": rfc3339(b.last_seen_unix_ms),
+        "first_seen_unix_ms": b.first_seen_unix_ms,
+        "last_seen_unix_ms": b.last_seen_unix_ms,
+    })
+}
+
+pub fn breaks_json(bs: &[Break]) -> Value {
+    Value::Array(bs.iter().map(break_json).collect())
+}
+
+pub fn hop_json(h: &Hop) -> Value {
+    json!({
+        "direction": direction_name(h.direction),
+        "workload": h.workload,
+        "namespace": h.namespace,
+        "pod": h.pod,
+        "service": h.service,
+        "own_tag": h.own_tag,
+        "trace_id": h.trace_id,
+        "span_id": h.span_id,
+        "parent_span_id": h.parent_span_id,
+        "upstream_span_id": h.upstream_span_id,
+        "request_id": h.request_id,
+        "sampled": sampled_name(h.sampled),
+        "tag_received": h.tag_received,
+        "tag_sent": h.tag_sent,
+        "tag_source": tag_source_name(h.tag_source),
+        "tag_malformed": h.tag_malformed,
+        "correlated_tag": h.correlated_tag,
+        "trace_context": trace_context_name(h.trace_context),
+        "trace_detail": h.trace_detail,
+        "missing_trace_headers": h.missing_trace_headers,
+        "authority": h.authority,
+        "method": h.method,
+        "path": h.path,
+        "response_code": h.response_code,
+        "response_flags": h.response_flag_names,
+        "response_code_details": h.response_code_details,
+        "upstream_cluster": h.upstream_cluster,
+        "upstream_host": h.upstream_host,
+        "downstream_local_address": h.downstream_local_address,
+        "route_name": h.route_name,
+        "start_time_unix_micros": h.start_time_unix_micros,
+        "duration_micros": h.duration_micros,
+        "sampled_report": h.sampled_report,
+    })
+}
+
+fn node_json(n: &CallNode) -> Value {
+    json!({
+        "call": call_label(n),
+        "outbound": n.outbound.as_ref().map(hop_json),
+        "inbound": n.inbound.as_ref().map(hop_json),
+        "breaks": n.breaks.iter().map(|k| kind_name(*k)).collect::<Vec<_>>(),
+        "children": n.children.iter().map(node_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn trace_json(t: &GetTraceResponse) -> Value {
+    json!({
+        "trace_id": t.trace_id,
+        "open": t.open,
+        "hop_count": t.hop_count,
+        "roots": t.roots.iter().map(node_json).collect::<Vec<_>>(),
+        "breaks": breaks_json(&t.breaks),
+    })
+}
+
+pub fn summary_json(s: &SummaryResponse) -> Value {
+    json!({
+        "hops_received": s.hops_received,
+        "traces_analysed": s.traces_analysed,
+        "open_traces": s.open_traces,
+        "findings": s.findings,
+        "reports_dropped_by_filters": s.reports_dropped_by_filters,
+        "workloads": s.workloads.iter().map(|w| {
+            let mut flags: Vec<(&String, &u64)> = w.flags.iter().collect();
+            flags.sort();
+            json!({
+                "namespace": w.namespace,
+                "workload": w.workload,
+                "hops": w.hops,
+                "inbound_hops": w.inbound_hops,
+                "outbound_hops": w.outbound_hops,
+                "errors": w.errors,
+                "breaks": w.breaks,
+                "flags": flags.into_iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// Renders rows as an aligned table (the last column is not padded).
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let ncol = header.len();
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(ncol) {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let pad = w[i] - c.chars().count();
+                s.push_str(c);
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(|s| s.as_str()).collect());
+    }
+    out
+}
+
+fn ago(ms: u64, now_ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let s = now_ms.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn breaks_table(bs: &[Break], now_ms: u64) -> String {
+    if bs.is_empty() {
+        return "no breaks found\n".into();
+    }
+    let rows: Vec<Vec<String>> = bs
+        .iter()
+        .map(|b| {
+            vec![
+                severity_name(b.severity).to_string(),
+                kind_name(b.kind).to_string(),
+                dash(&b.namespace),
+                dash(&b.workload),
+                dash(&b.peer),
+                b.count.to_string(),
+                if b.flags.is_empty() { "-".into() } else { b.flags.join(",") },
+                ago(b.last_seen_unix_ms, now_ms),
+                b.summary.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["SEVERITY", "KIND", "NAMESPACE", "WORKLOAD", "PEER", "COUNT", "FLAGS", "LAST SEEN", "SUMMARY"],
+        &rows,
+    )
+}
+
+pub fn summary_table(s: &SummaryResponse) -> String {
+    let mut out = format!(
+        "hops received: {}  traces analysed: {}  open traces: {}  findings: {}  reports dropped by filters: {}\n\n",
+        s.hops_received, s.traces_analysed, s.open_traces, s.findings, s.reports_dropped_by_filters
+    );
+    if s.workloads.is_empty() {
+        out.push_str("no workloads reported yet\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = s
+        .workloads
+        .iter()
+        .map(|w| {
+            let mut flags: Vec<String> = w.flags.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            flags.sort();
+            vec![
+                dash(&w.namespace),
+                dash(&w.workload),
+                w.hops.to_string(),
+                w.inbound_hops.to_string(),
+                w.outbound_hops.to_string(),
+                w.errors.to_string(),
+                w.breaks.to_string(),
+                if flags.is_empty() { "-".into() } else { flags.join(" ") },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["NAMESPACE", "WORKLOAD", "HOPS", "INBOUND", "OUTBOUND", "ERRORS", "BREAKS", "FLAGS"],
+        &rows,
+    ));
+    out
+}
+
+/// "caller → callee" for a call node.
+pub fn call_label(n: &CallNode) -> String {
+    match (&n.outbound, &n.inbound) {
+        (Some(o), Some(i)) => format!("{} → {}", o.workload, i.workload),
+        (Some(o), None) => {
+            let dest = crate::model::destination(&o.upstream_cluster, &o.authority).0;
+            let dest = if dest.is_empty() { o.authority.clone() } else { dest };
+            format!("{} → {} (no inbound hop)", o.workload, dest)
+        }
+        (None, Some(i)) => format!("→ {} (edge)", i.workload),
+        (None, None) => "?".into(),
+    }
+}
+
+fn node_line(n: &CallNode) -> String {
+    let mut s = call_label(n);
+    let h = n.outbound.as_ref().or(n.inbound.as_ref());
+    if let Some(h) = h {
+        if !h.method.is_empty() || !h.path.is_empty() {
+            let _ = write!(s, "  {} {}", h.method, h.path);
+        }
+        // The code the caller saw (outbound), else the callee's.
+        let _ = write!(s, "  {}", if h.response_code == 0 { "-".to_string() } else { h.response_code.to_string() });
+        let flags: Vec<&String> = n
+            .outbound
+            .iter()
+            .chain(n.inbound.iter())
+            .flat_map(|h| h.response_flag_names.iter())
+            .collect();
+        if !flags.is_empty() {
+            let _ = write!(s, " {}", flags.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(","));
+        }
+        let tag = match (&n.outbound, &n.inbound) {
+            (Some(o), _) => format!("tag={} ({})", dash(&o.tag_sent), tag_source_name(o.tag_source)),
+            (None, Some(i)) => format!("tag={}", dash(&i.tag_received)),
+            _ => String::new(),
+        };
+        let _ = write!(s, "  {tag}  trace={}", trace_context_name(h.trace_context));
+    }
+    for k in &n.breaks {
+        let _ = write!(s, "  ✗ {}", kind_name(*k));
+    }
+    s
+}
+
+/// The call tree, indented, breaks marked with ✗.
+pub fn trace_tree(t: &GetTraceResponse) -> String {
+    let mut out = format!(
+        "trace {} ({}, {} hops)\n",
+        t.trace_id,
+        if t.open { "open" } else { "analysed" },
+        t.hop_count
+    );
+    fn walk(n: &CallNode, prefix: &str, last: bool, root: bool, out: &mut String) {
+        if root {
+            out.push_str(&node_line(n));
+        } else {
+            out.push_str(prefix);
+            out.push_str(if last { "└─ " } else { "├─ " });
+            out.push_str(&node_line(n));
+        }
+        out.push('\n');
+        let child_prefix = if root {
+            String::new()
+        } else {
+            format!("{prefix}{}", if last { "   " } else { "│  " })
+        };
+        for (i, c) in n.children.iter().enumerate() {
+            walk(c, &child_prefix, i + 1 == n.children.len(), false, out);
+        }
+    }
+    for r in &t.roots {
+        walk(r, "", true, true, &mut out);
+    }
+    if !t.breaks.is_empty() {
+        out.push_str("\nbreaks:\n");
+        for b in &t.breaks {
+            let _ = writeln!(
+                out,
+                "  ✗ {} {} {}/{}{}: {}\n    hint: {}",
+                severity_name(b.severity),
+                kind_name(b.kind),
+                b.namespace,
+                b.workload,
+                if b.peer.is_empty() { String::new() } else { format!(" → {}", b.peer) },
+                b.summary,
+                b.hint
+            );
+        }
+    }
+    out
+}
+
+/// One line per break for `watch`.
+pub fn watch_line(b: &Break) -> String {
+    format!(
+        "{} {} {} {}/{}{} (count {}): {}",
+        rfc3339(b.last_seen_unix_ms),
+        severity_name(b.severity),
+        kind_name(b.kind),
+        b.namespace,
+        b.workload,
+        if b.peer.is_empty() { String::new() } else { format!(" → {}", b.peer) },
+        b.count,
+        b.summary
+    )
+}

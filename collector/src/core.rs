@@ -1,0 +1,362 @@
+//! The aggregator: open trace groups, the quiet/age queues that decide when a trace is
+//! analysed, the cross-trace indexes, and a bounded store of recently analysed traces
+//! (for GetTrace). Single-threaded data structure; the service wraps it in a mutex (an
+//! ingest batch of 200 hops holds it for tens of microseconds).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopwatch_proto::v1::{CallNode, Direction, Hop};
+use rustc_hash::FxHashMap;
+
+use crate::analysis::{analyse, Analysis, Ctx, Finding, PodIndex, Registry};
+use crate::model::{group_key, CHop, Interner, Sym};
+
+/// Bounds and timings of the aggregator.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A trace is analysed once no hop of it arrived for this long.
+    pub trace_quiet: Duration,
+    /// ... or once it has been open this long.
+    pub max_trace_age: Duration,
+    /// Open traces beyond this evict the least recently updated one (analysed early).
+    pub max_open_traces: usize,
+    /// Hops beyond this in one trace are dropped (counted).
+    pub max_hops_per_trace: usize,
+    /// Hops of recently analysed traces kept for GetTrace.
+    pub max_recent_hops: usize,
+    /// Clock slack when joining hops of different sidecars.
+    pub join_slack: Duration,
+    /// How long an instance environment stays known (TAG_MISROUTED) after its last hop.
+    pub instance_ttl: Duration,
+    /// Recent inbound requests kept per pod (cross-trace linking).
+    pub pod_index_per_pod: usize,
+    pub max_pods: usize,
+    pub max_interned_strings: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            trace_quiet: Duration::from_secs(5),
+            max_trace_age: Duration::from_secs(60),
+            max_open_traces: 200_000,
+            max_hops_per_trace: 1_000,
+            max_recent_hops: 200_000,
+            join_slack: Duration::from_millis(5),
+            instance_ttl: Duration::from_secs(600),
+            pod_index_per_pod: 512,
+            max_pods: 50_000,
+            max_interned_strings: 2_000_000,
+        }
+    }
+}
+
+struct Group {
+    trace_id: Box<str>,
+    hops: Vec<CHop>,
+    first_ms: u64,
+    last_ms: u64,
+}
+
+/// A trace kept after analysis, for GetTrace.
+pub struct Analysed {
+    pub trace_id: Box<str>,
+    pub hops: Vec<CHop>,
+    pub analysis: Analysis,
+}
+
+/// What analysing one trace produced.
+#[derive(Debug)]
+pub struct TraceResult {
+    pub trace_id: String,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct WorkloadStats {
+    pub hops: u64,
+    pub inbound: u64,
+    pub outbound: u64,
+    pub errors: u64,
+    pub flags: FxHashMap<u8, u64>,
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+pub struct CoreStats {
+    pub hops_accepted: u64,
+    pub hops_dropped_trace_full: u64,
+    pub traces_evicted: u64,
+    pub traces_analysed: u64,
+    pub traces_analysed_at_max_age: u64,
+}
+
+/// A trace as GetTrace returns it (breaks resolved by the caller).
+pub struct TraceView {
+    pub trace_id: String,
+    pub roots: Vec<CallNode>,
+    pub hop_count: u32,
+    pub open: bool,
+    pub findings: Vec<Finding>,
+}
+
+pub struct Core {
+    pub limits: Limits,
+    pub it: Interner,
+    open: FxHashMap<u128, Group>,
+    open_hops: usize,
+    quiet_q: VecDeque<(u128, u64)>,
+    age_q: VecDeque<(u128, u64)>,
+    pub pods: PodIndex,
+    pub registry: Registry,
+    recent: FxHashMap<u128, Arc<Analysed>>,
+    recent_q: VecDeque<u128>,
+    recent_hops: usize,
+    workloads: FxHashMap<(Sym, Sym), WorkloadStats>,
+    pub stats: CoreStats,
+}
+
+impl Core {
+    pub fn new(limits: Limits) -> Self {
+        Core {
+            it: Interner::new(limits.max_interned_strings),
+            pods: PodIndex::new(limits.pod_index_per_pod, limits.max_pods),
+            registry: Registry::new(64, 100_000),
+            open: FxHashMap::default(),
+            open_hops: 0,
+            quiet_q: VecDeque::new(),
+            age_q: VecDeque::new(),
+            recent: FxHashMap::default(),
+            recent_q: VecDeque::new(),
+            recent_hops: 0,
+            workloads: FxHashMap::default(),
+            stats: CoreStats::default(),
+            limits,
+        }
+    }
+
+    pub fn open_traces(&self) -> usize {
+        self.open.len()
+    }
+    pub fn open_hops(&self) -> usize {
+        self.open_hops
+    }
+    pub fn recent_traces(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Adds validated hops (direction set, trace id or request id present). Traces evicted
+    /// to make room are analysed at once and returned.
+    pub fn ingest(&mut self, hops: &[Hop], now_ms: u64) -> (u32, Vec<TraceResult>) {
+        let mut evicted = Vec::new();
+        let mut accepted = 0u32;
+        for h in hops {
+            let key = group_key(&h.trace_id, &h.request_id);
+            let c = CHop::from_proto(h, &mut self.it);
+            self.registry.record(c.namespace, c.service, c.own_tag, c.start_us);
+            if c.is_inbound() {
+                self.pods.record(&c, key);
+            }
+            let ws = self.workloads.entry((c.namespace, c.workload)).or_default();
+            ws.hops += 1;
+            if c.is_inbound() {
+                ws.inbound += 1;
+            } else {
+                ws.outbound += 1;
+            }
+            if c.response_code >= 500 || c.response_flags != 0 {
+                ws.errors += 1;
+            }
+            let mut f = c.response_flags;
+            while f != 0 {
+                let b = f.trailing_zeros() as u8;
+                *ws.flags.entry(b).or_default() += 1;
+                f &= f - 1;
+            }
+            if !self.open.contains_key(&key) {
+                while self.open.len() >= self.limits.max_open_traces.max(1) {
+                    match self.evict_one(now_ms) {
+                        Some(r) => evicted.push(r),
+                        None => break,
+                    }
+                }
+                let tid: &str = if h.trace_id.is_empty() { &h.request_id } else { &h.trace_id };
+                self.open.insert(
+                    key,
+                    Group { trace_id: tid.into(), hops: Vec::with_capacity(4), first_ms: now_ms, last_ms: 0 },
+                );
+                self.age_q.push_back((key, now_ms));
+            }
+            let g = self.open.get_mut(&key).expect("group just inserted");
+            if g.hops.len() >= self.limits.max_hops_per_trace {
+                self.stats.hops_dropped_trace_full += 1;
+            } else {
+                g.hops.push(c);
+                self.open_hops += 1;
+                accepted += 1;
+            }
+            if g.last_ms != now_ms {
+                g.last_ms = now_ms;
+                self.quiet_q.push_back((key, now_ms));
+            }
+        }
+        self.stats.hops_accepted += accepted as u64;
+        (accepted, evicted)
+    }
+
+    fn evict_one(&mut self, now_ms: u64) -> Option<TraceResult> {
+        while let Some((key, t)) = self.quiet_q.pop_front() {
+            if self.open.get(&key).is_some_and(|g| g.last_ms == t) {
+                self.stats.traces_evicted += 1;
+                return self.finish(key, now_ms, true);
+            }
+        }
+        None
+    }
+
+    /// Analyses the traces that became quiet or too old by `now_ms` (at most `budget`).
+    pub fn poll(&mut self, now_ms: u64, budget: usize) -> Vec<TraceResult> {
+        let quiet = self.limits.trace_quiet.as_millis() as u64;
+        let max_age = self.limits.max_trace_age.as_millis() as u64;
+        let mut out = Vec::new();
+        while out.len() < budget {
+            let Some(&(key, t)) = self.quiet_q.front() else { break };
+            if t + quiet > now_ms {
+                break;
+            }
+            self.quiet_q.pop_front();
+            if self.open.get(&key).is_some_and(|g| g.last_ms == t) {
+                out.extend(self.finish(key, now_ms, false));
+            }
+        }
+        while out.len() < budget {
+            let Some(&(key, t)) = self.age_q.front() else { break };
+            if t + max_age > now_ms {
+                break;
+            }
+            self.age_q.pop_front();
+            if self.open.get(&key).is_some_and(|g| g.first_ms == t) {
+                self.stats.traces_analysed_at_max_age += 1;
+                out.extend(self.finish(key, now_ms, false));
+            }
+        }
+        out
+    }
+
+    /// Analyses every open trace (shutdown).
+    pub fn flush_all(&mut self, now_ms: u64) -> Vec<TraceResult> {
+        let keys: Vec<u128> = self.open.keys().copied().collect();
+        let out = keys.into_iter().filter_map(|k| self.finish(k, now_ms, false)).collect();
+        self.quiet_q.clear();
+        self.age_q.clear();
+        out
+    }
+
+    fn ctx(&self, now_ms: u64, partial: bool) -> Ctx<'_> {
+        Ctx {
+            it: &self.it,
+            pods: &self.pods,
+            registry: &self.registry,
+            slack_us: self.limits.join_slack.as_micros() as u64,
+            instance_ttl_us: self.limits.instance_ttl.as_micros() as u64,
+            partial,
+            now_ms,
+        }
+    }
+
+    fn finish(&mut self, key: u128, now_ms: u64, partial: bool) -> Option<TraceResult> {
+        let g = self.open.remove(&key)?;
+        self.open_hops -= g.hops.len();
+        let analysis = analyse(&g.hops, key, &self.ctx(now_ms, partial));
+        self.stats.traces_analysed += 1;
+        let result = TraceResult { trace_id: g.trace_id.to_string(), findings: analysis.findings.clone() };
+        // Keep it for GetTrace, bounded by hops.
+        self.recent_hops += g.hops.len();
+        if let Some(old) = self.recent.insert(
+            key,
+            Arc::new(Analysed { trace_id: g.trace_id, hops: g.hops, analysis }),
+        ) {
+            self.recent_hops -= old.hops.len();
+        } else {
+            self.recent_q.push_back(key);
+        }
+        while self.recent_hops > self.limits.max_recent_hops {
+            let Some(k) = self.recent_q.pop_front() else { break };
+            if let Some(old) = self.recent.remove(&k) {
+                self.recent_hops -= old.hops.len();
+            }
+        }
+        Some(result)
+    }
+
+    /// Forgets cross-trace index entries older than `before_us`.
+    pub fn prune_indexes(&mut self, before_us: u64) {
+        self.pods.prune(before_us);
+    }
+
+    /// The joined chain of a trace (open or recently analysed), looked up by trace id or,
+    /// for traces without one, by request id.
+    pub fn trace(&self, id: &str, now_ms: u64) -> Option<TraceView> {
+        let id = id.trim().to_ascii_lowercase();
+        for key in [group_key(&id, ""), group_key("", &id)] {
+            if let Some(g) = self.open.get(&key) {
+                // Not final: analysed as a cut-short trace (no HOP_MISSING yet).
+                let a = analyse(&g.hops, key, &self.ctx(now_ms, true));
+                return Some(self.view(&g.trace_id, &g.hops, &a, true));
+            }
+            if let Some(t) = self.recent.get(&key) {
+                return Some(self.view(&t.trace_id, &t.hops, &t.analysis, false));
+            }
+        }
+        None
+    }
+
+    fn view(&self, trace_id: &str, hops: &[CHop], a: &Analysis, open: bool) -> TraceView {
+        fn build(id: u32, a: &Analysis, hops: &[CHop], tid: &str, it: &Interner, depth: usize) -> CallNode {
+            let n = &a.nodes[id as usize];
+            CallNode {
+                outbound: n.out.map(|h| hops[h as usize].to_proto(tid, it)),
+                inbound: n.inb.map(|h| hops[h as usize].to_proto(tid, it)),
+                children: if depth > 256 {
+                    vec![]
+                } else {
+                    n.children.iter().map(|&c| build(c, a, hops, tid, it, depth + 1)).collect()
+                },
+                breaks: n.breaks.iter().map(|&k| k as i32).collect(),
+            }
+        }
+        TraceView {
+            trace_id: trace_id.to_string(),
+            roots: a.roots.iter().map(|&r| build(r, a, hops, trace_id, &self.it, 0)).collect(),
+            hop_count: hops.len() as u32,
+            open,
+            findings: a.findings.clone(),
+        }
+    }
+
+    /// Per-workload statistics with names resolved: ((namespace, workload), stats).
+    pub fn workload_stats(&self) -> Vec<((String, String), WorkloadStats)> {
+        self.workloads
+            .iter()
+            .map(|((ns, wl), s)| ((self.it.resolve(*ns).to_string(), self.it.resolve(*wl).to_string()), s.clone()))
+            .collect()
+    }
+}
+
+/// Checks a hop the way Report does (used before taking the lock).
+pub fn validate_hop(i: usize, h: &Hop) -> Result<(), String> {
+    if h.direction != Direction::Inbound as i32 && h.direction != Direction::Outbound as i32 {
+        return Err(format!(
+            "hop {i}: direction must be DIRECTION_INBOUND or DIRECTION_OUTBOUND (got {})",
+            h.direction
+        ));
+    }
+    if h.trace_id.is_empty() && h.request_id.is_empty() {
+        return Err(format!("hop {i}: has neither trace_id nor request_id, so it cannot be joined"));
+    }
+    if h.trace_id.len() > 128 || h.request_id.len() > 256 {
+        return Err(format!("hop {i}: trace_id or request_id is too long"));
+    }
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! Compact in-memory form of a hop.
+//!
+//! A prost `Hop` owns ~25 `String`s (well over 600 bytes on the heap for a typical hop). The
+//! collector keeps up to a million hops in open traces, so it stores [`CHop`] instead:
+//! low-cardinality strings (workload, namespace, pod, service, tags, cluster, ...) are
+//! interned to a 4-byte [`Sym`], span ids are parsed to `u64`, and only the request id and
+//! the path keep an owned (boxed) string. `size_of::<CHop>()` is asserted in a test.
+
+use std::sync::Arc;
+
+use hopwatch_proto::v1::{Direction, Hop, TagSource, TraceContext};
+use rustc_hash::FxHashMap;
+
+/// An interned string; `Sym::EMPTY` is "".
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Default, Debug, PartialOrd, Ord)]
+pub struct Sym(pub u32);
+
+impl Sym {
+    pub const EMPTY: Sym = Sym(0);
+    /// Stands for any string that arrived after the interner reached its bound.
+    pub const OVERFLOW: Sym = Sym(1);
+    pub fn is_empty(self) -> bool {
+        self == Sym::EMPTY
+    }
+}
+
+/// String interner with a bound on the number of distinct strings (memory safety against
+/// high-cardinality garbage); past the bound new strings become [`Sym::OVERFLOW`].
+pub struct Interner {
+    strings: Vec<Arc<str>>,
+    map: FxHashMap<Arc<str>, u32>,
+    max: usize,
+    pub overflowed: u64,
+    /// (cluster, authority) -> (destination service, namespace, bits), parsed once.
+    dest_cache: FxHashMap<(Sym, Sym), (Sym, Sym, u8)>,
+    /// authority -> first DNS label of its host.
+    authority_cache: FxHashMap<Sym, Sym>,
+}
+
+impl Interner {
+    pub fn new(max: usize) -> Self {
+        let mut i = Interner {
+            strings: Vec::new(),
+            map: FxHashMap::default(),
+            max: max.max(16),
+            overflowed: 0,
+            dest_cache: FxHashMap::default(),
+            authority_cache: FxHashMap::default(),
+        };
+        i.force("");
+        i.force("<overflow>");
+        i
+    }
+    fn force(&mut self, s: &str) -> Sym {
+        let a: Arc<str> = Arc::from(s);
+        let id = self.strings.len() as u32;
+        self.strings.push(a.clone());
+        self.map.insert(a, id);
+        Sym(id)
+    }
+    pub fn intern(&mut self, s: &str) -> Sym {
+        if s.is_empty() {
+            return Sym::EMPTY;
+        }
+        if let Some(&id) = self.map.get(s) {
+            return Sym(id);
+        }
+        if self.strings.len() >= self.max {
+            self.overflowed += 1;
+            return Sym::OVERFLOW;
+        }
+        self.force(s)
+    }
+    /// Looks a string up without interning it.
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        if s.is_empty() {
+            return Some(Sym::EMPTY);
+        }
+        self.map.get(s).map(|&id| Sym(id))
+    }
+    pub fn resolve(&self, s: Sym) -> &str {
+        self.strings.get(s.0 as usize).map(|a| &**a).unwrap_or("")
+    }
+    pub fn len(&self) -> usize {
+        self.strings.len()
+    }
+    /// [`destination`] of interned strings, cached (bounded like the interner).
+    pub fn destination(&mut self, cluster: Sym, authority: Sym) -> (Sym, Sym, u8) {
+        if let Some(&d) = self.dest_cache.get(&(cluster, authority)) {
+            return d;
+        }
+        let (svc, ns, bits) = destination(self.resolve(cluster), self.resolve(authority));
+        let d = (self.intern(&svc), self.intern(&ns), bits);
+        if self.dest_cache.len() < self.max {
+            self.dest_cache.insert((cluster, authority), d);
+        }
+        d
+    }
+    pub fn authority_service(&mut self, authority: Sym) -> Sym {
+        if let Some(&d) = self.authority_cache.get(&authority) {
+            return d;
+        }
+        let label = first_label(host_of(self.resolve(authority))).to_string();
+        let d = self.intern(&label);
+        if self.authority_cache.len() < self.max {
+            self.authority_cache.insert(authority, d);
+        }
+        d
+    }
+    pub fn is_empty(&self) -> bool {
+        self.strings.len() <= 2
+    }
+}
+
+/// The trace headers `missing_trace_headers` may name, as a bitmask in [`CHop`].
+pub const TRACE_HEADERS: &[&str] = &[
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "b3",
+    "traceparent",
+    "x-request-id",
+    "x-b3-parentspanid",
+    "tracestate",
+];
+
+pub const BIT_TAG_MALFORMED: u8 = 1;
+pub const BIT_SAMPLED_REPORT: u8 = 2;
+/// The destination is an in-mesh Kubernetes service (`*.svc.cluster.local` cluster).
+pub const BIT_DEST_IN_MESH: u8 = 4;
+/// The destination is outside the mesh (PassthroughCluster, BlackHoleCluster, external host).
+pub const BIT_DEST_EXTERNAL: u8 = 8;
+
+/// One hop, compactly.
+#[derive(Clone, Debug, Default)]
+pub struct CHop {
+    pub span_id: u64,
+    pub parent_span_id: u64,
+    pub upstream_span_id: u64,
+    pub start_us: u64,
+    pub response_flags: u64,
+    pub request_id: Option<Box<str>>,
+    pub path: Option<Box<str>>,
+    pub duration_us: u32,
+    pub workload: Sym,
+    pub namespace: Sym,
+    pub pod: Sym,
+    pub service: Sym,
+    pub own_tag: Sym,
+    pub tag_received: Sym,
+    pub tag_sent: Sym,
+    pub correlated_tag: Sym,
+    pub trace_detail: Sym,
+    pub authority: Sym,
+    pub method: Sym,
+    pub code_details: Sym,
+    pub upstream_cluster: Sym,
+    pub upstream_host: Sym,
+    pub downstream_local: Sym,
+    pub route_name: Sym,
+    /// Outbound: the destination service (from the cluster name, else the authority).
+    pub dest_service: Sym,
+    pub dest_namespace: Sym,
+    /// Inbound: the first DNS label of the authority host (joins by authority).
+    pub authority_service: Sym,
+    pub response_code: u16,
+    pub direction: u8,
+    pub tag_source: u8,
+    pub trace_context: u8,
+    pub sampled: u8,
+    pub missing_headers: u8,
+    pub bits: u8,
+    /// The hop carried a trace id (else it is grouped by request id).
+    pub has_trace_id: bool,
+}
+
+impl CHop {
+    pub fn is_outbound(&self) -> bool {
+        self.direction == Direction::Outbound as u8
+    }
+    pub fn is_inbound(&self) -> bool {
+        self.direction == Direction::Inbound as u8
+    }
+    pub fn end_us(&self) -> u64 {
+        self.start_us + self.duration_us as u64
+    }
+    pub fn sampled_report(&self) -> bool {
+        self.bits & BIT_SAMPLED_REPORT != 0
+    }
+    pub fn tag_malformed(&self) -> bool {
+        self.bits & BIT_TAG_MALFORMED != 0
+    }
+    pub fn tag_source(&self) -> TagSource {
+        TagSource::try_from(self.tag_source as i32).unwrap_or(TagSource::Unspecified)
+    }
+    pub fn trace_context(&self) -> TraceContext {
+        TraceContext::try_from(self.trace_context as i32).unwrap_or(TraceContext::Unspecified)
+    }
+    /// The tag the app received (inbound): `tag_sent`, else a well-formed `tag_received`.
+    pub fn inbound_tag(&self) -> Sym {
+        if !self.tag_sent.is_empty() {
+            self.tag_sent
+        } else if !self.tag_malformed() {
+            self.tag_received
+        } else {
+            Sym::EMPTY
+        }
+    }
+    pub fn missing_header_names(&self) -> Vec<String> {
+        TRACE_HEADERS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.missing_headers & (1 << i) != 0)
+            .map(|(_, h)| h.to_string())
+            .collect()
+    }
+
+    /// Converts a wire hop (validated: direction set) into the compact form.
+    pub fn from_proto(h: &Hop, it: &mut Interner) -> CHop {
+        let upstream_cluster = it.intern(&h.upstream_cluster);
+        let authority = it.intern(&h.authority);
+        let (dest_service, dest_namespace, dest_bits) = if h.direction == Direction::Outbound as i32
+        {
+            it.destination(upstream_cluster, authority)
+        } else {
+            (Sym::EMPTY, Sym::EMPTY, 0)
+        };
+        let authority_service = it.authority_service(authority);
+        let mut missing = 0u8;
+        for m in &h.missing_trace_headers {
+            if let Some(i) = TRACE_HEADERS.iter().position(|k| k.eq_ignore_ascii_case(m)) {
+                missing |= 1 << i;
+            }
+        }
+        let mut bits = dest_bits;
+        if h.tag_malformed {
+            bits |= BIT_TAG_MALFORMED;
+        }
+        if h.sampled_report {
+            bits |= BIT_SAMPLED_REPORT;
+        }
+        CHop {
+            span_id: span_u64(&h.span_id),
+            parent_span_id: span_u64(&h.parent_span_id),
+            upstream_span_id: span_u64(&h.upstream_span_id),
+            start_us: h.start_time_unix_micros,
+            response_flags: h.response_flags,
+            request_id: non_empty_box(&h.request_id),
+            path: non_empty_box(&h.path),
+            duration_us: h.duration_micros.min(u32::MAX as u64) as u32,
+            workload: it.intern(&h.workload),
+            namespace: it.intern(&h.namespace),
+            pod: it.intern(&h.pod),
+            service: it.intern(&h.service),
+            own_tag: it.intern(&h.own_tag),
+            tag_received: it.intern(&h.tag_received),
+            tag_sent: it.intern(&h.tag_sent),
+            correlated_tag: it.intern(&h.correlated_tag),
+            trace_detail: it.intern(&h.trace_detail),
+            authority,
+            method: it.intern(&h.method),
+            code_details: it.intern(&h.response_code_details),
+            upstream_cluster,
+            upstream_host: it.intern(&h.upstream_host),
+            downstream_local: it.intern(&h.downstream_local_address),
+            route_name: it.intern(&h.route_name),
+            dest_service,
+            dest_namespace,
+            authority_service,
+            response_code: h.response_code.min(u16::MAX as u32) as u16,
+            direction: h.direction.clamp(0, 255) as u8,
+            tag_source: h.tag_source.clamp(0, 255) as u8,
+            trace_context: h.trace_context.clamp(0, 255) as u8,
+            sampled: h.sampled.clamp(0, 255) as u8,
+            missing_headers: missing,
+            bits,
+            has_trace_id: !h.trace_id.is_empty(),
+        }
+    }
+
+    /// Back to the wire form (for GetTrace). Fields the collector does not keep
+    /// (downstream_remote_address, upstream_local_address, w3c_trace_id) are empty; span
+    /// ids are printed as 16 hex digits.
+    pub fn to_proto(&self, trace_id: &str, it: &Interner) -> Hop {
+        let r = |s: Sym| it.resolve(s).to_string();
+        let span = |v: u64| if v == 0 { String::new() } else { format!("{v:016x}") };
+        Hop {
+            trace_id: if self.has_trace_id { trace_id.to_string() } else { String::new() },
+            span_id: span(self.span_id),
+            parent_span_id: span(self.parent_span_id),
+            sampled: self.sampled as i32,
+            request_id: self.request_id.as_deref().unwrap_or("").to_string(),
+            w3c_trace_id: String::new(),
+            upstream_span_id: span(self.upstream_span_id),
+            direction: self.direction as i32,
+            workload: r(self.workload),
+            namespace: r(self.namespace),
+            pod: r(self.pod),
+            service: r(self.service),
+            own_tag: r(self.own_tag),
+            tag_received: r(self.tag_received),
+            tag_sent: r(self.tag_sent),
+            tag_source: self.tag_source as i32,
+            tag_malformed: self.tag_malformed(),
+            correlated_tag: r(self.correlated_tag),
+            trace_context: self.trace_context as i32,
+            trace_detail: r(self.trace_detail),
+            missing_trace_headers: self.missing_header_names(),
+            authority: r(self.authority),
+            method: r(self.method),
+            path: self.path.as_deref().unwrap_or("").to_string(),
+            response_code: self.response_code as u32,
+            response_flags: self.response_flags,
+            response_flag_names: flag_names(self.response_flags),
+            response_code_details: r(self.code_details),
+            upstream_cluster: r(self.upstream_cluster),
+            upstream_host: r(self.upstream_host),
+            downstream_remote_address: String::new(),
+            downstream_local_address: r(self.downstream_local),
+            upstream_local_address: String::new(),
+            route_name: r(self.route_name),
+            start_time_unix_micros: self.start_us,
+            duration_micros: self.duration_us as u64,
+            sampled_report: self.sampled_report(),
+        }
+    }
+}
+
+fn non_empty_box(s: &str) -> Option<Box<str>> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s.into())
+    }
+}
+
+/// Span ids are 16 hex digits; anything else (longer ids, garbage) is hashed so it can
+/// still be compared. 0 means "none".
+pub fn span_u64(s: &str) -> u64 {
+    if s.is_empty() {
+        return 0;
+    }
+    if s.len() <= 16 {
+        if let Ok(v) = u64::from_str_radix(s, 16) {
+            return v;
+        }
+    }
+    hash64(s.as_bytes(), 0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// FNV-1a 64 with a seed.
+pub fn hash64(b: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &x in b {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The key of a trace group: a trace id (hex, up to 32 digits, parsed) or, for hops without
+/// one, the request id (hashed, in a separate key space).
+pub fn group_key(trace_id: &str, request_id: &str) -> u128 {
+    if !trace_id.is_empty() {
+        let t = trace_id.to_ascii_lowercase();
+        if t.len() <= 32 {
+            if let Ok(v) = u128::from_str_radix(&t, 16) {
+                // Top bit clear: trace-id space.
+                if v >> 127 == 0 {
+                    return v;
+                }
+            }
+        }
+        let h = ((hash64(t.as_bytes(), 1) as u128) << 64) | hash64(t.as_bytes(), 2) as u128;
+        return h & !(3u128 << 126) | (1u128 << 126);
+    }
+    let h = ((hash64(request_id.as_bytes(), 3) as u128) << 64) | hash64(request_id.as_bytes(), 4) as u128;
+    h | (1u128 << 127)
+}
+
+/// Host part of an authority ("reviews.default:9080" -> "reviews.default").
+pub fn host_of(authority: &str) -> &str {
+    let a = authority.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => a,
+    }
+}
+
+pub fn first_label(host: &str) -> &str {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return host;
+    }
+    host.split('.').next().unwrap_or("")
+}
+
+/// The destination of an outbound hop: (service, namespace, bits). From the Istio cluster
+/// name `outbound|<port>|<subset>|<svc>.<ns>.svc.cluster.local`, else the authority host.
+pub fn destination(cluster: &str, authority: &str) -> (String, String, u8) {
+    if matches!(
+        cluster,
+        "PassthroughCluster" | "BlackHoleCluster" | "InboundPassthroughCluster"
+    ) {
+        let h = host_of(authority);
+        return (first_label(h).to_string(), String::new(), BIT_DEST_EXTERNAL);
+    }
+    let mut parts = cluster.split('|');
+    if let (Some(dir), Some(_port), Some(_subset), Some(host)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    {
+        if dir == "outbound" && !host.is_empty() {
+            return classify_host(host);
+        }
+    }
+    let h = host_of(authority);
+    if h.is_empty() {
+        return (String::new(), String::new(), 0);
+    }
+    classify_host(h)
+}
+
+fn classify_host(host: &str) -> (String, String, u8) {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return (host.to_string(), String::new(), 0);
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    let svc = labels[0].to_string();
+    let ns = labels.get(1).map(|s| s.to_string()).unwrap_or_default();
+    let bits = if host.ends_with(".svc.cluster.local") || host.ends_with(".svc") {
+        BIT_DEST_IN_MESH
+    } else if labels.len() == 1 || labels.len() == 2 {
+        // Short names ("reviews", "reviews.default") resolve through the search path:
+        // in-mesh as far as we can tell.
+        BIT_DEST_IN_MESH
+    } else {
+        BIT_DEST_EXTERNAL
+    };
+    let ns = if bits == BIT_DEST_EXTERNAL { String::new() } else { ns };
+    (svc, ns, bits)
+}
+
+/// Envoy response flag short names by bit, in print order.
+pub const FLAG_NAMES: &[&str] = &[
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+    "UDO",
+];
+
+pub fn flag_names(flags: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| flags & (1u64 << b) != 0)
+        .map(|b| match FLAG_NAMES.get(b) {
+            Some(n) => n.to_string(),
+            None => format!("UNKNOWN(bit {b})"),
+        })
+        .collect()
+}
+
+pub fn flag_bit(name: &str) -> Option<u64> {
+    FLAG_NAMES.iter().position(|n| *n == name).map(|b| 1u64 << b)
+}
+
+/// Match level of an instance environment `env` for a requested tag `tag`: higher is
+/// better. The exact tag or a dot-prefix of it matches (longer = better); no tag is the
+/// default subset (0); a non-matching tag is worse than the default (-1).
+pub fn match_level(env: &str, tag: &str) -> i32 {
+    if env.is_empty() {
+        return 0;
+    }
+    if env == tag || (tag.len() > env.len() && tag.starts_with(env) && tag.as_bytes()[env.len()] == b'.') {
+        1 + env.split('.').count() as i32
+    } else {
+        -1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_hop_is_small() {
+        // 1,000,000 open hops must fit in 512 MB with the heap parts (request id, path) and
+        // the group/index overhead.
+        assert!(std::mem::size_of::<CHop>() <= 176, "{}", std::mem::size_of::<CHop>());
+    }
+
+    #[test]
+    fn destination_from_cluster_or_authority() {
+        assert_eq!(
+            destination("outbound|9080|v1|reviews.default.svc.cluster.local", "x"),
+            ("reviews".into(), "default".into(), BIT_DEST_IN_MESH)
+        );
+        assert_eq!(destination("", "ratings.prod:9080"), ("ratings".into(), "prod".into(), BIT_DEST_IN_MESH));
+        assert_eq!(destination("", "ratings"), ("ratings".into(), String::new(), BIT_DEST_IN_MESH));
+        assert_eq!(destination("PassthroughCluster", "api.github.com:443").2, BIT_DEST_EXTERNAL);
+        assert_eq!(destination("outbound|443||api.github.com", "").2, BIT_DEST_EXTERNAL);
+        assert_eq!(destination("", "10.0.0.1:80").0, "10.0.0.1");
+        assert_eq!(host_of("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn match_levels() {
+        assert!(match_level("dev.proj1", "dev.proj1.alice") > match_level("dev", "dev.proj1.alice"));
+        assert!(match_level("dev", "dev.proj1.alice") > match_level("", "dev.proj1.alice"));
+        assert!(match_level("", "dev.proj1") > match_level("qa", "dev.proj1"));
+        assert!(match_level("dev.proj1.alice", "dev.proj1.alice") > match_level("dev.proj1", "dev.proj1.alice"));
+        assert_eq!(match_level("dev.pro", "dev.proj1"), -1, "prefix must end at a dot");
+    }
+
+    #[test]
+    fn flags_by_name_and_unknown_bits() {
+        assert_eq!(flag_names((1 << 1) | (1 << 5)), vec!["UH", "UF"]);
+        assert_eq!(flag_names(1 << 40), vec!["UNKNOWN(bit 40)"]);
+        assert_eq!(flag_bit("URX"), Some(1 << 15));
+    }
+
+    #[test]
+    fn interner_is_bounded() {
+        let mut it = Interner::new(16);
+        for i in 0..100 {
+            it.intern(&format!("s{i}"));
+        }
+        assert_eq!(it.len(), 16);
+        assert!(it.overflowed > 0);
+        assert_eq!(it.intern("s99"), Sym::OVERFLOW);
+        let a = it.intern("s0");
+        assert_eq!(it.resolve(a), "s0");
+    }
+
+    #[test]
+    fn group_keys_separate_trace_and_request_spaces() {
+        assert_eq!(group_key("4BF92F3577B34DA6A3CE929D0E0E4736", ""), group_key("4bf92f3577b34da6a3ce929d0e0e4736", "x"));
+        assert_ne!(group_key("abc", ""), group_key("", "abc"));
+        assert_ne!(group_key("not-hex", ""), group_key("", "not-hex"));
+    }
+}

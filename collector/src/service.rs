@@ -1,0 +1,413 @@
+//! The collector's shared state: the aggregator, the findings index, the database, the
+//! metrics and the watch channel. Transport-independent (the gRPC layer is in `server`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hopwatch_proto::v1::{
+    Break, BreakKind, GetTraceResponse, ReportRequest, SummaryResponse, WorkloadSummary,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::broadcast;
+
+use crate::core::{validate_hop, Core, Limits, TraceResult};
+use crate::model::FLAG_NAMES;
+use crate::store::{finding_id, Db, Filter, FindingStore, StoreError};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Collector configuration beyond the aggregator limits.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Largest accepted batch (hops); larger ones get RESOURCE_EXHAUSTED.
+    pub max_batch_hops: usize,
+    /// Findings not seen for this long are deleted.
+    pub retention_age: Duration,
+    /// At most this many findings are kept (the least recently seen go first).
+    pub retention_count: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            limits: Limits::default(),
+            max_batch_hops: 5_000,
+            retention_age: Duration::from_secs(7 * 24 * 3600),
+            retention_count: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ReportError {
+    #[error("empty batch: a ReportRequest must carry at least one hop")]
+    Empty,
+    #[error("batch of {got} hops exceeds the maximum of {max} hops per ReportRequest")]
+    TooLarge { got: usize, max: usize },
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QueryError {
+    #[error("no trace {0:?} (unknown, or analysed too long ago to be kept)")]
+    TraceNotFound(String),
+    #[error("{0}")]
+    BadFilter(String),
+}
+
+/// Counters exported on /metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub batches_received: AtomicU64,
+    pub batches_rejected_empty: AtomicU64,
+    pub batches_rejected_too_large: AtomicU64,
+    pub batches_rejected_malformed: AtomicU64,
+    pub hops_received: AtomicU64,
+    pub reports_dropped_by_filters: AtomicU64,
+    pub ingest_lag_ms_sum: AtomicU64,
+    pub ingest_lag_samples: AtomicU64,
+    pub ingest_lag_ms_last: AtomicU64,
+    pub queries_rejected_not_found: AtomicU64,
+    pub queries_rejected_invalid: AtomicU64,
+    pub persist_errors: AtomicU64,
+    pub findings_persisted: AtomicU64,
+    pub findings_expired: AtomicU64,
+    pub watch_lagged: AtomicU64,
+}
+
+pub struct Collector {
+    pub settings: Settings,
+    pub core: Mutex<Core>,
+    pub store: RwLock<FindingStore>,
+    db: Option<Db>,
+    pub metrics: Metrics,
+    watch: broadcast::Sender<Break>,
+    /// Serialises database flushes.
+    flush_lock: Mutex<()>,
+}
+
+impl Collector {
+    /// Opens (or creates) the database under `data_dir` and loads the stored findings.
+    pub fn open(settings: Settings, data_dir: &Path) -> Result<Collector, StoreError> {
+        let db = Db::open(data_dir)?;
+        let mut store = FindingStore::default();
+        let n = db.load(&mut store)?;
+        tracing::info!(findings = n, dir = %data_dir.display(), "loaded findings");
+        Ok(Self::with(settings, store, Some(db)))
+    }
+
+    /// Without persistence (tests, benchmarks).
+    pub fn in_memory(settings: Settings) -> Collector {
+        Self::with(settings, FindingStore::default(), None)
+    }
+
+    fn with(settings: Settings, store: FindingStore, db: Option<Db>) -> Collector {
+        let (watch, _) = broadcast::channel(4096);
+        Collector {
+            core: Mutex::new(Core::new(settings.limits.clone())),
+            store: RwLock::new(store),
+            db,
+            metrics: Metrics::default(),
+            watch,
+            settings,
+            flush_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Break> {
+        self.watch.subscribe()
+    }
+
+    /// Handles one Report batch.
+    pub fn report(&self, req: &ReportRequest, now_ms: u64) -> Result<u32, ReportError> {
+        let m = &self.metrics;
+        m.batches_received.fetch_add(1, Relaxed);
+        if req.dropped_since_last_batch > 0 {
+            m.reports_dropped_by_filters.fetch_add(req.dropped_since_last_batch, Relaxed);
+        }
+        if req.hops.is_empty() {
+            m.batches_rejected_empty.fetch_add(1, Relaxed);
+            return Err(ReportError::Empty);
+        }
+        if req.hops.len() > self.settings.max_batch_hops {
+            m.batches_rejected_too_large.fetch_add(1, Relaxed);
+            return Err(ReportError::TooLarge { got: req.hops.len(), max: self.settings.max_batch_hops });
+        }
+        for (i, h) in req.hops.iter().enumerate() {
+            if let Err(e) = validate_hop(i, h) {
+                m.batches_rejected_malformed.fetch_add(1, Relaxed);
+                return Err(ReportError::Malformed(e));
+            }
+        }
+        m.hops_received.fetch_add(req.hops.len() as u64, Relaxed);
+        // Ingest lag: from the end of the newest hop to now.
+        let newest_end_ms = req
+            .hops
+            .iter()
+            .map(|h| (h.start_time_unix_micros + h.duration_micros) / 1000)
+            .max()
+            .unwrap_or(0);
+        if newest_end_ms > 0 {
+            let lag = now_ms.saturating_sub(newest_end_ms);
+            m.ingest_lag_ms_sum.fetch_add(lag, Relaxed);
+            m.ingest_lag_samples.fetch_add(1, Relaxed);
+            m.ingest_lag_ms_last.store(lag, Relaxed);
+        }
+        let (accepted, evicted) = self.core.lock().ingest(&req.hops, now_ms);
+        if !evicted.is_empty() {
+            self.record(evicted);
+        }
+        Ok(accepted)
+    }
+
+    /// Merges analysed traces' findings into the index and notifies watchers.
+    pub fn record(&self, results: Vec<TraceResult>) {
+        if results.iter().all(|r| r.findings.is_empty()) {
+            return;
+        }
+        let mut updated = Vec::new();
+        {
+            let mut store = self.store.write();
+            for r in &results {
+                for f in &r.findings {
+                    updated.push(store.merge(f, &r.trace_id));
+                }
+            }
+        }
+        for b in updated {
+            let _ = self.watch.send(b);
+        }
+    }
+
+    /// Analyses what became ready; returns the number of traces analysed.
+    pub fn poll(&self, now_ms: u64) -> usize {
+        let mut total = 0;
+        loop {
+            let results = self.core.lock().poll(now_ms, 2_000);
+            let n = results.len();
+            total += n;
+            self.record(results);
+            if n < 2_000 {
+                return total;
+            }
+        }
+    }
+
+    /// Writes changed findings to the database (no-op without one).
+    pub fn flush(&self) -> Result<usize, StoreError> {
+        let Some(db) = &self.db else {
+            let _ = self.store.write().take_dirty();
+            return Ok(0);
+        };
+        let _g = self.flush_lock.lock();
+        let (changed, removed) = self.store.write().take_dirty();
+        match db.write(&changed, &removed) {
+            Ok(()) => {
+                self.metrics.findings_persisted.fetch_add(changed.len() as u64, Relaxed);
+                Ok(changed.len())
+            }
+            Err(e) => {
+                self.metrics.persist_errors.fetch_add(1, Relaxed);
+                self.store.write().restore_dirty(&changed, &removed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies retention (age and count) and index pruning.
+    pub fn retain(&self, now_ms: u64) -> usize {
+        let min = now_ms.saturating_sub(self.settings.retention_age.as_millis() as u64);
+        let n = self.store.write().retain(min, self.settings.retention_count);
+        self.metrics.findings_expired.fetch_add(n as u64, Relaxed);
+        let keep_us = (self.settings.limits.max_trace_age.as_micros() as u64) * 2;
+        self.core.lock().prune_indexes((now_ms * 1000).saturating_sub(keep_us));
+        n
+    }
+
+    /// Graceful shutdown: analyse every open trace and persist all findings.
+    pub fn shutdown(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let results = self.core.lock().flush_all(now_ms);
+        let n = results.len();
+        self.record(results);
+        self.flush()?;
+        tracing::info!(traces = n, "analysed open traces at shutdown; findings persisted");
+        Ok(n)
+    }
+
+    pub fn list_breaks(&self, filter: &Filter, limit: usize) -> Vec<Break> {
+        self.store.read().list(filter, limit)
+    }
+
+    pub fn get_trace(&self, id: &str, now_ms: u64) -> Result<GetTraceResponse, QueryError> {
+        if id.trim().is_empty() {
+            self.metrics.queries_rejected_invalid.fetch_add(1, Relaxed);
+            return Err(QueryError::BadFilter("trace_id is empty".into()));
+        }
+        let Some(v) = self.core.lock().trace(id, now_ms) else {
+            self.metrics.queries_rejected_not_found.fetch_add(1, Relaxed);
+            return Err(QueryError::TraceNotFound(id.to_string()));
+        };
+        let store = self.store.read();
+        let breaks = v
+            .findings
+            .iter()
+            .map(|f| {
+                let id = finding_id(f.kind, &f.namespace, &f.workload, &f.peer);
+                match (v.open, store.get(&id)) {
+                    (false, Some(b)) => b.clone(),
+                    _ => Break {
+                        id,
+                        kind: f.kind as i32,
+                        severity: f.severity as i32,
+                        workload: f.workload.clone(),
+                        namespace: f.namespace.clone(),
+                        peer: f.peer.clone(),
+                        count: 1,
+                        trace_ids: vec![v.trace_id.clone()],
+                        flags: f.flags.clone(),
+                        summary: f.summary.clone(),
+                        hint: f.hint.clone(),
+                        first_seen_unix_ms: f.seen_ms,
+                        last_seen_unix_ms: f.seen_ms,
+                    },
+                }
+            })
+            .collect();
+        Ok(GetTraceResponse {
+            trace_id: v.trace_id,
+            roots: v.roots,
+            breaks,
+            hop_count: v.hop_count,
+            open: v.open,
+        })
+    }
+
+    pub fn summary(&self) -> SummaryResponse {
+        let (stats, core_stats, open) = {
+            let c = self.core.lock();
+            (c.workload_stats(), c.stats, c.open_traces())
+        };
+        let store = self.store.read();
+        let mut breaks_per: rustc_hash::FxHashMap<(&str, &str), u64> = Default::default();
+        for b in store.all() {
+            *breaks_per.entry((b.namespace.as_str(), b.workload.as_str())).or_default() += 1;
+        }
+        let mut workloads: Vec<WorkloadSummary> = stats
+            .into_iter()
+            .map(|((ns, wl), s)| WorkloadSummary {
+                breaks: breaks_per.get(&(ns.as_str(), wl.as_str())).copied().unwrap_or(0),
+                workload: wl,
+                namespace: ns,
+                hops: s.hops,
+                inbound_hops: s.inbound,
+                outbound_hops: s.outbound,
+                errors: s.errors,
+                flags: s
+                    .flags
+                    .iter()
+                    .map(|(b, n)| {
+                        (
+                            FLAG_NAMES.get(*b as usize).map(|s| s.to_string()).unwrap_or(format!("UNKNOWN(bit {b})")),
+                            *n,
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        workloads.sort_by(|a, b| (&a.namespace, &a.workload).cmp(&(&b.namespace, &b.workload)));
+        SummaryResponse {
+            workloads,
+            hops_received: self.metrics.hops_received.load(Relaxed),
+            traces_analysed: core_stats.traces_analysed,
+            open_traces: open as u64,
+            findings: store.len() as u64,
+            reports_dropped_by_filters: self.metrics.reports_dropped_by_filters.load(Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let (cs, open, open_hops, recent, pods, interned, overflow) = {
+            let c = self.core.lock();
+            (c.stats, c.open_traces(), c.open_hops(), c.recent_traces(), c.pods.len(), c.it.len(), c.it.overflowed)
+        };
+        let mut by_kind = [0u64; 9];
+        let total = {
+            let s = self.store.read();
+            for b in s.all() {
+                if let Some(x) = by_kind.get_mut(b.kind as usize) {
+                    *x += 1;
+                }
+            }
+            s.len()
+        };
+        let mut o = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                if labels.is_empty() {
+                    let _ = writeln!(o, "{name} {v}");
+                } else {
+                    let _ = writeln!(o, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        metric("hopwatch_hops_received_total", "counter", "Hops received in accepted batches.", &[("", l(&m.hops_received))]);
+        metric("hopwatch_hops_dropped_total", "counter", "Hops dropped by the collector.", &[("reason=\"trace_full\"", cs.hops_dropped_trace_full)]);
+        metric("hopwatch_batches_received_total", "counter", "Report batches received.", &[("", l(&m.batches_received))]);
+        metric(
+            "hopwatch_batches_rejected_total",
+            "counter",
+            "Report batches rejected, by reason.",
+            &[
+                ("reason=\"empty\"", l(&m.batches_rejected_empty)),
+                ("reason=\"too_large\"", l(&m.batches_rejected_too_large)),
+                ("reason=\"malformed\"", l(&m.batches_rejected_malformed)),
+            ],
+        );
+        metric("hopwatch_reports_dropped_by_filters_total", "counter", "Reports the filters dropped before sending (dropped_since_last_batch).", &[("", l(&m.reports_dropped_by_filters))]);
+        metric("hopwatch_open_traces", "gauge", "Traces open (not analysed yet).", &[("", open as u64)]);
+        metric("hopwatch_open_hops", "gauge", "Hops held in open traces.", &[("", open_hops as u64)]);
+        metric("hopwatch_recent_traces", "gauge", "Analysed traces kept for GetTrace.", &[("", recent as u64)]);
+        metric("hopwatch_traces_analysed_total", "counter", "Traces analysed.", &[("", cs.traces_analysed)]);
+        metric("hopwatch_traces_analysed_at_max_age_total", "counter", "Traces analysed because they reached the maximum age.", &[("", cs.traces_analysed_at_max_age)]);
+        metric("hopwatch_trace_evictions_total", "counter", "Open traces evicted (analysed early) because max open traces was reached.", &[("", cs.traces_evicted)]);
+        metric("hopwatch_pods_indexed", "gauge", "Pods in the cross-trace inbound index.", &[("", pods as u64)]);
+        metric("hopwatch_interned_strings", "gauge", "Distinct interned strings.", &[("", interned as u64)]);
+        metric("hopwatch_interner_overflow_total", "counter", "Strings not interned because the interner is full.", &[("", overflow)]);
+        let kinds: Vec<(String, u64)> = (1..=8)
+            .map(|k| {
+                let name = BreakKind::try_from(k).map(|k| k.as_str_name()).unwrap_or("UNKNOWN");
+                (format!("kind=\"{name}\""), by_kind[k as usize])
+            })
+            .collect();
+        let kinds_ref: Vec<(&str, u64)> = kinds.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        metric("hopwatch_findings", "gauge", "Stored findings by kind.", &kinds_ref);
+        metric("hopwatch_findings_total", "gauge", "Stored findings.", &[("", total as u64)]);
+        metric("hopwatch_findings_expired_total", "counter", "Findings removed by retention.", &[("", l(&m.findings_expired))]);
+        metric("hopwatch_findings_persisted_total", "counter", "Finding writes to the database.", &[("", l(&m.findings_persisted))]);
+        metric("hopwatch_persist_errors_total", "counter", "Failed database flushes.", &[("", l(&m.persist_errors))]);
+        metric("hopwatch_ingest_lag_milliseconds_last", "gauge", "Lag from the end of the newest hop of the last batch to its arrival.", &[("", l(&m.ingest_lag_ms_last))]);
+        metric("hopwatch_ingest_lag_milliseconds_sum", "counter", "Sum of per-batch ingest lags.", &[("", l(&m.ingest_lag_ms_sum))]);
+        metric("hopwatch_ingest_lag_milliseconds_count", "counter", "Batches with an ingest lag sample.", &[("", l(&m.ingest_lag_samples))]);
+        metric(
+            "hopwatch_queries_rejected_total",
+            "counter",
+            "Queries rejected, by status.",
+            &[
+                ("code=\"not_found\"", l(&m.queries_rejected_not_found)),
+                ("code=\"invalid_argument\"", l(&m.queries_rejected_invalid)),
+            ],
+        );
+        metric("hopwatch_watch_lagged_total", "counter", "Findings a slow WatchBreaks client missed.", &[("", l(&m.watch_lagged))]);
+        o
+    }
+}

@@ -1,0 +1,339 @@
+//! Plugin configuration: the JSON object given as the plugin configuration (Envoy
+//! `StringValue`, or Istio WasmPlugin `pluginConfig`).
+//!
+//! Keys and defaults follow `CONTRACT.md`; a few tuning knobs (batching, correlation
+//! store, tick period) are added with safe defaults. Unknown keys are refused
+//! (`deny_unknown_fields`) and every validation error names the offending field, so a
+//! typo in a manifest shows up as one log line in Envoy and a refused configuration.
+
+use serde::Deserialize;
+
+/// Which side of the sidecar this plugin instance runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// SIDECAR_INBOUND: requests arriving at this workload.
+    Inbound,
+    /// SIDECAR_OUTBOUND: requests the workload's app sends.
+    Outbound,
+}
+
+impl Direction {
+    /// `inbound` / `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// When to append the annotation header to responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Annotate {
+    /// Never annotate.
+    Never,
+    /// When Envoy set response flags or the status is 5xx.
+    OnError,
+    /// Every response.
+    Always,
+    /// Only when the request carried `debug_header`.
+    Debug,
+}
+
+/// The parsed and validated plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// `inbound` or `outbound` (required).
+    pub direction: Direction,
+    /// The virtual-environment header.
+    #[serde(default = "d_tag_header")]
+    pub tag_header: String,
+    /// Env var holding this workload's own tag.
+    #[serde(default = "d_tag_env_var")]
+    pub tag_env_var: String,
+    /// Pod label (from `xds.node.metadata.LABELS`) used when the env var is unset.
+    #[serde(default = "d_tag_label")]
+    pub tag_label: String,
+    /// Envoy cluster (HTTP/2) of the collector.
+    #[serde(default = "d_collector_cluster")]
+    pub collector_cluster: String,
+    /// `:authority` of report calls; default: derived from `collector_cluster`
+    /// (`outbound|9090||host` gives `host:9090`, a plain name is used as is).
+    #[serde(default)]
+    pub collector_authority: Option<String>,
+    /// When to annotate responses.
+    #[serde(default = "d_annotate")]
+    pub annotate_response: Annotate,
+    /// Response header carrying hop annotations.
+    #[serde(default = "d_annotation_header")]
+    pub annotation_header: String,
+    /// Request header that turns annotation on in `debug` mode.
+    #[serde(default = "d_debug_header")]
+    pub debug_header: String,
+    /// Fraction of traces whose hops are all reported, in `[0, 1]`.
+    #[serde(default = "d_rate")]
+    pub report_sample_rate: f64,
+    /// Tick period of the root context (batch flush), milliseconds.
+    #[serde(default = "d_tick")]
+    pub tick_period_ms: u32,
+    /// Hops per `ReportRequest`; a full batch is flushed without waiting for the tick.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Per-worker queue bound; further hops are dropped and counted.
+    #[serde(default = "d_queue")]
+    pub queue_limit: usize,
+    /// Concurrent report calls per worker; while at the limit, hops stay queued.
+    #[serde(default = "d_inflight")]
+    pub max_in_flight: usize,
+    /// Timeout of one report call, milliseconds.
+    #[serde(default = "d_timeout")]
+    pub report_timeout_ms: u32,
+    /// How long an inbound request's correlation ids are remembered, seconds.
+    #[serde(default = "d_ttl")]
+    pub correlation_ttl_secs: u32,
+    /// Number of shared-data buckets of the correlation store (must be equal on the
+    /// inbound and outbound side). Capacity is `buckets * bucket_entries` ids; each
+    /// inbound request remembers up to 3 ids, so at R inbound requests/s an id survives
+    /// about `capacity / (3 R)` seconds (at most the TTL): 64 x 64 keeps ~1.4 s of
+    /// history at 1000 req/s, ~14 s at 100 req/s, for ~300 KB of shared data and a
+    /// ~4 KB copy per bucket write.
+    #[serde(default = "d_buckets")]
+    pub correlation_buckets: u32,
+    /// Entries per bucket (oldest evicted first).
+    #[serde(default = "d_bucket_entries")]
+    pub correlation_bucket_entries: u32,
+}
+
+fn d_tag_header() -> String {
+    "x-virtual-env".into()
+}
+fn d_tag_env_var() -> String {
+    "VIRTUAL_ENVIRONMENT_TAG".into()
+}
+fn d_tag_label() -> String {
+    "virtual-env".into()
+}
+fn d_collector_cluster() -> String {
+    "hopwatch-collector".into()
+}
+fn d_annotate() -> Annotate {
+    Annotate::OnError
+}
+fn d_annotation_header() -> String {
+    "x-hopwatch".into()
+}
+fn d_debug_header() -> String {
+    "x-hopwatch-debug".into()
+}
+fn d_rate() -> f64 {
+    1.0
+}
+fn d_tick() -> u32 {
+    1000
+}
+fn d_batch() -> usize {
+    100
+}
+fn d_queue() -> usize {
+    1000
+}
+fn d_inflight() -> usize {
+    4
+}
+fn d_timeout() -> u32 {
+    5000
+}
+fn d_ttl() -> u32 {
+    60
+}
+fn d_buckets() -> u32 {
+    64
+}
+fn d_bucket_entries() -> u32 {
+    64
+}
+
+/// Why a configuration was refused. The message always names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON, unknown key, missing `direction`, wrong type: the message names the
+    /// key (e.g. "unknown field `tag_headr`", "field `report_sample_rate`: invalid type").
+    #[error("invalid hopwatch plugin configuration: {0}")]
+    Json(String),
+    /// A value out of range or malformed.
+    #[error("invalid hopwatch plugin configuration: field `{field}`: {reason}")]
+    Invalid {
+        /// The configuration key.
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The offending field, when known.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { field, .. } => Some(field),
+            ConfigError::Json(m) => m.split('`').nth(1),
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A valid HTTP header name as Envoy stores it: non-empty, lowercase token characters.
+pub fn is_valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+/// A valid `:authority` value: host characters and an optional port.
+fn is_valid_authority(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 255
+        && a.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
+}
+
+impl PluginConfig {
+    /// The `:authority` of report calls (see `collector_authority`).
+    pub fn authority(&self) -> String {
+        if let Some(a) = &self.collector_authority {
+            return a.clone();
+        }
+        let c = &self.collector_cluster;
+        let parts: Vec<&str> = c.split('|').collect();
+        if let [_, port, _, host] = parts.as_slice() {
+            if is_valid_authority(host) {
+                let mut a = (*host).to_string();
+                if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                    a.push(':');
+                    a.push_str(port);
+                }
+                return a;
+            }
+        }
+        if is_valid_authority(c) {
+            c.clone()
+        } else {
+            "hopwatch-collector".into()
+        }
+    }
+
+    /// Parses and validates the plugin configuration (JSON bytes).
+    pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+        let cfg: PluginConfig =
+            crate::json::from_slice(bytes).map_err(|e| ConfigError::Json(e.0))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks value ranges and header names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("tag_header", &self.tag_header),
+            ("annotation_header", &self.annotation_header),
+            ("debug_header", &self.debug_header),
+        ] {
+            if !is_valid_header_name(v) {
+                return Err(invalid(
+                    field,
+                    "must be a non-empty lowercase HTTP header name",
+                ));
+            }
+        }
+        if self.tag_env_var.is_empty()
+            || !self
+                .tag_env_var
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(
+                "tag_env_var",
+                "must be a non-empty environment variable name ([A-Za-z0-9_])",
+            ));
+        }
+        if self.tag_label.is_empty() || self.tag_label.len() > 317 {
+            return Err(invalid("tag_label", "must be a non-empty label key"));
+        }
+        if self.collector_cluster.is_empty() || self.collector_cluster.len() > 1024 {
+            return Err(invalid(
+                "collector_cluster",
+                "must be a non-empty Envoy cluster name",
+            ));
+        }
+        if let Some(a) = &self.collector_authority {
+            if !is_valid_authority(a) {
+                return Err(invalid(
+                    "collector_authority",
+                    "must be a host name with an optional port",
+                ));
+            }
+        }
+        if !(self.report_sample_rate >= 0.0 && self.report_sample_rate <= 1.0) {
+            return Err(invalid("report_sample_rate", "must be within [0, 1]"));
+        }
+        if !(10..=60_000).contains(&self.tick_period_ms) {
+            return Err(invalid("tick_period_ms", "must be within [10, 60000]"));
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(invalid("batch_size", "must be within [1, 10000]"));
+        }
+        if self.queue_limit < self.batch_size || self.queue_limit > 100_000 {
+            return Err(invalid(
+                "queue_limit",
+                "must be within [batch_size, 100000]",
+            ));
+        }
+        if !(1..=64).contains(&self.max_in_flight) {
+            return Err(invalid("max_in_flight", "must be within [1, 64]"));
+        }
+        if !(100..=600_000).contains(&self.report_timeout_ms) {
+            return Err(invalid("report_timeout_ms", "must be within [100, 600000]"));
+        }
+        if !(1..=86_400).contains(&self.correlation_ttl_secs) {
+            return Err(invalid("correlation_ttl_secs", "must be within [1, 86400]"));
+        }
+        if !(1..=1024).contains(&self.correlation_buckets) {
+            return Err(invalid("correlation_buckets", "must be within [1, 1024]"));
+        }
+        if !(1..=1024).contains(&self.correlation_bucket_entries) {
+            return Err(invalid(
+                "correlation_bucket_entries",
+                "must be within [1, 1024]",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! The correlation store: what the inbound side remembers for the outbound side.
+//!
+//! For every inbound request, each of its correlation ids (B3 trace id, W3C trace id,
+//! `x-request-id`) is remembered with the tag the request carried (possibly none) and a
+//! "serving" marker: an entry exists exactly when this workload is serving that trace.
+//! The outbound side looks its own ids up to restore the tag (`correlated`) and to tell
+//! PROPAGATED from NEW.
+//!
+//! ## Layout in proxy-wasm shared data (process-wide per `vm_id`)
+//!
+//! Ids are hashed (FNV-1a) to one of `buckets` keys `hopwatch.corr.<n>`. Each key holds
+//! a compact binary list of at most `per_bucket` entries:
+//!
+//! ```text
+//! value  := version:u8(=1) entry*
+//! entry  := expires_at_secs:u32le kind:u8 flags:u8 id_len:u8 tag_len:u8 id tag
+//! ```
+//!
+//! Why: one key per id would cost a host call per id and leave expired keys behind
+//! forever (shared data has no TTL and no delete); one key for everything would copy
+//! the whole store on every request and make every worker contend on one CAS token. A
+//! small fixed number of buckets bounds memory (`buckets * per_bucket` entries of at
+//! most 264 bytes), costs one read + one CAS write per distinct bucket touched on the
+//! inbound side and one read per id on the outbound side, and spreads CAS contention.
+//! Writes drop expired entries, replace an entry with the same id, and evict the entry
+//! closest to expiry when the bucket is full; a CAS mismatch is retried a bounded
+//! number of times, then given up (counted), never blocking the request.
+
+use crate::host::{Host, SetStatus};
+use crate::sampling::fnv1a;
+
+/// Which correlation id an entry is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IdKind {
+    /// B3 trace id.
+    B3 = 1,
+    /// W3C trace id.
+    W3c = 2,
+    /// `x-request-id`.
+    RequestId = 3,
+}
+
+impl IdKind {
+    fn from_u8(b: u8) -> Option<IdKind> {
+        match b {
+            1 => Some(IdKind::B3),
+            2 => Some(IdKind::W3c),
+            3 => Some(IdKind::RequestId),
+            _ => None,
+        }
+    }
+
+    /// True for trace ids (B3 / W3C), which mark "serving this trace".
+    pub fn is_trace(self) -> bool {
+        matches!(self, IdKind::B3 | IdKind::W3c)
+    }
+}
+
+/// One remembered id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u32,
+    /// Kind of id.
+    pub kind: IdKind,
+    /// The id (at most 255 bytes).
+    pub id: String,
+    /// The tag the inbound request carried (empty: none).
+    pub tag: String,
+}
+
+const VERSION: u8 = 1;
+const FLAG_SERVING: u8 = 1;
+
+/// Store dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Number of bucket keys.
+    pub buckets: u32,
+    /// Entries per bucket.
+    pub per_bucket: usize,
+    /// Entry lifetime, seconds.
+    pub ttl_secs: u32,
+}
+
+/// Max CAS attempts per bucket write.
+pub const CAS_ATTEMPTS: usize = 4;
+
+/// Bucket index of an id.
+pub fn bucket_of(cfg: &StoreConfig, kind: IdKind, id: &str) -> u32 {
+    let h = fnv1a(id.as_bytes()) ^ u64::from(kind as u8);
+    (h % u64::from(cfg.buckets.max(1))) as u32
+}
+
+/// Shared-data key of a bucket.
+pub fn bucket_key(bucket: u32) -> String {
+    let mut k = String::from("hopwatch.corr.");
+    crate::flags::push_u64(&mut k, u64::from(bucket));
+    k
+}
+
+/// Serialises a bucket.
+pub fn encode(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + entries.len() * 48);
+    out.push(VERSION);
+    for e in entries {
+        let id = e.id.as_bytes();
+        let tag = e.tag.as_bytes();
+        if id.len() > 255 || tag.len() > 255 {
+            continue;
+        }
+        out.extend_from_slice(&e.expires_at.to_le_bytes());
+        out.push(e.kind as u8);
+        out.push(FLAG_SERVING);
+        out.push(id.len() as u8);
+        out.push(tag.len() as u8);
+        out.extend_from_slice(id);
+        out.extend_from_slice(tag);
+    }
+    out
+}
+
+/// Parses a bucket; tolerant: anything unreadable ends the list (never panics).
+pub fn decode(bytes: &[u8]) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let Some((&VERSION, mut rest)) = bytes.split_first() else {
+        return out;
+    };
+    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
+        let [a, b, c, d, kind, _flags, id_len, tag_len] = *head;
+        let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
+        let (Some(id), Some(tag)) = (tail.get(..id_len), tail.get(id_len..id_len + tag_len)) else {
+            break;
+        };
+        let (Some(kind), Ok(id), Ok(tag)) = (
+            IdKind::from_u8(kind),
+            std::str::from_utf8(id),
+            std::str::from_utf8(tag),
+        ) else {
+            break;
+        };
+        out.push(Entry {
+            expires_at: u32::from_le_bytes([a, b, c, d]),
+            kind,
+            id: id.to_string(),
+            tag: tag.to_string(),
+        });
+        rest = tail.get(id_len + tag_len..).unwrap_or_default();
+    }
+    out
+}
+
+/// Inserts or refreshes `new` in a bucket's entries: drops expired ones, replaces the
+/// same (kind, id), evicts the entries closest to expiry beyond `cap`.
+pub fn upsert(entries: &mut Vec<Entry>, new: Entry, now: u32, cap: usize) {
+    entries.retain(|e| e.expires_at > now && !(e.kind == new.kind && e.id == new.id));
+    entries.push(new);
+    while entries.len() > cap.max(1) {
+        let oldest = entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.expires_at)
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                entries.remove(i);
+            }
+            None => break,
+        }
+    }
+}
+
+/// The live entry for (kind, id), if any.
+pub fn find<'a>(entries: &'a [Entry], kind: IdKind, id: &str, now: u32) -> Option<&'a Entry> {
+    entries
+        .iter()
+        .find(|e| e.kind == kind && e.id == id && e.expires_at > now)
+}
+
+/// Remembers ids with `tag` (inbound side). Returns the number of bucket writes given
+/// up. Ids longer than 255 bytes or empty are skipped.
+pub fn remember<H: Host + ?Sized>(
+    host: &H,
+    cfg: &StoreConfig,
+    ids: &[(IdKind, &str)],
+    tag: &str,
+    now: u32,
+) -> u32 {
+    let expires_at = now.saturating_add(cfg.ttl_secs);
+    // Group ids by bucket so each bucket is read and written once.
+    let mut groups: Vec<(u32, Vec<Entry>)> = Vec::new();
+    for &(kind, id) in ids {
+        if id.is_empty() || id.len() > 255 || tag.len() > 255 {
+            continue;
+        }
+        let b = bucket_of(cfg, kind, id);
+        let e = Entry {
+            expires_at,
+            kind,
+            id: id.to_string(),
+            tag: tag.to_string(),
+        };
+        match groups.iter_mut().find(|(gb, _)| *gb == b) {
+            Some((_, v)) => v.push(e),
+            None => groups.push((b, vec![e])),
+        }
+    }
+    let mut failures = 0;
+    for (b, new_entries) in groups {
+        let key = bucket_key(b);
+        let mut done = false;
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut entries, cas) = match host.shared_get(&key) {
+                Some((bytes, cas)) => (decode(&bytes), cas),
+                None => (Vec::new(), 0),
+            };
+            for e in &new_entries {
+                upsert(&mut entries, e.clone(), now, cfg.per_bucket);
+            }
+            match host.shared_set(&key, &encode(&entries), cas) {
+                SetStatus::Ok => {
+                    done = true;
+                    break;
+                }
+                SetStatus::CasMismatch => continue,
+                SetStatus::Failed => break,
+            }
+        }
+        if !done {
+            failures += 1;
+        }
+    }
+    failures
+}
+
+/// Looks ids up in order (outbound side); the first live entry wins.
+pub fn recall<H: Host + ?Sized>(
+    host: &H,
+    cfg: &StoreConfig,
+    ids: &[(IdKind, &str)],
+    now: u32,
+) -> Option<Entry> {
+    for &(kind, id) in ids {
+        if id.is_empty() || id.len() > 255 {
+            continue;
+        }
+        let key = bucket_key(bucket_of(cfg, kind, id));
+        if let Some((bytes, _)) = host.shared_get(&key) {
+            if let Some(e) = find(&decode(&bytes), kind, id, now) {
+                return Some(e.clone());
+            }
+        }
+    }
+    None
+}

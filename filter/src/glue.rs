@@ -1,0 +1,426 @@
+//! proxy-wasm glue (wasm32-wasip1 only): the exported callbacks, mapped to
+//! [`crate::filter`] and [`crate::batch`] through [`crate::abi`].
+//!
+//! Host calls per request: one `get_header_map_pairs` for all request headers, the
+//! correlation-store reads/writes, at most one tag-header write; at response headers
+//! `:status` + `response.flags` (+ details when annotating) only when annotation is
+//! possible; in `on_log` `response.flags` + `response.code`, and the remaining
+//! properties only for hops that are reported. Node metadata and the env var are read
+//! once per plugin instance in `proxy_on_configure`. Reports are queued per root context
+//! (per worker) and sent from the root context on its tick; a full batch shortens the
+//! tick to 1 ms instead of dispatching from the HTTP context (whose answer would come
+//! back after the context is gone).
+//!
+//! No `RefCell` borrow of the context tables is held while calling into the host: a
+//! host call may re-enter the module (e.g. Envoy answers a gRPC call to a missing
+//! cluster inline through `proxy_on_grpc_close`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+
+use crate::abi::{self, LogLevel, MapType};
+use crate::batch::{Batch, Batcher, Push};
+use crate::config::PluginConfig;
+use crate::filter::{Core, Identity, Stream};
+use crate::host::{Host, SetStatus};
+use crate::metrics::{self, Metric};
+use crate::report;
+use crate::tag::TagEdit;
+
+const SERVICE: &str = "hopwatch.v1.Collector";
+const METHOD: &str = "Report";
+
+/// Host implementation over the raw host calls.
+struct WasmHost {
+    metric_ids: Vec<u32>,
+}
+
+impl Host for WasmHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        abi::get_shared_data(key)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus {
+        match abi::set_shared_data(key, value, cas) {
+            abi::OK => SetStatus::Ok,
+            abi::CAS_MISMATCH => SetStatus::CasMismatch,
+            _ => SetStatus::Failed,
+        }
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        abi::get_property(path)
+    }
+
+    fn request_header(&self, name: &str) -> Option<String> {
+        abi::get_map_value(MapType::RequestHeaders, name)
+    }
+
+    fn now_nanos(&self) -> u64 {
+        abi::now_nanos()
+    }
+
+    fn count(&self, metric: Metric, by: u64) {
+        if let Some(&id) = self.metric_ids.get(usize::from(metric.0)) {
+            abi::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// What one plugin instance of one worker shares between its root context and its
+/// HTTP contexts.
+struct Shared {
+    core: Core,
+    host: WasmHost,
+    batcher: RefCell<Batcher>,
+    /// The tick period was shortened to flush a full batch soon.
+    fast_tick: Cell<bool>,
+    /// The `upstream` argument of `proxy_grpc_call`.
+    upstream: Vec<u8>,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.host.now_nanos() / 1_000_000
+    }
+
+    /// Sends queued batches while in-flight slots are free. Root context only.
+    fn flush(&self) {
+        let now = self.now_ms();
+        let expired = self.batcher.borrow_mut().expire(now);
+        if expired > 0 {
+            self.host.count(metrics::REPORTS_DROPPED, expired);
+            self.host.count(metrics::BATCHES_FAILED, 1);
+        }
+        loop {
+            let batch = self.batcher.borrow_mut().take();
+            let Some(batch) = batch else { break };
+            self.send(batch, now);
+        }
+    }
+
+    fn send(&self, batch: Batch, now: u64) {
+        let cfg = &self.core.config;
+        let id = &self.core.identity;
+        let n = batch.hops.len();
+        let dropped = batch.dropped;
+        let body = report::encode_request(batch.hops, &id.pod, &id.namespace, dropped);
+        let timeout = cfg.report_timeout_ms;
+        // No borrow is held here: the host may re-enter proxy_on_grpc_close.
+        let result = abi::grpc_call(&self.upstream, SERVICE, METHOD, &body, timeout);
+        match result {
+            Ok(token) => {
+                self.batcher
+                    .borrow_mut()
+                    .dispatched(token, n, dropped, now, u64::from(timeout))
+            }
+            Err(status) => {
+                let lost = self.batcher.borrow_mut().dispatch_failed(n);
+                self.host.count(metrics::REPORTS_DROPPED, lost);
+                self.host.count(metrics::BATCHES_FAILED, 1);
+                let mut m = String::from("hopwatch: report dispatch to cluster ");
+                m.push_str(&cfg.collector_cluster);
+                m.push_str(" refused, status ");
+                crate::flags::push_u64(&mut m, u64::from(status));
+                abi::log(LogLevel::Debug, &m);
+            }
+        }
+    }
+
+    fn completed(&self, token: u32, ok: bool) {
+        let (dropped, acked) = {
+            let mut b = self.batcher.borrow_mut();
+            let before = b.sent_total();
+            let d = b.completed(token, ok);
+            (d, b.sent_total().saturating_sub(before))
+        };
+        if ok {
+            if acked > 0 {
+                self.host.count(metrics::BATCHES_SENT, 1);
+                self.host.count(metrics::HOPS_REPORTED, acked);
+            }
+        } else if dropped > 0 {
+            self.host.count(metrics::BATCHES_FAILED, 1);
+            self.host.count(metrics::REPORTS_DROPPED, dropped);
+        }
+    }
+}
+
+#[derive(Default)]
+struct RootState {
+    shared: RefCell<Option<Rc<Shared>>>,
+}
+
+impl RootState {
+    fn get(&self) -> Option<Rc<Shared>> {
+        self.shared.borrow().clone()
+    }
+}
+
+struct Http {
+    shared: Option<Rc<Shared>>,
+    stream: Option<Stream>,
+}
+
+/// Multiplicative hasher for context ids (no random seed needed).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[derive(Default)]
+struct Vm {
+    roots: Vec<(u32, Rc<RootState>)>,
+    streams: HashMap<u32, Rc<RefCell<Http>>, BuildHasherDefault<IdHasher>>,
+}
+
+thread_local! {
+    static VM: RefCell<Vm> = RefCell::new(Vm::default());
+}
+
+fn root(id: u32) -> Option<Rc<RootState>> {
+    VM.with(|vm| {
+        vm.borrow()
+            .roots
+            .iter()
+            .find(|(rid, _)| *rid == id)
+            .map(|(_, r)| r.clone())
+    })
+}
+
+fn stream(id: u32) -> Option<Rc<RefCell<Http>>> {
+    VM.with(|vm| vm.borrow().streams.get(&id).cloned())
+}
+
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// WASI reactor initialisation (runs static constructors).
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: provided by the linker; runs once before any other export.
+    unsafe { __wasm_call_ctors() }
+}
+
+/// ABI version marker.
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// A root (parent 0) or HTTP context is created.
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
+    if parent_id == 0 {
+        VM.with(|vm| {
+            vm.borrow_mut()
+                .roots
+                .push((context_id, Rc::new(RootState::default())))
+        });
+        return;
+    }
+    let shared = root(parent_id).and_then(|r| r.get());
+    let http = Rc::new(RefCell::new(Http {
+        shared,
+        stream: None,
+    }));
+    VM.with(|vm| vm.borrow_mut().streams.insert(context_id, http));
+}
+
+/// VM start: nothing to do.
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_context_id: u32, _size: usize) -> u32 {
+    1
+}
+
+/// Plugin configuration: parse, read identity, define counters, start the tick.
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
+    let Some(r) = root(context_id) else { return 0 };
+    let config = match PluginConfig::parse(&abi::plugin_configuration()) {
+        Ok(c) => c,
+        Err(e) => {
+            abi::log(LogLevel::Error, &e.to_string());
+            return 0;
+        }
+    };
+    let names = metrics::names(config.direction.as_str());
+    let metric_ids: Vec<u32> = names.iter().map(|n| abi::define_counter(n)).collect();
+    let host = WasmHost { metric_ids };
+    let env_tag = std::env::var(&config.tag_env_var).ok();
+    let identity = Identity::load(&config, &host, env_tag);
+    if let Some(bad) = &identity.invalid_own_tag {
+        let mut m = String::from("hopwatch: ignoring invalid own tag ");
+        m.push_str(bad);
+        abi::log(LogLevel::Warn, &m);
+    }
+    let mut m = String::from("hopwatch: configured direction=");
+    m.push_str(config.direction.as_str());
+    m.push_str(" workload=");
+    m.push_str(&identity.workload);
+    m.push_str(" namespace=");
+    m.push_str(&identity.namespace);
+    m.push_str(" own_tag=");
+    m.push_str(&identity.own_tag);
+    abi::log(LogLevel::Info, &m);
+    let tick = config.tick_period_ms;
+    let batcher = Batcher::new(config.queue_limit, config.batch_size, config.max_in_flight);
+    let upstream = report::grpc_service_bytes(&config.collector_cluster, &config.authority());
+    *r.shared.borrow_mut() = Some(Rc::new(Shared {
+        core: Core::new(config, identity),
+        host,
+        batcher: RefCell::new(batcher),
+        fast_tick: Cell::new(false),
+        upstream,
+    }));
+    abi::set_tick_period_ms(tick);
+    1
+}
+
+/// Root tick: restore the normal period after a fast flush, send batches.
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(context_id: u32) {
+    let Some(sh) = root(context_id).and_then(|r| r.get()) else {
+        return;
+    };
+    if sh.fast_tick.replace(false) {
+        abi::set_tick_period_ms(sh.core.config.tick_period_ms);
+    }
+    sh.flush();
+}
+
+/// Request headers: tag resolution, trace classification, correlation.
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(context_id: u32, _n: usize, _eos: u32) -> u32 {
+    let Some(h) = stream(context_id) else {
+        return 0;
+    };
+    let Some(sh) = h.borrow().shared.clone() else {
+        return 0;
+    };
+    let headers = abi::get_map(MapType::RequestHeaders);
+    let (st, edit) = Stream::on_request_headers(&sh.core, &sh.host, &headers);
+    let name = &sh.core.config.tag_header;
+    match edit {
+        TagEdit::Keep => {}
+        TagEdit::Set(v) => {
+            abi::replace_map_value(MapType::RequestHeaders, name, &v);
+        }
+        TagEdit::Remove => {
+            abi::remove_map_value(MapType::RequestHeaders, name);
+        }
+    }
+    h.borrow_mut().stream = Some(st);
+    0
+}
+
+/// Response headers: append the annotation when configured.
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, _eos: u32) -> u32 {
+    let Some(h) = stream(context_id) else {
+        return 0;
+    };
+    let h = h.borrow();
+    let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
+        return 0;
+    };
+    if !st.may_annotate(&sh.core) {
+        return 0;
+    }
+    let status = abi::get_map_value(MapType::ResponseHeaders, ":status")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    if let Some(v) = st.annotation(&sh.core, &sh.host, status) {
+        abi::add_map_value(
+            MapType::ResponseHeaders,
+            &sh.core.config.annotation_header,
+            &v,
+        );
+    }
+    0
+}
+
+/// End of stream: build and queue the hop report.
+#[no_mangle]
+pub extern "C" fn proxy_on_log(context_id: u32) {
+    let Some(h) = stream(context_id) else { return };
+    let hop = {
+        let h = h.borrow();
+        let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
+            return;
+        };
+        match st.on_log(&sh.core, &sh.host) {
+            Some(hop) => (sh.clone(), hop),
+            None => return,
+        }
+    };
+    let (sh, hop) = hop;
+    let pushed = sh.batcher.borrow_mut().push(hop);
+    match pushed {
+        Push::Dropped => sh.host.count(metrics::REPORTS_DROPPED, 1),
+        Push::Queued { flush_now: true } => {
+            if !sh.fast_tick.replace(true) {
+                abi::set_tick_period_ms(1);
+            }
+        }
+        Push::Queued { flush_now: false } => {}
+    }
+}
+
+/// The context is done (always immediately).
+#[no_mangle]
+pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
+    1
+}
+
+/// The context is deleted.
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(context_id: u32) {
+    VM.with(|vm| {
+        let mut vm = vm.borrow_mut();
+        if vm.streams.remove(&context_id).is_none() {
+            vm.roots.retain(|(id, _)| *id != context_id);
+        }
+    });
+}
+
+fn grpc_done(context_id: u32, token: u32, ok: bool) {
+    let sh = root(context_id).and_then(|r| r.get());
+    if let Some(sh) = sh {
+        sh.completed(token, ok);
+        return;
+    }
+    // Unknown context: try every root (tokens are unique per VM).
+    let roots: Vec<Rc<RootState>> =
+        VM.with(|vm| vm.borrow().roots.iter().map(|(_, r)| r.clone()).collect());
+    for r in roots {
+        if let Some(sh) = r.get() {
+            sh.completed(token, ok);
+        }
+    }
+}
+
+/// A unary gRPC call answered (success).
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token: u32, _size: usize) {
+    grpc_done(context_id, token, true);
+}
+
+/// A gRPC call closed (status 0: success without a message).
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_close(context_id: u32, token: u32, status: u32) {
+    grpc_done(context_id, token, status == 0);
+}

