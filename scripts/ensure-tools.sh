@@ -45,6 +45,8 @@ if [ "$need_wasm_bindgen" = 1 ]; then
   wb_version="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$root/Cargo.lock")"
   if [ -n "$wb_version" ] && ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $wb_version\$"; then
     log "cargo install wasm-bindgen-cli --version $wb_version"
-    cargo install --quiet --locked wasm-bindgen-cli --version "$wb_version" >&2
+    # Not --locked: the CLI's own lockfile pins a webpki-roots release the registry no
+    # longer serves; the exact --version is what must match the crate.
+    cargo install --quiet wasm-bindgen-cli --version "$wb_version" >&2
   fi
 fi

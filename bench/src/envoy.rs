@@ -63,6 +63,20 @@ pub fn empty_wasm_filter(wasm: &Path) -> Value {
     })
 }
 
+/// The empty filter as a host-call probe: `spec` (e.g. `get_property=10`) is its plugin
+/// configuration; see `bench/empty-filter`.
+pub fn probe_filter(wasm: &Path, spec: &str) -> Value {
+    let mut f = empty_wasm_filter(wasm);
+    f["name"] = json!("bench.probe");
+    f["typed_config"]["config"]["name"] = json!("bench.probe");
+    f["typed_config"]["config"]["vm_config"]["vm_id"] = json!("probe");
+    f["typed_config"]["config"]["configuration"] = json!({
+        "@type": "type.googleapis.com/google.protobuf.StringValue",
+        "value": spec
+    });
+    f
+}
+
 /// A filter from the shipped EnvoyFilter with `report_sample_rate` overridden (the only
 /// change made to what users deploy, besides the wasm file path).
 pub fn with_sample_rate(filter: &Value, rate: f64) -> Value {

@@ -10,8 +10,14 @@ use hopwatch_collector::analysis::Finding;
 use hopwatch_collector::core::Limits;
 use hopwatch_collector::service::{Collector, Settings};
 use hopwatch_collector::store::Filter;
-use hopwatch_proto::v1::{BreakKind, Direction, Hop, ReportRequest, Severity, TagSource, TraceContext};
+mod gen;
+
+use gen::batches;
+use hopwatch_proto::v1::{BreakKind, ReportRequest, Severity};
 use prost::Message;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -23,110 +29,67 @@ fn rss_mb() -> f64 {
         / 1024.0
 }
 
-fn hop(t: u64, i: u64, base: u64) -> Hop {
-    let services = ["productpage", "reviews", "ratings", "details", "gateway"];
-    let inbound = i % 2 == 0;
-    let svc = services[((i + 1) / 2 % 5) as usize];
-    let dest = services[((i / 2 + 1) % 5) as usize];
-    Hop {
-        trace_id: format!("{:032x}", (t as u128) << 40 | 0xabcdef),
-        span_id: format!("{:016x}", t * 16 + i / 2 * 2 + 1),
-        upstream_span_id: if inbound { String::new() } else { format!("{:016x}", t * 16 + (i / 2 + 1) * 2 + 1) },
-        request_id: format!("{:08x}-1234-5678-9abc-{:012x}", t, i),
-        direction: if inbound { Direction::Inbound } else { Direction::Outbound } as i32,
-        workload: format!("{svc}-v1"),
-        namespace: "default".into(),
-        pod: format!("{svc}-v1-7d4f8b9c6-{}", t % 3),
-        service: svc.into(),
-        own_tag: "dev".into(),
-        tag_received: "dev.proj1".into(),
-        tag_sent: "dev.proj1".into(),
-        tag_source: TagSource::Request as i32,
-        correlated_tag: "dev.proj1".into(),
-        trace_context: if inbound { TraceContext::Valid } else { TraceContext::Propagated } as i32,
-        authority: format!("{dest}:9080"),
-        method: "GET".into(),
-        path: format!("/api/v1/{dest}/{}", t % 1000),
-        response_code: if t % 50 == 0 { 503 } else { 200 },
-        response_flags: if t % 50 == 0 && i == 4 { 1 << 5 } else { 0 },
-        upstream_cluster: format!("outbound|9080||{dest}.default.svc.cluster.local"),
-        upstream_host: format!("10.0.{}.{}:9080", t % 4, i),
-        downstream_remote_address: format!("10.0.1.{}:{}", i, 30000 + t % 20000),
-        downstream_local_address: "10.0.2.2:9080".into(),
-        start_time_unix_micros: base + t * 10 + i * 100,
-        duration_micros: 10_000 - i * 1000,
-        sampled_report: true,
-        ..Default::default()
-    }
-}
-
-fn batches(n_hops: u64, base: u64) -> Vec<Vec<u8>> {
-    let per_trace = 6;
-    let mut out = Vec::new();
-    let mut cur = Vec::with_capacity(200);
-    for h in 0..n_hops {
-        cur.push(hop(h / per_trace, h % per_trace, base));
-        if cur.len() == 200 {
-            out.push(ReportRequest { hops: std::mem::take(&mut cur), ..Default::default() }.encode_to_vec());
-        }
-    }
-    if !cur.is_empty() {
-        out.push(ReportRequest { hops: cur, ..Default::default() }.encode_to_vec());
-    }
-    out
-}
-
 fn main() {
     let now = hopwatch_collector::service::now_ms();
     let base = now * 1000;
-    let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let phases = std::env::args().nth(2).unwrap_or_else(|| "123".into());
 
     // 1. Throughput.
     let encoded = batches(n, base);
     if phases.contains('1') {
-    let c = Collector::in_memory(Settings::default());
-    let start = Instant::now();
-    let mut clock = now;
-    for (i, b) in encoded.iter().enumerate() {
-        let req = ReportRequest::decode(b.as_slice()).unwrap();
-        c.report(&req, clock).unwrap();
-        if i % 50 == 49 {
-            clock += 1_000; // simulated time: traces go quiet after 5 s
-            c.poll(clock);
+        let c = Collector::in_memory(Settings::default());
+        let start = Instant::now();
+        let mut clock = now;
+        for (i, b) in encoded.iter().enumerate() {
+            let req = ReportRequest::decode(b.as_slice()).unwrap();
+            c.report(&req, clock).unwrap();
+            if i % 50 == 49 {
+                clock += 1_000; // simulated time: traces go quiet after 5 s
+                c.poll(clock);
+            }
         }
-    }
-    c.shutdown(clock + 10_000).unwrap();
-    let el = start.elapsed();
-    println!(
-        "ingest+analyse: {n} hops in {:.2?} = {:.0} hops/s on one thread ({} findings)",
-        el,
-        n as f64 / el.as_secs_f64(),
-        c.store.read().len()
-    );
-    drop(c);
+        c.shutdown(clock + 10_000).unwrap();
+        let el = start.elapsed();
+        println!(
+            "ingest+analyse: {n} hops in {:.2?} = {:.0} hops/s on one thread ({} findings)",
+            el,
+            n as f64 / el.as_secs_f64(),
+            c.store.read().len()
+        );
+        drop(c);
     }
 
     // 2. Memory with 1M hops open.
     if phases.contains('2') {
-    let rss0 = rss_mb();
-    let limits = Limits { max_open_traces: 10_000_000, trace_quiet: Duration::from_secs(3600), ..Limits::default() };
-    let c = Collector::in_memory(Settings { limits, ..Settings::default() });
-    for b in &encoded {
-        let req = ReportRequest::decode(b.as_slice()).unwrap();
-        c.report(&req, now).unwrap();
-    }
-    drop(encoded);
-    let (hops, traces) = {
-        let core = c.core.lock();
-        (core.open_hops(), core.open_traces())
-    };
-    println!(
-        "memory: {hops} hops in {traces} open traces: RSS {:.0} MB over baseline {:.0} MB",
-        rss_mb() - rss0,
-        rss0
-    );
-    drop(c);
+        let rss0 = rss_mb();
+        let limits = Limits {
+            max_open_traces: 10_000_000,
+            trace_quiet: Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let c = Collector::in_memory(Settings {
+            limits,
+            ..Settings::default()
+        });
+        for b in &encoded {
+            let req = ReportRequest::decode(b.as_slice()).unwrap();
+            c.report(&req, now).unwrap();
+        }
+        drop(encoded);
+        let (hops, traces) = {
+            let core = c.core.lock();
+            (core.open_hops(), core.open_traces())
+        };
+        println!(
+            "memory: {hops} hops in {traces} open traces: RSS {:.0} MB over baseline {:.0} MB",
+            rss_mb() - rss0,
+            rss0
+        );
+        drop(c);
     }
 
     // 3. ListBreaks with 100k findings.
@@ -153,10 +116,23 @@ fn main() {
     }
     let filters = [
         Filter::default(),
-        Filter { kind: Some(BreakKind::TagDropped), ..Default::default() },
-        Filter { workload: Some("wl-42".into()), ..Default::default() },
-        Filter { namespace: Some("ns-3".into()), kind: Some(BreakKind::HopMissing), ..Default::default() },
-        Filter { workload: Some("no-such".into()), ..Default::default() },
+        Filter {
+            kind: Some(BreakKind::TagDropped),
+            ..Default::default()
+        },
+        Filter {
+            workload: Some("wl-42".into()),
+            ..Default::default()
+        },
+        Filter {
+            namespace: Some("ns-3".into()),
+            kind: Some(BreakKind::HopMissing),
+            ..Default::default()
+        },
+        Filter {
+            workload: Some("no-such".into()),
+            ..Default::default()
+        },
     ];
     let mut lat = Vec::new();
     for i in 0..2_000 {

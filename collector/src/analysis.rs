@@ -38,7 +38,12 @@ pub struct PodIndex {
 
 impl PodIndex {
     pub fn new(per_pod: usize, max_pods: usize) -> Self {
-        PodIndex { map: FxHashMap::default(), per_pod: per_pod.max(1), max_pods, dropped: 0 }
+        PodIndex {
+            map: FxHashMap::default(),
+            per_pod: per_pod.max(1),
+            max_pods,
+            dropped: 0,
+        }
     }
     pub fn record(&mut self, h: &CHop, key: u128) {
         let k = (h.namespace, h.workload, h.pod);
@@ -90,12 +95,16 @@ impl PodIndex {
     }
     /// Forgets pods whose newest request ended before `before_us`.
     pub fn prune(&mut self, before_us: u64) {
-        self.map.retain(|_, q| q.back().is_some_and(|e| e.end_us >= before_us));
+        self.map
+            .retain(|_, q| q.back().is_some_and(|e| e.end_us >= before_us));
     }
 }
 
 fn req_hash(h: &CHop) -> u64 {
-    h.request_id.as_deref().map(|r| hash64(r.as_bytes(), 7) | 1).unwrap_or(0)
+    h.request_id
+        .as_deref()
+        .map(|r| hash64(r.as_bytes(), 7) | 1)
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -114,7 +123,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(per_service: usize, max_services: usize) -> Self {
-        Registry { map: FxHashMap::default(), per_service, max_services }
+        Registry {
+            map: FxHashMap::default(),
+            per_service,
+            max_services,
+        }
     }
     pub fn record(&mut self, ns: Sym, svc: Sym, tag: Sym, t_us: u64) {
         if svc.is_empty() {
@@ -128,7 +141,11 @@ impl Registry {
             e.first_us = e.first_us.min(t_us);
             e.last_us = e.last_us.max(t_us);
         } else if v.len() < self.per_service {
-            v.push(InstanceEnv { tag, first_us: t_us, last_us: t_us });
+            v.push(InstanceEnv {
+                tag,
+                first_us: t_us,
+                last_us: t_us,
+            });
         }
     }
     pub fn knows(&self, ns: Sym, svc: Sym) -> bool {
@@ -207,8 +224,12 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
     let n = hops.len();
     let mut callee = vec![NONE; n];
     let mut caller = vec![NONE; n];
-    let outs: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_outbound()).collect();
-    let ins: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_inbound()).collect();
+    let outs: Vec<u32> = (0..n as u32)
+        .filter(|&i| hops[i as usize].is_outbound())
+        .collect();
+    let ins: Vec<u32> = (0..n as u32)
+        .filter(|&i| hops[i as usize].is_inbound())
+        .collect();
     // 1. The span id the outbound sidecar sent upstream is the callee's span id.
     let mut by_span: FxHashMap<u64, u32> = FxHashMap::default();
     for &i in &ins {
@@ -261,7 +282,7 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
             // it only picks the closest of several calls to the same service).
             let in_window =
                 ih.start_us + slack_us >= oh.start_us && ih.start_us <= oh.end_us() + slack_us;
-            if !in_window && !(req_ok && svc_ok) {
+            if !(in_window || (req_ok && svc_ok)) {
                 continue;
             }
             let dist = -((ih.start_us as i64 - oh.start_us as i64).abs());
@@ -275,6 +296,39 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
             callee[o as usize] = i;
         }
     }
+    // 3. Leftovers: same request id and timing, even if the service names differ (a
+    // Service name that is not the callee's canonical service name). Runs after every
+    // service-matched join so that it only takes inbound hops nobody else explains.
+    for &o in &outs {
+        if callee[o as usize] != NONE {
+            continue;
+        }
+        let oh = &hops[o as usize];
+        let Some(rid) = &oh.request_id else { continue };
+        let mut best: Option<(i64, u32)> = None;
+        for &i in &ins {
+            let ih = &hops[i as usize];
+            if caller[i as usize] != NONE
+                || ih.request_id.as_ref() != Some(rid)
+                || (ih.pod == oh.pod && ih.workload == oh.workload)
+                // Strictly inside the call: apps that copy x-request-id share it along
+                // the whole chain, and an ancestor's inbound hop (which started before
+                // and ended after this call) must not be taken for the callee's.
+                || ih.start_us < oh.start_us
+                || ih.end_us() > oh.end_us() + slack_us
+            {
+                continue;
+            }
+            let dist = -((ih.start_us as i64 - oh.start_us as i64).abs());
+            if best.is_none_or(|b| b.0 < dist) {
+                best = Some((dist, i));
+            }
+        }
+        if let Some((_, i)) = best {
+            caller[i as usize] = o;
+            callee[o as usize] = i;
+        }
+    }
     (callee, caller)
 }
 
@@ -283,7 +337,9 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
 fn parents(hops: &[CHop], callee: &[u32], slack_us: u64) -> Vec<u32> {
     let n = hops.len();
     let mut parent = vec![NONE; n];
-    let ins: Vec<u32> = (0..n as u32).filter(|&i| hops[i as usize].is_inbound()).collect();
+    let ins: Vec<u32> = (0..n as u32)
+        .filter(|&i| hops[i as usize].is_inbound())
+        .collect();
     for o in 0..n {
         let oh = &hops[o];
         if !oh.is_outbound() {
@@ -329,7 +385,11 @@ pub fn build_tree(hops: &[CHop], slack_us: u64) -> (Vec<Node>, Vec<u32>, Vec<u32
         if hop.is_outbound() {
             let inb = (callee[h] != NONE).then_some(callee[h]);
             let id = nodes.len() as u32;
-            nodes.push(Node { out: Some(h as u32), inb, ..Default::default() });
+            nodes.push(Node {
+                out: Some(h as u32),
+                inb,
+                ..Default::default()
+            });
             node_of_out[h] = id;
             if let Some(i) = inb {
                 node_of_in[i as usize] = id;
@@ -339,7 +399,10 @@ pub fn build_tree(hops: &[CHop], slack_us: u64) -> (Vec<Node>, Vec<u32>, Vec<u32
     for (h, hop) in hops.iter().enumerate() {
         if hop.is_inbound() && caller[h] == NONE {
             let id = nodes.len() as u32;
-            nodes.push(Node { inb: Some(h as u32), ..Default::default() });
+            nodes.push(Node {
+                inb: Some(h as u32),
+                ..Default::default()
+            });
             node_of_in[h] = id;
         }
     }
@@ -420,7 +483,12 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             r(hops[c as usize].workload)
         }
     };
-    let mk = |kind: BreakKind, h: &CHop, peer: String, flags: Vec<String>, summary: String, hint: String| Finding {
+    let mk = |kind: BreakKind,
+              h: &CHop,
+              peer: String,
+              flags: Vec<String>,
+              summary: String,
+              hint: String| Finding {
         kind,
         severity: severity_of(kind),
         workload: r(h.workload),
@@ -454,14 +522,13 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 cross.map(|e| e.tag).unwrap_or_default()
             };
             if lost_trace && cross.is_some_and(|e| e.traced) {
-                {
-                    let missing = oh.missing_header_names();
-                    let what = if missing.is_empty() {
-                        "a new trace context".to_string()
-                    } else {
-                        format!("missing {}", missing.join(", "))
-                    };
-                    out.push((
+                let missing = oh.missing_header_names();
+                let what = if missing.is_empty() {
+                    "a new trace context".to_string()
+                } else {
+                    format!("missing {}", missing.join(", "))
+                };
+                out.push((
                         nid,
                         mk(
                             BreakKind::TraceNotPropagated,
@@ -481,9 +548,12 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                             ),
                         ),
                     ));
-                }
             }
-            let reference = if !oh.correlated_tag.is_empty() { oh.correlated_tag } else { received };
+            let reference = if !oh.correlated_tag.is_empty() {
+                oh.correlated_tag
+            } else {
+                received
+            };
             match oh.tag_source() {
                 TagSource::Correlated => out.push((
                     nid,
@@ -599,11 +669,18 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         // --- inbound hop: misrouting ---
         if let Some(i) = node.inb {
             let ih = &hops[i as usize];
-            let tag = if !ih.tag_malformed() { ih.tag_received } else { Sym::EMPTY };
+            let tag = if !ih.tag_malformed() {
+                ih.tag_received
+            } else {
+                Sym::EMPTY
+            };
             if !tag.is_empty() && !ih.service.is_empty() {
                 let t = it.resolve(tag);
                 let mine = match_level(it.resolve(ih.own_tag), t);
-                if let Some((better, lvl)) = cx.registry.best(ih.namespace, ih.service, t, ih.start_us, cx) {
+                if let Some((better, lvl)) =
+                    cx.registry
+                        .best(ih.namespace, ih.service, t, ih.start_us, cx)
+                {
                     if lvl > mine {
                         let served = if ih.own_tag.is_empty() {
                             "the default instance (no tag)".to_string()
@@ -644,7 +721,10 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     }
 
     // --- UPSTREAM_FAILURE: the deepest failing hop is the origin ---
-    let sig = |h: Option<u32>| h.map(|h| hops[h as usize].response_flags & !DC).unwrap_or(0);
+    let sig = |h: Option<u32>| {
+        h.map(|h| hops[h as usize].response_flags & !DC)
+            .unwrap_or(0)
+    };
     let all = |h: Option<u32>| h.map(|h| hops[h as usize].response_flags).unwrap_or(0);
     let mut sub_sig = vec![false; nodes.len()];
     let order = postorder(&nodes, &roots);
@@ -672,25 +752,60 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         let Some(h) = at else { continue };
         let hh = &hops[h as usize];
         let names = flag_names(hh.response_flags);
-        let peer = if hh.is_outbound() { dest(hh) } else { r(hh.service) };
-        let code = if hh.response_code == 0 { "no response".to_string() } else { hh.response_code.to_string() };
-        let details = if hh.code_details.is_empty() { String::new() } else { format!(" ({})", r(hh.code_details)) };
-        let what = if hh.is_outbound() {
-            format!("The sidecar of {} failed the call to {} itself: {} {}{}", r(hh.workload), peer, code, names.join(","), details)
+        let peer = if hh.is_outbound() {
+            dest(hh)
         } else {
-            format!("The inbound sidecar of {} failed to pass the request to its app: {} {}{}", r(hh.workload), code, names.join(","), details)
+            r(hh.service)
         };
-        out.push((
-            id,
-            mk(
-                BreakKind::UpstreamFailure,
-                hh,
-                peer.clone(),
-                names.clone(),
-                what,
-                flag_hint(&names, if hh.is_outbound() { &peer } else { it.resolve(hh.workload) }),
+        let code = if hh.response_code == 0 {
+            "no response".to_string()
+        } else {
+            hh.response_code.to_string()
+        };
+        let details = if hh.code_details.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r(hh.code_details))
+        };
+        let what = if hh.is_outbound() {
+            format!(
+                "The sidecar of {} failed the call to {} itself: {} {}{}",
+                r(hh.workload),
+                peer,
+                code,
+                names.join(","),
+                details
+            )
+        } else {
+            format!(
+                "The inbound sidecar of {} failed to pass the request to its app: {} {}{}",
+                r(hh.workload),
+                code,
+                names.join(","),
+                details
+            )
+        };
+        let mut f = mk(
+            BreakKind::UpstreamFailure,
+            hh,
+            peer.clone(),
+            names.clone(),
+            what,
+            flag_hint(
+                &names,
+                if hh.is_outbound() {
+                    &peer
+                } else {
+                    it.resolve(hh.workload)
+                },
             ),
-        ));
+        );
+        if hh.response_flags == DC {
+            // Only "downstream closed": the client gave up (often a cancel), not a failure
+            // of the mesh itself.
+            f.severity = Severity::Warning;
+        }
+        out.push((id, f));
     }
 
     // --- TRACE_MALFORMED: the first hop of each path where it appeared ---
@@ -710,7 +825,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             if !above && bad(h) {
                 let h = h.unwrap_or_default();
                 let hh = &hops[h as usize];
-                let peer = if hh.is_outbound() { dest(hh) } else { caller_wl(h) };
+                let peer = if hh.is_outbound() {
+                    dest(hh)
+                } else {
+                    caller_wl(h)
+                };
                 let ctx = format!("{:?}", hh.trace_context()).to_uppercase();
                 let origin = if hh.is_outbound() {
                     format!("the app of {} sent them to {}", r(hh.workload), peer)
@@ -750,7 +869,10 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             nodes[nid as usize].breaks.push(f.kind);
         }
         if let Some(e) = findings.iter_mut().find(|e| {
-            e.kind == f.kind && e.namespace == f.namespace && e.workload == f.workload && e.peer == f.peer
+            e.kind == f.kind
+                && e.namespace == f.namespace
+                && e.workload == f.workload
+                && e.peer == f.peer
         }) {
             for fl in f.flags {
                 if !e.flags.contains(&fl) {
@@ -762,7 +884,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             findings.push(f);
         }
     }
-    Analysis { nodes, roots, findings }
+    Analysis {
+        nodes,
+        roots,
+        findings,
+    }
 }
 
 fn postorder(nodes: &[Node], roots: &[u32]) -> Vec<u32> {
@@ -807,10 +933,16 @@ pub fn flag_hint(flags: &[String], peer: &str) -> String {
         hints.push(format!("UT (upstream timeout): {peer} did not answer within the route timeout; check its latency and the VirtualService timeout"));
     }
     if has("DC") {
-        hints.push("DC (downstream closed): the caller gave up first; check the caller's client timeout".to_string());
+        hints.push(
+            "DC (downstream closed): the caller gave up first; check the caller's client timeout"
+                .to_string(),
+        );
     }
     if has("RL") || has("RLSE") {
-        hints.push("RL (rate limited): the request was refused by a local or global rate limit".to_string());
+        hints.push(
+            "RL (rate limited): the request was refused by a local or global rate limit"
+                .to_string(),
+        );
     }
     if has("UAEX") {
         hints.push("UAEX (ext_authz denied): the external authorization service refused the request; check the AuthorizationPolicy / ext_authz provider".to_string());
@@ -828,13 +960,20 @@ pub fn flag_hint(flags: &[String], peer: &str) -> String {
         hints.push("DPE/UPE (protocol error): the protocol does not match the port's declared protocol; check the Service port name (http-*, http2-*, grpc-*)".to_string());
     }
     if has("LH") {
-        hints.push("LH (local health check failed): the upstream host failed its health check".to_string());
+        hints.push(
+            "LH (local health check failed): the upstream host failed its health check".to_string(),
+        );
     }
     if has("FI") || has("DI") {
-        hints.push("FI/DI (fault injection): a VirtualService fault injection is active".to_string());
+        hints.push(
+            "FI/DI (fault injection): a VirtualService fault injection is active".to_string(),
+        );
     }
     if has("UMSDR") || has("SI") || has("DT") {
-        hints.push("A stream/duration timeout fired (UMSDR/SI/DT): check the route and stream timeouts".to_string());
+        hints.push(
+            "A stream/duration timeout fired (UMSDR/SI/DT): check the route and stream timeouts"
+                .to_string(),
+        );
     }
     if hints.is_empty() {
         format!(

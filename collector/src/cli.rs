@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use hopwatch_proto::v1::{
-    Break, BreakKind, CallNode, Direction, GetTraceResponse, Hop, Sampled, Severity, SummaryResponse,
-    TagSource, TraceContext,
+    Break, BreakKind, CallNode, Direction, GetTraceResponse, Hop, Sampled, Severity,
+    SummaryResponse, TagSource, TraceContext,
 };
 use serde_json::{json, Value};
 
@@ -23,26 +23,50 @@ pub fn parse_kind(s: &str) -> Result<BreakKind, String> {
 }
 
 fn kind_name(k: i32) -> &'static str {
-    BreakKind::try_from(k).map(|k| k.as_str_name()).unwrap_or("UNKNOWN")
+    BreakKind::try_from(k)
+        .map(|k| k.as_str_name())
+        .unwrap_or("UNKNOWN")
 }
 fn severity_name(s: i32) -> &'static str {
-    Severity::try_from(s).map(|k| k.as_str_name()).unwrap_or("UNKNOWN")
+    Severity::try_from(s)
+        .map(|k| k.as_str_name())
+        .unwrap_or("UNKNOWN")
 }
 /// Enum names without their prefix: TRACE_CONTEXT_VALID -> VALID.
 fn short<'a>(name: &'a str, prefix: &str) -> &'a str {
     name.strip_prefix(prefix).unwrap_or(name)
 }
 fn tag_source_name(v: i32) -> &'static str {
-    short(TagSource::try_from(v).unwrap_or(TagSource::Unspecified).as_str_name(), "TAG_SOURCE_")
+    short(
+        TagSource::try_from(v)
+            .unwrap_or(TagSource::Unspecified)
+            .as_str_name(),
+        "TAG_SOURCE_",
+    )
 }
 fn trace_context_name(v: i32) -> &'static str {
-    short(TraceContext::try_from(v).unwrap_or(TraceContext::Unspecified).as_str_name(), "TRACE_CONTEXT_")
+    short(
+        TraceContext::try_from(v)
+            .unwrap_or(TraceContext::Unspecified)
+            .as_str_name(),
+        "TRACE_CONTEXT_",
+    )
 }
 fn direction_name(v: i32) -> &'static str {
-    short(Direction::try_from(v).unwrap_or(Direction::Unspecified).as_str_name(), "DIRECTION_")
+    short(
+        Direction::try_from(v)
+            .unwrap_or(Direction::Unspecified)
+            .as_str_name(),
+        "DIRECTION_",
+    )
 }
 fn sampled_name(v: i32) -> &'static str {
-    short(Sampled::try_from(v).unwrap_or(Sampled::Unspecified).as_str_name(), "SAMPLED_")
+    short(
+        Sampled::try_from(v)
+            .unwrap_or(Sampled::Unspecified)
+            .as_str_name(),
+        "SAMPLED_",
+    )
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -225,14 +249,28 @@ pub fn breaks_table(bs: &[Break], now_ms: u64) -> String {
                 dash(&b.workload),
                 dash(&b.peer),
                 b.count.to_string(),
-                if b.flags.is_empty() { "-".into() } else { b.flags.join(",") },
+                if b.flags.is_empty() {
+                    "-".into()
+                } else {
+                    b.flags.join(",")
+                },
                 ago(b.last_seen_unix_ms, now_ms),
                 b.summary.clone(),
             ]
         })
         .collect();
     table(
-        &["SEVERITY", "KIND", "NAMESPACE", "WORKLOAD", "PEER", "COUNT", "FLAGS", "LAST SEEN", "SUMMARY"],
+        &[
+            "SEVERITY",
+            "KIND",
+            "NAMESPACE",
+            "WORKLOAD",
+            "PEER",
+            "COUNT",
+            "FLAGS",
+            "LAST SEEN",
+            "SUMMARY",
+        ],
         &rows,
     )
 }
@@ -260,12 +298,25 @@ pub fn summary_table(s: &SummaryResponse) -> String {
                 w.outbound_hops.to_string(),
                 w.errors.to_string(),
                 w.breaks.to_string(),
-                if flags.is_empty() { "-".into() } else { flags.join(" ") },
+                if flags.is_empty() {
+                    "-".into()
+                } else {
+                    flags.join(" ")
+                },
             ]
         })
         .collect();
     out.push_str(&table(
-        &["NAMESPACE", "WORKLOAD", "HOPS", "INBOUND", "OUTBOUND", "ERRORS", "BREAKS", "FLAGS"],
+        &[
+            "NAMESPACE",
+            "WORKLOAD",
+            "HOPS",
+            "INBOUND",
+            "OUTBOUND",
+            "ERRORS",
+            "BREAKS",
+            "FLAGS",
+        ],
         &rows,
     ));
     out
@@ -277,7 +328,11 @@ pub fn call_label(n: &CallNode) -> String {
         (Some(o), Some(i)) => format!("{} → {}", o.workload, i.workload),
         (Some(o), None) => {
             let dest = crate::model::destination(&o.upstream_cluster, &o.authority).0;
-            let dest = if dest.is_empty() { o.authority.clone() } else { dest };
+            let dest = if dest.is_empty() {
+                o.authority.clone()
+            } else {
+                dest
+            };
             format!("{} → {} (no inbound hop)", o.workload, dest)
         }
         (None, Some(i)) => format!("→ {} (edge)", i.workload),
@@ -293,7 +348,18 @@ fn node_line(n: &CallNode) -> String {
             let _ = write!(s, "  {} {}", h.method, h.path);
         }
         // The code the caller saw (outbound), else the callee's.
-        let _ = write!(s, "  {}", if h.response_code == 0 { "-".to_string() } else { h.response_code.to_string() });
+        let _ = write!(
+            s,
+            "  {}",
+            if h.response_code == 0 {
+                "-".to_string()
+            } else {
+                h.response_code.to_string()
+            }
+        );
+        if h.duration_micros > 0 {
+            let _ = write!(s, " {:.1}ms", h.duration_micros as f64 / 1000.0);
+        }
         let flags: Vec<&String> = n
             .outbound
             .iter()
@@ -301,10 +367,22 @@ fn node_line(n: &CallNode) -> String {
             .flat_map(|h| h.response_flag_names.iter())
             .collect();
         if !flags.is_empty() {
-            let _ = write!(s, " {}", flags.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(","));
+            let _ = write!(
+                s,
+                " {}",
+                flags
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
         }
         let tag = match (&n.outbound, &n.inbound) {
-            (Some(o), _) => format!("tag={} ({})", dash(&o.tag_sent), tag_source_name(o.tag_source)),
+            (Some(o), _) => format!(
+                "tag={} ({})",
+                dash(&o.tag_sent),
+                tag_source_name(o.tag_source)
+            ),
             (None, Some(i)) => format!("tag={}", dash(&i.tag_received)),
             _ => String::new(),
         };
@@ -355,7 +433,11 @@ pub fn trace_tree(t: &GetTraceResponse) -> String {
                 kind_name(b.kind),
                 b.namespace,
                 b.workload,
-                if b.peer.is_empty() { String::new() } else { format!(" → {}", b.peer) },
+                if b.peer.is_empty() {
+                    String::new()
+                } else {
+                    format!(" → {}", b.peer)
+                },
                 b.summary,
                 b.hint
             );
@@ -373,7 +455,11 @@ pub fn watch_line(b: &Break) -> String {
         kind_name(b.kind),
         b.namespace,
         b.workload,
-        if b.peer.is_empty() { String::new() } else { format!(" → {}", b.peer) },
+        if b.peer.is_empty() {
+            String::new()
+        } else {
+            format!(" → {}", b.peer)
+        },
         b.count,
         b.summary
     )

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hopwatch_proto::v1::{CallNode, Direction, Hop};
+use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
 use crate::analysis::{analyse, Analysis, Ctx, Finding, PodIndex, Registry};
@@ -24,6 +25,9 @@ pub struct Limits {
     pub max_open_traces: usize,
     /// Hops beyond this in one trace are dropped (counted).
     pub max_hops_per_trace: usize,
+    /// Hops held in open traces beyond this evict the least recently updated trace
+    /// (the memory bound: ~340 bytes per open hop).
+    pub max_open_hops: usize,
     /// Hops of recently analysed traces kept for GetTrace.
     pub max_recent_hops: usize,
     /// Clock slack when joining hops of different sidecars.
@@ -43,6 +47,7 @@ impl Default for Limits {
             max_trace_age: Duration::from_secs(60),
             max_open_traces: 200_000,
             max_hops_per_trace: 1_000,
+            max_open_hops: 1_200_000,
             max_recent_hops: 200_000,
             join_slack: Duration::from_millis(5),
             instance_ttl: Duration::from_secs(600),
@@ -51,6 +56,30 @@ impl Default for Limits {
             max_interned_strings: 2_000_000,
         }
     }
+}
+
+/// What ingest writes and analysis reads: the interner and the cross-trace indexes. Kept
+/// out of the aggregator's mutex so that hop conversion and trace analysis run outside
+/// it (and alternate per batch / per trace instead of per chunk).
+pub struct Shared {
+    pub it: Interner,
+    pub pods: PodIndex,
+    pub registry: Registry,
+}
+
+/// A trace taken out of the open set, waiting to be analysed.
+pub struct Pending {
+    key: u128,
+    group: Group,
+    partial: bool,
+    /// Findings already reported for this trace (late hops merged with it).
+    previous: Vec<Finding>,
+}
+
+/// An analysed trace, waiting to be stored.
+pub struct Done {
+    pending: Pending,
+    analysis: Analysis,
 }
 
 struct Group {
@@ -90,6 +119,8 @@ pub struct CoreStats {
     pub traces_evicted: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
+    /// Hops that arrived for a trace already analysed (merged with it).
+    pub late_merges: u64,
 }
 
 /// A trace as GetTrace returns it (breaks resolved by the caller).
@@ -103,14 +134,14 @@ pub struct TraceView {
 
 pub struct Core {
     pub limits: Limits,
-    pub it: Interner,
+    pub shared: Arc<RwLock<Shared>>,
     open: FxHashMap<u128, Group>,
     open_hops: usize,
     quiet_q: VecDeque<(u128, u64)>,
     age_q: VecDeque<(u128, u64)>,
-    pub pods: PodIndex,
-    pub registry: Registry,
     recent: FxHashMap<u128, Arc<Analysed>>,
+    /// Evicted recent traces, freed by the caller outside the lock.
+    graveyard: Vec<Arc<Analysed>>,
     recent_q: VecDeque<u128>,
     recent_hops: usize,
     workloads: FxHashMap<(Sym, Sym), WorkloadStats>,
@@ -120,9 +151,12 @@ pub struct Core {
 impl Core {
     pub fn new(limits: Limits) -> Self {
         Core {
-            it: Interner::new(limits.max_interned_strings),
-            pods: PodIndex::new(limits.pod_index_per_pod, limits.max_pods),
-            registry: Registry::new(64, 100_000),
+            shared: Arc::new(RwLock::new(Shared {
+                it: Interner::new(limits.max_interned_strings),
+                pods: PodIndex::new(limits.pod_index_per_pod, limits.max_pods),
+                registry: Registry::new(64, 100_000),
+            })),
+            graveyard: Vec::new(),
             open: FxHashMap::default(),
             open_hops: 0,
             quiet_q: VecDeque::new(),
@@ -145,19 +179,48 @@ impl Core {
     pub fn recent_traces(&self) -> usize {
         self.recent.len()
     }
+    /// Entries in the quiet and age queues (memory check).
+    pub fn queue_len(&self) -> usize {
+        self.quiet_q.len() + self.age_q.len()
+    }
 
     /// Adds validated hops (direction set, trace id or request id present). Traces evicted
     /// to make room are analysed at once and returned.
     pub fn ingest(&mut self, hops: &[Hop], now_ms: u64) -> (u32, Vec<TraceResult>) {
+        let converted = Self::convert(&self.shared, hops);
+        self.ingest_converted(hops, converted, now_ms)
+    }
+
+    /// First half of ingest, without the aggregator: interns the hops' strings and
+    /// records them in the cross-trace indexes. Returns (group key, compact hop) per hop.
+    pub fn convert(shared: &RwLock<Shared>, hops: &[Hop]) -> Vec<(u128, CHop)> {
+        let mut guard = shared.write();
+        let s = &mut *guard;
+        hops.iter()
+            .map(|h| {
+                let key = group_key(&h.trace_id, &h.request_id);
+                let c = CHop::from_proto(h, &mut s.it);
+                s.registry
+                    .record(c.namespace, c.service, c.own_tag, c.start_us);
+                if c.is_inbound() {
+                    s.pods.record(&c, key);
+                }
+                (key, c)
+            })
+            .collect()
+    }
+
+    /// Second half of ingest: adds converted hops (`converted[i]` is `hops[i]`) to their
+    /// trace groups.
+    pub fn ingest_converted(
+        &mut self,
+        hops: &[Hop],
+        converted: Vec<(u128, CHop)>,
+        now_ms: u64,
+    ) -> (u32, Vec<TraceResult>) {
         let mut evicted = Vec::new();
         let mut accepted = 0u32;
-        for h in hops {
-            let key = group_key(&h.trace_id, &h.request_id);
-            let c = CHop::from_proto(h, &mut self.it);
-            self.registry.record(c.namespace, c.service, c.own_tag, c.start_us);
-            if c.is_inbound() {
-                self.pods.record(&c, key);
-            }
+        for (h, (key, c)) in hops.iter().zip(converted) {
             let ws = self.workloads.entry((c.namespace, c.workload)).or_default();
             ws.hops += 1;
             if c.is_inbound() {
@@ -174,6 +237,12 @@ impl Core {
                 *ws.flags.entry(b).or_default() += 1;
                 f &= f - 1;
             }
+            while self.open_hops >= self.limits.max_open_hops.max(1) {
+                match self.evict_one(now_ms) {
+                    Some(r) => evicted.push(r),
+                    None => break,
+                }
+            }
             if !self.open.contains_key(&key) {
                 while self.open.len() >= self.limits.max_open_traces.max(1) {
                     match self.evict_one(now_ms) {
@@ -181,10 +250,19 @@ impl Core {
                         None => break,
                     }
                 }
-                let tid: &str = if h.trace_id.is_empty() { &h.request_id } else { &h.trace_id };
+                let tid: &str = if h.trace_id.is_empty() {
+                    &h.request_id
+                } else {
+                    &h.trace_id
+                };
                 self.open.insert(
                     key,
-                    Group { trace_id: tid.into(), hops: Vec::with_capacity(4), first_ms: now_ms, last_ms: 0 },
+                    Group {
+                        trace_id: tid.into(),
+                        hops: Vec::with_capacity(3),
+                        first_ms: now_ms,
+                        last_ms: 0,
+                    },
                 );
                 self.age_q.push_back((key, now_ms));
             }
@@ -192,6 +270,11 @@ impl Core {
             if g.hops.len() >= self.limits.max_hops_per_trace {
                 self.stats.hops_dropped_trace_full += 1;
             } else {
+                if g.hops.len() == g.hops.capacity() {
+                    // Grow by half instead of doubling: most traces have a handful of
+                    // hops, and doubling wastes up to half of the largest allocation.
+                    g.hops.reserve_exact((g.hops.len() / 2).max(2));
+                }
                 g.hops.push(c);
                 self.open_hops += 1;
                 accepted += 1;
@@ -207,9 +290,14 @@ impl Core {
 
     fn evict_one(&mut self, now_ms: u64) -> Option<TraceResult> {
         while let Some((key, t)) = self.quiet_q.pop_front() {
-            if self.open.get(&key).is_some_and(|g| g.last_ms == t) {
+            if let Some(g) = self.open.get(&key).filter(|g| g.last_ms == t) {
                 self.stats.traces_evicted += 1;
-                return self.finish(key, now_ms, true);
+                // The least recently updated trace: if it has been quiet for at least half
+                // of --trace-quiet it is very likely complete and gets a full analysis;
+                // otherwise a cut-short one (no HOP_MISSING, its partner may still come).
+                let quiet_half = self.limits.trace_quiet.as_millis() as u64 / 2;
+                let partial = g.last_ms + quiet_half > now_ms;
+                return self.finish(key, now_ms, partial);
             }
         }
         None
@@ -217,28 +305,51 @@ impl Core {
 
     /// Analyses the traces that became quiet or too old by `now_ms` (at most `budget`).
     pub fn poll(&mut self, now_ms: u64, budget: usize) -> Vec<TraceResult> {
+        let pending = self.take_ready(now_ms, budget);
+        let shared = self.shared.clone();
+        let limits = self.limits.clone();
+        pending
+            .into_iter()
+            .map(|p| {
+                let d = Self::analyse_pending(&shared, &limits, p, now_ms);
+                self.store_done(d)
+            })
+            .collect()
+    }
+
+    /// Takes the traces that became quiet or too old by `now_ms` out of the open set (at
+    /// most `budget`), to be analysed with [`Core::analyse_pending`] outside the lock.
+    pub fn take_ready(&mut self, now_ms: u64, budget: usize) -> Vec<Pending> {
         let quiet = self.limits.trace_quiet.as_millis() as u64;
         let max_age = self.limits.max_trace_age.as_millis() as u64;
         let mut out = Vec::new();
+        // Entries are lazily deleted: an entry whose trace was analysed (or updated since)
+        // is dropped as soon as it reaches the front, so the queues stay short.
         while out.len() < budget {
-            let Some(&(key, t)) = self.quiet_q.front() else { break };
-            if t + quiet > now_ms {
+            let Some(&(key, t)) = self.quiet_q.front() else {
+                break;
+            };
+            let current = self.open.get(&key).is_some_and(|g| g.last_ms == t);
+            if current && t + quiet > now_ms {
                 break;
             }
             self.quiet_q.pop_front();
-            if self.open.get(&key).is_some_and(|g| g.last_ms == t) {
-                out.extend(self.finish(key, now_ms, false));
+            if current {
+                out.extend(self.take(key, false));
             }
         }
         while out.len() < budget {
-            let Some(&(key, t)) = self.age_q.front() else { break };
-            if t + max_age > now_ms {
+            let Some(&(key, t)) = self.age_q.front() else {
+                break;
+            };
+            let current = self.open.get(&key).is_some_and(|g| g.first_ms == t);
+            if current && t + max_age > now_ms {
                 break;
             }
             self.age_q.pop_front();
-            if self.open.get(&key).is_some_and(|g| g.first_ms == t) {
+            if current {
                 self.stats.traces_analysed_at_max_age += 1;
-                out.extend(self.finish(key, now_ms, false));
+                out.extend(self.take(key, false));
             }
         }
         out
@@ -247,73 +358,174 @@ impl Core {
     /// Analyses every open trace (shutdown).
     pub fn flush_all(&mut self, now_ms: u64) -> Vec<TraceResult> {
         let keys: Vec<u128> = self.open.keys().copied().collect();
-        let out = keys.into_iter().filter_map(|k| self.finish(k, now_ms, false)).collect();
+        let out = keys
+            .into_iter()
+            .filter_map(|k| self.finish(k, now_ms, false))
+            .collect();
         self.quiet_q.clear();
         self.age_q.clear();
         out
     }
 
-    fn ctx(&self, now_ms: u64, partial: bool) -> Ctx<'_> {
+    fn ctx<'a>(s: &'a Shared, limits: &Limits, now_ms: u64, partial: bool) -> Ctx<'a> {
         Ctx {
-            it: &self.it,
-            pods: &self.pods,
-            registry: &self.registry,
-            slack_us: self.limits.join_slack.as_micros() as u64,
-            instance_ttl_us: self.limits.instance_ttl.as_micros() as u64,
+            it: &s.it,
+            pods: &s.pods,
+            registry: &s.registry,
+            slack_us: limits.join_slack.as_micros() as u64,
+            instance_ttl_us: limits.instance_ttl.as_micros() as u64,
             partial,
             now_ms,
         }
     }
 
     fn finish(&mut self, key: u128, now_ms: u64, partial: bool) -> Option<TraceResult> {
-        let g = self.open.remove(&key)?;
+        let p = self.take(key, partial)?;
+        let d = Self::analyse_pending(&self.shared, &self.limits, p, now_ms);
+        Some(self.store_done(d))
+    }
+
+    /// Analyses a taken trace (reads the shared indexes only).
+    pub fn analyse_pending(
+        shared: &RwLock<Shared>,
+        limits: &Limits,
+        p: Pending,
+        now_ms: u64,
+    ) -> Done {
+        let s = shared.read();
+        let analysis = analyse(
+            &p.group.hops,
+            p.key,
+            &Self::ctx(&s, limits, now_ms, p.partial),
+        );
+        Done {
+            pending: p,
+            analysis,
+        }
+    }
+
+    /// Freed recent traces (drop them outside the lock).
+    pub fn take_graveyard(&mut self) -> Vec<Arc<Analysed>> {
+        std::mem::take(&mut self.graveyard)
+    }
+
+    fn take(&mut self, key: u128, partial: bool) -> Option<Pending> {
+        let mut g = self.open.remove(&key)?;
         self.open_hops -= g.hops.len();
-        let analysis = analyse(&g.hops, key, &self.ctx(now_ms, partial));
+        // Late hops of a trace analysed already: analyse them together with the earlier
+        // hops (so they join their callers/parents) and report only the new findings.
+        let mut previous: Vec<Finding> = Vec::new();
+        if let Some(old) = self
+            .recent
+            .get(&key)
+            .filter(|old| old.hops.len() + g.hops.len() <= self.limits.max_hops_per_trace)
+        {
+            self.stats.late_merges += 1;
+            let mut hops = old.hops.clone();
+            hops.append(&mut g.hops);
+            g.hops = hops;
+            previous = old.analysis.findings.clone();
+        }
+        Some(Pending {
+            key,
+            group: g,
+            partial,
+            previous,
+        })
+    }
+
+    /// Records an analysed trace (recent store, stats) and returns its new findings.
+    pub fn store_done(&mut self, d: Done) -> TraceResult {
+        let Done {
+            pending:
+                Pending {
+                    key,
+                    group: g,
+                    previous,
+                    ..
+                },
+            analysis,
+        } = d;
         self.stats.traces_analysed += 1;
-        let result = TraceResult { trace_id: g.trace_id.to_string(), findings: analysis.findings.clone() };
+        let same = |a: &Finding, b: &Finding| {
+            a.kind == b.kind
+                && a.namespace == b.namespace
+                && a.workload == b.workload
+                && a.peer == b.peer
+        };
+        let findings = analysis
+            .findings
+            .iter()
+            .filter(|f| !previous.iter().any(|p| same(p, f)))
+            .cloned()
+            .collect();
+        let result = TraceResult {
+            trace_id: g.trace_id.to_string(),
+            findings,
+        };
         // Keep it for GetTrace, bounded by hops.
         self.recent_hops += g.hops.len();
         if let Some(old) = self.recent.insert(
             key,
-            Arc::new(Analysed { trace_id: g.trace_id, hops: g.hops, analysis }),
+            Arc::new(Analysed {
+                trace_id: g.trace_id,
+                hops: g.hops,
+                analysis,
+            }),
         ) {
             self.recent_hops -= old.hops.len();
         } else {
             self.recent_q.push_back(key);
         }
         while self.recent_hops > self.limits.max_recent_hops {
-            let Some(k) = self.recent_q.pop_front() else { break };
+            let Some(k) = self.recent_q.pop_front() else {
+                break;
+            };
             if let Some(old) = self.recent.remove(&k) {
                 self.recent_hops -= old.hops.len();
+                self.graveyard.push(old);
             }
         }
-        Some(result)
+        if self.graveyard.len() > 4096 {
+            self.graveyard.clear(); // nobody collects them (direct use of Core)
+        }
+        result
     }
 
     /// Forgets cross-trace index entries older than `before_us`.
     pub fn prune_indexes(&mut self, before_us: u64) {
-        self.pods.prune(before_us);
+        self.shared.write().pods.prune(before_us);
     }
 
     /// The joined chain of a trace (open or recently analysed), looked up by trace id or,
     /// for traces without one, by request id.
     pub fn trace(&self, id: &str, now_ms: u64) -> Option<TraceView> {
-        let id = id.trim().to_ascii_lowercase();
-        for key in [group_key(&id, ""), group_key("", &id)] {
+        let id = id.trim();
+        // group_key lowercases trace ids; request ids are kept as they are.
+        for key in [group_key(id, ""), group_key("", id)] {
             if let Some(g) = self.open.get(&key) {
                 // Not final: analysed as a cut-short trace (no HOP_MISSING yet).
-                let a = analyse(&g.hops, key, &self.ctx(now_ms, true));
-                return Some(self.view(&g.trace_id, &g.hops, &a, true));
+                let s = self.shared.read();
+                let a = analyse(&g.hops, key, &Self::ctx(&s, &self.limits, now_ms, true));
+                return Some(Self::view(&s.it, &g.trace_id, &g.hops, &a, true));
             }
             if let Some(t) = self.recent.get(&key) {
-                return Some(self.view(&t.trace_id, &t.hops, &t.analysis, false));
+                let s = self.shared.read();
+                return Some(Self::view(&s.it, &t.trace_id, &t.hops, &t.analysis, false));
             }
         }
         None
     }
 
-    fn view(&self, trace_id: &str, hops: &[CHop], a: &Analysis, open: bool) -> TraceView {
-        fn build(id: u32, a: &Analysis, hops: &[CHop], tid: &str, it: &Interner, depth: usize) -> CallNode {
+    fn view(it: &Interner, trace_id: &str, hops: &[CHop], a: &Analysis, open: bool) -> TraceView {
+        fn build(
+            id: u32,
+            a: &Analysis,
+            hops: &[CHop],
+            tid: &str,
+            it: &Interner,
+            depth: usize,
+        ) -> CallNode {
             let n = &a.nodes[id as usize];
             CallNode {
                 outbound: n.out.map(|h| hops[h as usize].to_proto(tid, it)),
@@ -321,14 +533,21 @@ impl Core {
                 children: if depth > 256 {
                     vec![]
                 } else {
-                    n.children.iter().map(|&c| build(c, a, hops, tid, it, depth + 1)).collect()
+                    n.children
+                        .iter()
+                        .map(|&c| build(c, a, hops, tid, it, depth + 1))
+                        .collect()
                 },
                 breaks: n.breaks.iter().map(|&k| k as i32).collect(),
             }
         }
         TraceView {
             trace_id: trace_id.to_string(),
-            roots: a.roots.iter().map(|&r| build(r, a, hops, trace_id, &self.it, 0)).collect(),
+            roots: a
+                .roots
+                .iter()
+                .map(|&r| build(r, a, hops, trace_id, it, 0))
+                .collect(),
             hop_count: hops.len() as u32,
             open,
             findings: a.findings.clone(),
@@ -337,9 +556,18 @@ impl Core {
 
     /// Per-workload statistics with names resolved: ((namespace, workload), stats).
     pub fn workload_stats(&self) -> Vec<((String, String), WorkloadStats)> {
+        let sh = self.shared.read();
         self.workloads
             .iter()
-            .map(|((ns, wl), s)| ((self.it.resolve(*ns).to_string(), self.it.resolve(*wl).to_string()), s.clone()))
+            .map(|((ns, wl), s)| {
+                (
+                    (
+                        sh.it.resolve(*ns).to_string(),
+                        sh.it.resolve(*wl).to_string(),
+                    ),
+                    s.clone(),
+                )
+            })
             .collect()
     }
 }
@@ -353,7 +581,9 @@ pub fn validate_hop(i: usize, h: &Hop) -> Result<(), String> {
         ));
     }
     if h.trace_id.is_empty() && h.request_id.is_empty() {
-        return Err(format!("hop {i}: has neither trace_id nor request_id, so it cannot be joined"));
+        return Err(format!(
+            "hop {i}: has neither trace_id nor request_id, so it cannot be joined"
+        ));
     }
     if h.trace_id.len() > 128 || h.request_id.len() > 256 {
         return Err(format!("hop {i}: trace_id or request_id is too long"));

@@ -283,9 +283,19 @@ impl CHop {
     /// ids are printed as 16 hex digits.
     pub fn to_proto(&self, trace_id: &str, it: &Interner) -> Hop {
         let r = |s: Sym| it.resolve(s).to_string();
-        let span = |v: u64| if v == 0 { String::new() } else { format!("{v:016x}") };
+        let span = |v: u64| {
+            if v == 0 {
+                String::new()
+            } else {
+                format!("{v:016x}")
+            }
+        };
         Hop {
-            trace_id: if self.has_trace_id { trace_id.to_string() } else { String::new() },
+            trace_id: if self.has_trace_id {
+                trace_id.to_string()
+            } else {
+                String::new()
+            },
             span_id: span(self.span_id),
             parent_span_id: span(self.parent_span_id),
             sampled: self.sampled as i32,
@@ -374,7 +384,8 @@ pub fn group_key(trace_id: &str, request_id: &str) -> u128 {
         let h = ((hash64(t.as_bytes(), 1) as u128) << 64) | hash64(t.as_bytes(), 2) as u128;
         return h & !(3u128 << 126) | (1u128 << 126);
     }
-    let h = ((hash64(request_id.as_bytes(), 3) as u128) << 64) | hash64(request_id.as_bytes(), 4) as u128;
+    let h = ((hash64(request_id.as_bytes(), 3) as u128) << 64)
+        | hash64(request_id.as_bytes(), 4) as u128;
     h | (1u128 << 127)
 }
 
@@ -438,7 +449,11 @@ fn classify_host(host: &str) -> (String, String, u8) {
     } else {
         BIT_DEST_EXTERNAL
     };
-    let ns = if bits == BIT_DEST_EXTERNAL { String::new() } else { ns };
+    let ns = if bits == BIT_DEST_EXTERNAL {
+        String::new()
+    } else {
+        ns
+    };
     (svc, ns, bits)
 }
 
@@ -460,7 +475,10 @@ pub fn flag_names(flags: u64) -> Vec<String> {
 }
 
 pub fn flag_bit(name: &str) -> Option<u64> {
-    FLAG_NAMES.iter().position(|n| *n == name).map(|b| 1u64 << b)
+    FLAG_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .map(|b| 1u64 << b)
 }
 
 /// Match level of an instance environment `env` for a requested tag `tag`: higher is
@@ -470,7 +488,9 @@ pub fn match_level(env: &str, tag: &str) -> i32 {
     if env.is_empty() {
         return 0;
     }
-    if env == tag || (tag.len() > env.len() && tag.starts_with(env) && tag.as_bytes()[env.len()] == b'.') {
+    if env == tag
+        || (tag.len() > env.len() && tag.starts_with(env) && tag.as_bytes()[env.len()] == b'.')
+    {
         1 + env.split('.').count() as i32
     } else {
         -1
@@ -485,7 +505,11 @@ mod tests {
     fn compact_hop_is_small() {
         // 1,000,000 open hops must fit in 512 MB with the heap parts (request id, path) and
         // the group/index overhead.
-        assert!(std::mem::size_of::<CHop>() <= 176, "{}", std::mem::size_of::<CHop>());
+        assert!(
+            std::mem::size_of::<CHop>() <= 176,
+            "{}",
+            std::mem::size_of::<CHop>()
+        );
     }
 
     #[test]
@@ -494,21 +518,42 @@ mod tests {
             destination("outbound|9080|v1|reviews.default.svc.cluster.local", "x"),
             ("reviews".into(), "default".into(), BIT_DEST_IN_MESH)
         );
-        assert_eq!(destination("", "ratings.prod:9080"), ("ratings".into(), "prod".into(), BIT_DEST_IN_MESH));
-        assert_eq!(destination("", "ratings"), ("ratings".into(), String::new(), BIT_DEST_IN_MESH));
-        assert_eq!(destination("PassthroughCluster", "api.github.com:443").2, BIT_DEST_EXTERNAL);
-        assert_eq!(destination("outbound|443||api.github.com", "").2, BIT_DEST_EXTERNAL);
+        assert_eq!(
+            destination("", "ratings.prod:9080"),
+            ("ratings".into(), "prod".into(), BIT_DEST_IN_MESH)
+        );
+        assert_eq!(
+            destination("", "ratings"),
+            ("ratings".into(), String::new(), BIT_DEST_IN_MESH)
+        );
+        assert_eq!(
+            destination("PassthroughCluster", "api.github.com:443").2,
+            BIT_DEST_EXTERNAL
+        );
+        assert_eq!(
+            destination("outbound|443||api.github.com", "").2,
+            BIT_DEST_EXTERNAL
+        );
         assert_eq!(destination("", "10.0.0.1:80").0, "10.0.0.1");
         assert_eq!(host_of("[::1]:80"), "::1");
     }
 
     #[test]
     fn match_levels() {
-        assert!(match_level("dev.proj1", "dev.proj1.alice") > match_level("dev", "dev.proj1.alice"));
+        assert!(
+            match_level("dev.proj1", "dev.proj1.alice") > match_level("dev", "dev.proj1.alice")
+        );
         assert!(match_level("dev", "dev.proj1.alice") > match_level("", "dev.proj1.alice"));
         assert!(match_level("", "dev.proj1") > match_level("qa", "dev.proj1"));
-        assert!(match_level("dev.proj1.alice", "dev.proj1.alice") > match_level("dev.proj1", "dev.proj1.alice"));
-        assert_eq!(match_level("dev.pro", "dev.proj1"), -1, "prefix must end at a dot");
+        assert!(
+            match_level("dev.proj1.alice", "dev.proj1.alice")
+                > match_level("dev.proj1", "dev.proj1.alice")
+        );
+        assert_eq!(
+            match_level("dev.pro", "dev.proj1"),
+            -1,
+            "prefix must end at a dot"
+        );
     }
 
     #[test]
@@ -533,7 +578,10 @@ mod tests {
 
     #[test]
     fn group_keys_separate_trace_and_request_spaces() {
-        assert_eq!(group_key("4BF92F3577B34DA6A3CE929D0E0E4736", ""), group_key("4bf92f3577b34da6a3ce929d0e0e4736", "x"));
+        assert_eq!(
+            group_key("4BF92F3577B34DA6A3CE929D0E0E4736", ""),
+            group_key("4bf92f3577b34da6a3ce929d0e0e4736", "x")
+        );
         assert_ne!(group_key("abc", ""), group_key("", "abc"));
         assert_ne!(group_key("not-hex", ""), group_key("", "not-hex"));
     }

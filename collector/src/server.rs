@@ -16,7 +16,7 @@ use hopwatch_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -41,7 +41,10 @@ pub enum ServerError {
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -50,7 +53,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// `hopwatch-collector` command line.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "hopwatch-collector", version, about = "hopwatch collector: joins hop reports into call chains and finds where they broke")]
+#[command(
+    name = "hopwatch-collector",
+    version,
+    about = "hopwatch collector: joins hop reports into call chains and finds where they broke"
+)]
 pub struct ServerArgs {
     /// gRPC listen address (Collector, Query, Health, reflection).
     #[arg(long, default_value = "0.0.0.0:9090")]
@@ -73,6 +80,10 @@ pub struct ServerArgs {
     /// Hops kept per trace; more are dropped and counted.
     #[arg(long, default_value_t = 1_000)]
     pub max_hops_per_trace: usize,
+    /// Hops held in open traces (the memory bound, ~340 bytes each); beyond, the least
+    /// recently updated trace is analysed early.
+    #[arg(long, default_value_t = 1_200_000)]
+    pub max_open_hops: usize,
     /// Hops of analysed traces kept for GetTrace.
     #[arg(long, default_value_t = 200_000)]
     pub max_recent_hops: usize,
@@ -102,6 +113,7 @@ impl ServerArgs {
                 max_trace_age: self.max_trace_age,
                 max_open_traces: self.max_open_traces,
                 max_hops_per_trace: self.max_hops_per_trace,
+                max_open_hops: self.max_open_hops,
                 max_recent_hops: self.max_recent_hops,
                 join_slack: self.join_slack,
                 instance_ttl: self.instance_ttl,
@@ -119,7 +131,10 @@ pub struct CollectorSvc(pub Arc<Collector>);
 
 #[tonic::async_trait]
 impl collector_server::Collector for CollectorSvc {
-    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
         let req = req.into_inner();
         let result = self.0.report(&req, now_ms());
         if let Err(e) = &result {
@@ -143,13 +158,19 @@ fn kind_filter(k: i32) -> Result<Option<BreakKind>, String> {
     match BreakKind::try_from(k) {
         Ok(BreakKind::Unspecified) => Ok(None),
         Ok(k) => Ok(Some(k)),
-        Err(_) => Err(format!("unknown break kind {k}; valid kinds: {}", valid_kinds().join(", "))),
+        Err(_) => Err(format!(
+            "unknown break kind {k}; valid kinds: {}",
+            valid_kinds().join(", ")
+        )),
     }
 }
 
 /// The break kind names, in enum order.
 pub fn valid_kinds() -> Vec<&'static str> {
-    (1..=8).filter_map(|k| BreakKind::try_from(k).ok()).map(|k| k.as_str_name()).collect()
+    (1..=8)
+        .filter_map(|k| BreakKind::try_from(k).ok())
+        .map(|k| k.as_str_name())
+        .collect()
 }
 
 fn opt(s: String) -> Option<String> {
@@ -159,7 +180,10 @@ fn opt(s: String) -> Option<String> {
 
 impl QuerySvc {
     fn invalid(&self, msg: String) -> Status {
-        self.collector.metrics.queries_rejected_invalid.fetch_add(1, Relaxed);
+        self.collector
+            .metrics
+            .queries_rejected_invalid
+            .fetch_add(1, Relaxed);
         Status::invalid_argument(msg)
     }
 }
@@ -168,28 +192,50 @@ type BreakStream = Pin<Box<dyn Stream<Item = Result<Break, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl query_server::Query for QuerySvc {
-    async fn list_breaks(&self, req: Request<ListBreaksRequest>) -> Result<Response<ListBreaksResponse>, Status> {
+    async fn list_breaks(
+        &self,
+        req: Request<ListBreaksRequest>,
+    ) -> Result<Response<ListBreaksResponse>, Status> {
         let r = req.into_inner();
         let kind = kind_filter(r.kind).map_err(|e| self.invalid(e))?;
         if r.limit as usize > MAX_LIMIT {
-            return Err(self.invalid(format!("limit {} exceeds the maximum of {MAX_LIMIT}", r.limit)));
+            return Err(self.invalid(format!(
+                "limit {} exceeds the maximum of {MAX_LIMIT}",
+                r.limit
+            )));
         }
         const MAX_SINCE: u64 = 10 * 365 * 24 * 3600;
         if r.since_seconds > MAX_SINCE {
-            return Err(self.invalid(format!("since_seconds {} is more than 10 years", r.since_seconds)));
+            return Err(self.invalid(format!(
+                "since_seconds {} is more than 10 years",
+                r.since_seconds
+            )));
         }
         let filter = Filter {
             kind,
             workload: opt(r.workload),
             namespace: opt(r.namespace),
-            since_ms: (r.since_seconds > 0).then(|| now_ms().saturating_sub(r.since_seconds * 1000)),
+            since_ms: (r.since_seconds > 0)
+                .then(|| now_ms().saturating_sub(r.since_seconds * 1000)),
         };
-        let limit = if r.limit == 0 { DEFAULT_LIMIT } else { r.limit as usize };
-        Ok(Response::new(ListBreaksResponse { breaks: self.collector.list_breaks(&filter, limit) }))
+        let limit = if r.limit == 0 {
+            DEFAULT_LIMIT
+        } else {
+            r.limit as usize
+        };
+        Ok(Response::new(ListBreaksResponse {
+            breaks: self.collector.list_breaks(&filter, limit),
+        }))
     }
 
-    async fn get_trace(&self, req: Request<GetTraceRequest>) -> Result<Response<GetTraceResponse>, Status> {
-        match self.collector.get_trace(&req.into_inner().trace_id, now_ms()) {
+    async fn get_trace(
+        &self,
+        req: Request<GetTraceRequest>,
+    ) -> Result<Response<GetTraceResponse>, Status> {
+        match self
+            .collector
+            .get_trace(&req.into_inner().trace_id, now_ms())
+        {
             Ok(r) => Ok(Response::new(r)),
             Err(e @ QueryError::TraceNotFound(_)) => Err(Status::not_found(e.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),
@@ -198,7 +244,10 @@ impl query_server::Query for QuerySvc {
 
     type WatchBreaksStream = BreakStream;
 
-    async fn watch_breaks(&self, req: Request<WatchBreaksRequest>) -> Result<Response<BreakStream>, Status> {
+    async fn watch_breaks(
+        &self,
+        req: Request<WatchBreaksRequest>,
+    ) -> Result<Response<BreakStream>, Status> {
         let r = req.into_inner();
         let filter = Filter {
             kind: kind_filter(r.kind).map_err(|e| self.invalid(e))?,
@@ -235,21 +284,30 @@ impl query_server::Query for QuerySvc {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn summary(&self, _req: Request<SummaryRequest>) -> Result<Response<SummaryResponse>, Status> {
+    async fn summary(
+        &self,
+        _req: Request<SummaryRequest>,
+    ) -> Result<Response<SummaryResponse>, Status> {
         Ok(Response::new(self.collector.summary()))
     }
 }
 
-async fn metrics_handler(axum::extract::State(c): axum::extract::State<Arc<Collector>>) -> impl axum::response::IntoResponse {
+async fn metrics_handler(
+    axum::extract::State(c): axum::extract::State<Arc<Collector>>,
+) -> impl axum::response::IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         c.render_metrics(),
     )
 }
 
 /// Runs the analysis, persistence and retention loops until `stop` turns true.
 async fn background(c: Arc<Collector>, mut stop: watch::Receiver<bool>) {
-    let tick = (c.settings.limits.trace_quiet / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let tick = (c.settings.limits.trace_quiet / 10)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut analyse = tokio::time::interval(tick);
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut retention = tokio::time::interval(Duration::from_secs(60));
@@ -325,7 +383,12 @@ pub async fn serve(
     let mut grpc_stop = stop_rx.clone();
     let health_on_stop = health.clone();
     tracing::info!(addr = ?grpc.local_addr().ok(), "gRPC listening");
+    // Report batches are ~150 KB (200 hops): windows well above h2's 64 KB default avoid
+    // a WINDOW_UPDATE round trip per batch.
     let grpc_result = tonic::transport::Server::builder()
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(1024 * 1024)
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -334,14 +397,24 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            QueryServer::new(QuerySvc { collector: collector.clone(), stop: stop_rx.clone() })
-                .max_decoding_message_size(1024 * 1024),
+            QueryServer::new(QuerySvc {
+                collector: collector.clone(),
+                stop: stop_rx.clone(),
+            })
+            .max_decoding_message_size(1024 * 1024),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-            health_on_stop.set_not_serving::<CollectorServer<CollectorSvc>>().await;
-            tracing::info!("shutting down: no longer accepting requests");
-        })
+        // TCP_NODELAY: without it, small query responses wait for the peer's delayed ACK
+        // (~40 ms per call).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+                health_on_stop
+                    .set_not_serving::<CollectorServer<CollectorSvc>>()
+                    .await;
+                tracing::info!("shutting down: no longer accepting requests");
+            },
+        )
         .await;
     let _ = stop_tx.send(true);
     let _ = bg.await;
@@ -363,9 +436,16 @@ pub async fn serve(
 }
 
 /// Binds both listeners.
-pub async fn bind(grpc: SocketAddr, http: SocketAddr) -> Result<(TcpListener, TcpListener), ServerError> {
-    let g = TcpListener::bind(grpc).await.map_err(|source| ServerError::Bind { addr: grpc, source })?;
-    let h = TcpListener::bind(http).await.map_err(|source| ServerError::Bind { addr: http, source })?;
+pub async fn bind(
+    grpc: SocketAddr,
+    http: SocketAddr,
+) -> Result<(TcpListener, TcpListener), ServerError> {
+    let g = TcpListener::bind(grpc)
+        .await
+        .map_err(|source| ServerError::Bind { addr: grpc, source })?;
+    let h = TcpListener::bind(http)
+        .await
+        .map_err(|source| ServerError::Bind { addr: http, source })?;
     Ok((g, h))
 }
 
@@ -381,9 +461,17 @@ mod tests {
         assert_eq!(a.http_listen.to_string(), "0.0.0.0:9091");
         assert_eq!(a.data_dir, PathBuf::from("./hopwatch-data"));
         assert_eq!(a.trace_quiet, Duration::from_secs(5));
-        let a = ServerArgs::parse_from(["hopwatch-collector", "--trace-quiet", "1500ms", "--retention-age", "2d"]);
+        let a = ServerArgs::parse_from([
+            "hopwatch-collector",
+            "--trace-quiet",
+            "1500ms",
+            "--retention-age",
+            "2d",
+        ]);
         assert_eq!(a.settings().limits.trace_quiet, Duration::from_millis(1500));
         assert_eq!(a.settings().retention_age, Duration::from_secs(2 * 86400));
-        assert!(ServerArgs::try_parse_from(["hopwatch-collector", "--trace-quiet", "soon"]).is_err());
+        assert!(
+            ServerArgs::try_parse_from(["hopwatch-collector", "--trace-quiet", "soon"]).is_err()
+        );
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hopwatch_proto::v1::{
@@ -12,12 +13,15 @@ use hopwatch_proto::v1::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
-use crate::core::{validate_hop, Core, Limits, TraceResult};
+use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
 use crate::model::FLAG_NAMES;
 use crate::store::{finding_id, Db, Filter, FindingStore, StoreError};
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Collector configuration beyond the aggregator limits.
@@ -84,6 +88,8 @@ pub struct Metrics {
 pub struct Collector {
     pub settings: Settings,
     pub core: Mutex<Core>,
+    /// The interner and cross-trace indexes (also reachable through `core`).
+    shared: Arc<RwLock<Shared>>,
     pub store: RwLock<FindingStore>,
     db: Option<Db>,
     pub metrics: Metrics,
@@ -109,8 +115,10 @@ impl Collector {
 
     fn with(settings: Settings, store: FindingStore, db: Option<Db>) -> Collector {
         let (watch, _) = broadcast::channel(4096);
+        let core = Core::new(settings.limits.clone());
         Collector {
-            core: Mutex::new(Core::new(settings.limits.clone())),
+            shared: core.shared.clone(),
+            core: Mutex::new(core),
             store: RwLock::new(store),
             db,
             metrics: Metrics::default(),
@@ -129,7 +137,8 @@ impl Collector {
         let m = &self.metrics;
         m.batches_received.fetch_add(1, Relaxed);
         if req.dropped_since_last_batch > 0 {
-            m.reports_dropped_by_filters.fetch_add(req.dropped_since_last_batch, Relaxed);
+            m.reports_dropped_by_filters
+                .fetch_add(req.dropped_since_last_batch, Relaxed);
         }
         if req.hops.is_empty() {
             m.batches_rejected_empty.fetch_add(1, Relaxed);
@@ -137,7 +146,10 @@ impl Collector {
         }
         if req.hops.len() > self.settings.max_batch_hops {
             m.batches_rejected_too_large.fetch_add(1, Relaxed);
-            return Err(ReportError::TooLarge { got: req.hops.len(), max: self.settings.max_batch_hops });
+            return Err(ReportError::TooLarge {
+                got: req.hops.len(),
+                max: self.settings.max_batch_hops,
+            });
         }
         for (i, h) in req.hops.iter().enumerate() {
             if let Err(e) = validate_hop(i, h) {
@@ -159,7 +171,12 @@ impl Collector {
             m.ingest_lag_samples.fetch_add(1, Relaxed);
             m.ingest_lag_ms_last.store(lag, Relaxed);
         }
-        let (accepted, evicted) = self.core.lock().ingest(&req.hops, now_ms);
+        // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
+        let converted = Core::convert(&self.shared, &req.hops);
+        let (accepted, evicted) = self
+            .core
+            .lock()
+            .ingest_converted(&req.hops, converted, now_ms);
         if !evicted.is_empty() {
             self.record(evicted);
         }
@@ -187,13 +204,29 @@ impl Collector {
 
     /// Analyses what became ready; returns the number of traces analysed.
     pub fn poll(&self, now_ms: u64) -> usize {
+        const CHUNK: usize = 500;
         let mut total = 0;
         loop {
-            let results = self.core.lock().poll(now_ms, 2_000);
-            let n = results.len();
+            let pending = self.core.lock().take_ready(now_ms, CHUNK);
+            let n = pending.len();
+            if n == 0 {
+                return total;
+            }
+            // Analysis holds only the shared read lock, one trace at a time: ingest
+            // proceeds in between.
+            let done: Vec<_> = pending
+                .into_iter()
+                .map(|p| Core::analyse_pending(&self.shared, &self.settings.limits, p, now_ms))
+                .collect();
+            let (results, graveyard) = {
+                let mut c = self.core.lock();
+                let results: Vec<TraceResult> = done.into_iter().map(|d| c.store_done(d)).collect();
+                (results, c.take_graveyard())
+            };
+            drop(graveyard);
             total += n;
             self.record(results);
-            if n < 2_000 {
+            if n < CHUNK {
                 return total;
             }
         }
@@ -206,16 +239,25 @@ impl Collector {
             return Ok(0);
         };
         let _g = self.flush_lock.lock();
-        let (changed, removed) = self.store.write().take_dirty();
-        match db.write(&changed, &removed) {
-            Ok(()) => {
-                self.metrics.findings_persisted.fetch_add(changed.len() as u64, Relaxed);
-                Ok(changed.len())
+        let mut total = 0;
+        // In chunks, so that queries never wait long for the store's lock.
+        loop {
+            let (changed, removed) = self.store.write().take_dirty_max(5_000);
+            if changed.is_empty() && removed.is_empty() {
+                return Ok(total);
             }
-            Err(e) => {
-                self.metrics.persist_errors.fetch_add(1, Relaxed);
-                self.store.write().restore_dirty(&changed, &removed);
-                Err(e)
+            match db.write(&changed, &removed) {
+                Ok(()) => {
+                    self.metrics
+                        .findings_persisted
+                        .fetch_add(changed.len() as u64, Relaxed);
+                    total += changed.len();
+                }
+                Err(e) => {
+                    self.metrics.persist_errors.fetch_add(1, Relaxed);
+                    self.store.write().restore_dirty(&changed, &removed);
+                    return Err(e);
+                }
             }
         }
     }
@@ -223,10 +265,15 @@ impl Collector {
     /// Applies retention (age and count) and index pruning.
     pub fn retain(&self, now_ms: u64) -> usize {
         let min = now_ms.saturating_sub(self.settings.retention_age.as_millis() as u64);
-        let n = self.store.write().retain(min, self.settings.retention_count);
+        let n = self
+            .store
+            .write()
+            .retain(min, self.settings.retention_count);
         self.metrics.findings_expired.fetch_add(n as u64, Relaxed);
         let keep_us = (self.settings.limits.max_trace_age.as_micros() as u64) * 2;
-        self.core.lock().prune_indexes((now_ms * 1000).saturating_sub(keep_us));
+        self.core
+            .lock()
+            .prune_indexes((now_ms * 1000).saturating_sub(keep_us));
         n
     }
 
@@ -236,7 +283,10 @@ impl Collector {
         let n = results.len();
         self.record(results);
         self.flush()?;
-        tracing::info!(traces = n, "analysed open traces at shutdown; findings persisted");
+        tracing::info!(
+            traces = n,
+            "analysed open traces at shutdown; findings persisted"
+        );
         Ok(n)
     }
 
@@ -250,7 +300,9 @@ impl Collector {
             return Err(QueryError::BadFilter("trace_id is empty".into()));
         }
         let Some(v) = self.core.lock().trace(id, now_ms) else {
-            self.metrics.queries_rejected_not_found.fetch_add(1, Relaxed);
+            self.metrics
+                .queries_rejected_not_found
+                .fetch_add(1, Relaxed);
             return Err(QueryError::TraceNotFound(id.to_string()));
         };
         let store = self.store.read();
@@ -296,12 +348,17 @@ impl Collector {
         let store = self.store.read();
         let mut breaks_per: rustc_hash::FxHashMap<(&str, &str), u64> = Default::default();
         for b in store.all() {
-            *breaks_per.entry((b.namespace.as_str(), b.workload.as_str())).or_default() += 1;
+            *breaks_per
+                .entry((b.namespace.as_str(), b.workload.as_str()))
+                .or_default() += 1;
         }
         let mut workloads: Vec<WorkloadSummary> = stats
             .into_iter()
             .map(|((ns, wl), s)| WorkloadSummary {
-                breaks: breaks_per.get(&(ns.as_str(), wl.as_str())).copied().unwrap_or(0),
+                breaks: breaks_per
+                    .get(&(ns.as_str(), wl.as_str()))
+                    .copied()
+                    .unwrap_or(0),
                 workload: wl,
                 namespace: ns,
                 hops: s.hops,
@@ -313,7 +370,10 @@ impl Collector {
                     .iter()
                     .map(|(b, n)| {
                         (
-                            FLAG_NAMES.get(*b as usize).map(|s| s.to_string()).unwrap_or(format!("UNKNOWN(bit {b})")),
+                            FLAG_NAMES
+                                .get(*b as usize)
+                                .map(|s| s.to_string())
+                                .unwrap_or(format!("UNKNOWN(bit {b})")),
                             *n,
                         )
                     })
@@ -334,9 +394,13 @@ impl Collector {
     /// Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         let m = &self.metrics;
-        let (cs, open, open_hops, recent, pods, interned, overflow) = {
+        let (cs, open, open_hops, recent) = {
             let c = self.core.lock();
-            (c.stats, c.open_traces(), c.open_hops(), c.recent_traces(), c.pods.len(), c.it.len(), c.it.overflowed)
+            (c.stats, c.open_traces(), c.open_hops(), c.recent_traces())
+        };
+        let (pods, interned, overflow) = {
+            let s = self.shared.read();
+            (s.pods.len(), s.it.len(), s.it.overflowed)
         };
         let mut by_kind = [0u64; 9];
         let total = {
@@ -360,9 +424,24 @@ impl Collector {
             }
         };
         let l = |a: &AtomicU64| a.load(Relaxed);
-        metric("hopwatch_hops_received_total", "counter", "Hops received in accepted batches.", &[("", l(&m.hops_received))]);
-        metric("hopwatch_hops_dropped_total", "counter", "Hops dropped by the collector.", &[("reason=\"trace_full\"", cs.hops_dropped_trace_full)]);
-        metric("hopwatch_batches_received_total", "counter", "Report batches received.", &[("", l(&m.batches_received))]);
+        metric(
+            "hopwatch_hops_received_total",
+            "counter",
+            "Hops received in accepted batches.",
+            &[("", l(&m.hops_received))],
+        );
+        metric(
+            "hopwatch_hops_dropped_total",
+            "counter",
+            "Hops dropped by the collector.",
+            &[("reason=\"trace_full\"", cs.hops_dropped_trace_full)],
+        );
+        metric(
+            "hopwatch_batches_received_total",
+            "counter",
+            "Report batches received.",
+            &[("", l(&m.batches_received))],
+        );
         metric(
             "hopwatch_batches_rejected_total",
             "counter",
@@ -373,31 +452,129 @@ impl Collector {
                 ("reason=\"malformed\"", l(&m.batches_rejected_malformed)),
             ],
         );
-        metric("hopwatch_reports_dropped_by_filters_total", "counter", "Reports the filters dropped before sending (dropped_since_last_batch).", &[("", l(&m.reports_dropped_by_filters))]);
-        metric("hopwatch_open_traces", "gauge", "Traces open (not analysed yet).", &[("", open as u64)]);
-        metric("hopwatch_open_hops", "gauge", "Hops held in open traces.", &[("", open_hops as u64)]);
-        metric("hopwatch_recent_traces", "gauge", "Analysed traces kept for GetTrace.", &[("", recent as u64)]);
-        metric("hopwatch_traces_analysed_total", "counter", "Traces analysed.", &[("", cs.traces_analysed)]);
-        metric("hopwatch_traces_analysed_at_max_age_total", "counter", "Traces analysed because they reached the maximum age.", &[("", cs.traces_analysed_at_max_age)]);
-        metric("hopwatch_trace_evictions_total", "counter", "Open traces evicted (analysed early) because max open traces was reached.", &[("", cs.traces_evicted)]);
-        metric("hopwatch_pods_indexed", "gauge", "Pods in the cross-trace inbound index.", &[("", pods as u64)]);
-        metric("hopwatch_interned_strings", "gauge", "Distinct interned strings.", &[("", interned as u64)]);
-        metric("hopwatch_interner_overflow_total", "counter", "Strings not interned because the interner is full.", &[("", overflow)]);
+        metric(
+            "hopwatch_reports_dropped_by_filters_total",
+            "counter",
+            "Reports the filters dropped before sending (dropped_since_last_batch).",
+            &[("", l(&m.reports_dropped_by_filters))],
+        );
+        metric(
+            "hopwatch_open_traces",
+            "gauge",
+            "Traces open (not analysed yet).",
+            &[("", open as u64)],
+        );
+        metric(
+            "hopwatch_open_hops",
+            "gauge",
+            "Hops held in open traces.",
+            &[("", open_hops as u64)],
+        );
+        metric(
+            "hopwatch_recent_traces",
+            "gauge",
+            "Analysed traces kept for GetTrace.",
+            &[("", recent as u64)],
+        );
+        metric(
+            "hopwatch_traces_analysed_total",
+            "counter",
+            "Traces analysed.",
+            &[("", cs.traces_analysed)],
+        );
+        metric(
+            "hopwatch_traces_analysed_at_max_age_total",
+            "counter",
+            "Traces analysed because they reached the maximum age.",
+            &[("", cs.traces_analysed_at_max_age)],
+        );
+        metric(
+            "hopwatch_late_trace_merges_total",
+            "counter",
+            "Analyses of hops that arrived after their trace was analysed (merged with it).",
+            &[("", cs.late_merges)],
+        );
+        metric(
+            "hopwatch_trace_evictions_total",
+            "counter",
+            "Open traces evicted (analysed early) because max open traces was reached.",
+            &[("", cs.traces_evicted)],
+        );
+        metric(
+            "hopwatch_pods_indexed",
+            "gauge",
+            "Pods in the cross-trace inbound index.",
+            &[("", pods as u64)],
+        );
+        metric(
+            "hopwatch_interned_strings",
+            "gauge",
+            "Distinct interned strings.",
+            &[("", interned as u64)],
+        );
+        metric(
+            "hopwatch_interner_overflow_total",
+            "counter",
+            "Strings not interned because the interner is full.",
+            &[("", overflow)],
+        );
         let kinds: Vec<(String, u64)> = (1..=8)
             .map(|k| {
-                let name = BreakKind::try_from(k).map(|k| k.as_str_name()).unwrap_or("UNKNOWN");
+                let name = BreakKind::try_from(k)
+                    .map(|k| k.as_str_name())
+                    .unwrap_or("UNKNOWN");
                 (format!("kind=\"{name}\""), by_kind[k as usize])
             })
             .collect();
         let kinds_ref: Vec<(&str, u64)> = kinds.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        metric("hopwatch_findings", "gauge", "Stored findings by kind.", &kinds_ref);
-        metric("hopwatch_findings_total", "gauge", "Stored findings.", &[("", total as u64)]);
-        metric("hopwatch_findings_expired_total", "counter", "Findings removed by retention.", &[("", l(&m.findings_expired))]);
-        metric("hopwatch_findings_persisted_total", "counter", "Finding writes to the database.", &[("", l(&m.findings_persisted))]);
-        metric("hopwatch_persist_errors_total", "counter", "Failed database flushes.", &[("", l(&m.persist_errors))]);
-        metric("hopwatch_ingest_lag_milliseconds_last", "gauge", "Lag from the end of the newest hop of the last batch to its arrival.", &[("", l(&m.ingest_lag_ms_last))]);
-        metric("hopwatch_ingest_lag_milliseconds_sum", "counter", "Sum of per-batch ingest lags.", &[("", l(&m.ingest_lag_ms_sum))]);
-        metric("hopwatch_ingest_lag_milliseconds_count", "counter", "Batches with an ingest lag sample.", &[("", l(&m.ingest_lag_samples))]);
+        metric(
+            "hopwatch_findings",
+            "gauge",
+            "Stored findings by kind.",
+            &kinds_ref,
+        );
+        metric(
+            "hopwatch_findings_total",
+            "gauge",
+            "Stored findings.",
+            &[("", total as u64)],
+        );
+        metric(
+            "hopwatch_findings_expired_total",
+            "counter",
+            "Findings removed by retention.",
+            &[("", l(&m.findings_expired))],
+        );
+        metric(
+            "hopwatch_findings_persisted_total",
+            "counter",
+            "Finding writes to the database.",
+            &[("", l(&m.findings_persisted))],
+        );
+        metric(
+            "hopwatch_persist_errors_total",
+            "counter",
+            "Failed database flushes.",
+            &[("", l(&m.persist_errors))],
+        );
+        metric(
+            "hopwatch_ingest_lag_milliseconds_last",
+            "gauge",
+            "Lag from the end of the newest hop of the last batch to its arrival.",
+            &[("", l(&m.ingest_lag_ms_last))],
+        );
+        metric(
+            "hopwatch_ingest_lag_milliseconds_sum",
+            "counter",
+            "Sum of per-batch ingest lags.",
+            &[("", l(&m.ingest_lag_ms_sum))],
+        );
+        metric(
+            "hopwatch_ingest_lag_milliseconds_count",
+            "counter",
+            "Batches with an ingest lag sample.",
+            &[("", l(&m.ingest_lag_samples))],
+        );
         metric(
             "hopwatch_queries_rejected_total",
             "counter",
@@ -407,7 +584,12 @@ impl Collector {
                 ("code=\"invalid_argument\"", l(&m.queries_rejected_invalid)),
             ],
         );
-        metric("hopwatch_watch_lagged_total", "counter", "Findings a slow WatchBreaks client missed.", &[("", l(&m.watch_lagged))]);
+        metric(
+            "hopwatch_watch_lagged_total",
+            "counter",
+            "Findings a slow WatchBreaks client missed.",
+            &[("", l(&m.watch_lagged))],
+        );
         o
     }
 }

@@ -25,13 +25,22 @@ pub const MAX_SAMPLE_TRACES: usize = 10;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("opening database {path}: {source}")]
-    Open { path: String, source: redb::DatabaseError },
+    Open {
+        path: String,
+        source: redb::DatabaseError,
+    },
     #[error("database: {0}")]
     Db(String),
     #[error("corrupt finding record {id}: {source}")]
-    Decode { id: String, source: prost::DecodeError },
+    Decode {
+        id: String,
+        source: prost::DecodeError,
+    },
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -119,8 +128,14 @@ impl FindingStore {
         let k = (b.last_seen_unix_ms, n);
         self.order.insert(k);
         self.by_kind.entry(b.kind).or_default().insert(k);
-        self.by_workload.entry(b.workload.clone()).or_default().insert(k);
-        self.by_namespace.entry(b.namespace.clone()).or_default().insert(k);
+        self.by_workload
+            .entry(b.workload.clone())
+            .or_default()
+            .insert(k);
+        self.by_namespace
+            .entry(b.namespace.clone())
+            .or_default()
+            .insert(k);
         self.by_id.insert(n, b);
     }
 
@@ -231,13 +246,28 @@ impl FindingStore {
 
     /// Takes the pending writes: (changed findings, removed ids).
     pub fn take_dirty(&mut self) -> (Vec<Break>, Vec<String>) {
-        let changed = self
-            .dirty
-            .drain()
-            .filter_map(|n| self.by_id.get(&n).cloned())
-            .collect();
-        let removed = self.removed.drain().collect();
-        (changed, removed)
+        self.take_dirty_max(usize::MAX)
+    }
+
+    /// Takes at most `max` pending writes of each sort (bounded write-lock hold time).
+    pub fn take_dirty_max(&mut self, max: usize) -> (Vec<Break>, Vec<String>) {
+        let ids: Vec<u64> = self.dirty.iter().take(max).copied().collect();
+        let mut changed = Vec::with_capacity(ids.len());
+        for n in ids {
+            self.dirty.remove(&n);
+            if let Some(b) = self.by_id.get(&n) {
+                changed.push(b.clone());
+            }
+        }
+        let rm: Vec<String> = self.removed.iter().take(max).cloned().collect();
+        for id in &rm {
+            self.removed.remove(id);
+        }
+        (changed, rm)
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.removed.is_empty()
     }
 
     /// Puts writes back after a failed flush.
@@ -303,7 +333,8 @@ impl Db {
         {
             let mut t = tx.open_table(FINDINGS).map_err(db_err)?;
             for b in changed {
-                t.insert(b.id.as_str(), b.encode_to_vec().as_slice()).map_err(db_err)?;
+                t.insert(b.id.as_str(), b.encode_to_vec().as_slice())
+                    .map_err(db_err)?;
             }
             for id in removed {
                 t.remove(id.as_str()).map_err(db_err)?;
@@ -354,10 +385,25 @@ mod tests {
             s.merge(&f(&format!("w{i}"), i * 10), "t");
         }
         let l = s.list(&Filter::default(), 5);
-        assert_eq!(l.iter().map(|b| b.workload.as_str()).collect::<Vec<_>>(), ["w49", "w48", "w47", "w46", "w45"]);
-        let l = s.list(&Filter { since_ms: Some(455), ..Default::default() }, 100);
+        assert_eq!(
+            l.iter().map(|b| b.workload.as_str()).collect::<Vec<_>>(),
+            ["w49", "w48", "w47", "w46", "w45"]
+        );
+        let l = s.list(
+            &Filter {
+                since_ms: Some(455),
+                ..Default::default()
+            },
+            100,
+        );
         assert_eq!(l.len(), 4);
-        let l = s.list(&Filter { workload: Some("w3".into()), ..Default::default() }, 100);
+        let l = s.list(
+            &Filter {
+                workload: Some("w3".into()),
+                ..Default::default()
+            },
+            100,
+        );
         assert_eq!(l.len(), 1);
     }
 

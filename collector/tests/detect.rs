@@ -20,7 +20,10 @@ fn run(hops: &[Hop]) -> Vec<Finding> {
 fn run_with(limits: Limits, hops: &[Hop]) -> Vec<Finding> {
     let mut core = Core::new(limits);
     core.ingest(hops, NOW);
-    core.flush_all(NOW).into_iter().flat_map(|r| r.findings).collect()
+    core.flush_all(NOW)
+        .into_iter()
+        .flat_map(|r| r.findings)
+        .collect()
 }
 
 fn kinds(f: &[Finding]) -> Vec<BreakKind> {
@@ -42,7 +45,9 @@ fn healthy_chain_has_no_findings_and_joins_into_one_path() {
     let results = core.flush_all(NOW);
     assert_eq!(results.len(), 1);
     assert!(results[0].findings.is_empty(), "{:?}", results[0].findings);
-    let v = core.trace(&t, NOW).expect("recent trace");
+    let v = core
+        .trace(&t.to_uppercase(), NOW)
+        .expect("recent trace (trace ids are case-insensitive)");
     assert!(!v.open);
     assert_eq!(v.hop_count, 5);
     assert_eq!(v.roots.len(), 1, "one root (the edge inbound)");
@@ -50,7 +55,10 @@ fn healthy_chain_has_no_findings_and_joins_into_one_path() {
     assert!(root.outbound.is_none());
     assert_eq!(root.inbound.as_ref().unwrap().workload, "productpage-v1");
     let reviews = &root.children[0];
-    assert_eq!(reviews.outbound.as_ref().unwrap().workload, "productpage-v1");
+    assert_eq!(
+        reviews.outbound.as_ref().unwrap().workload,
+        "productpage-v1"
+    );
     assert_eq!(reviews.inbound.as_ref().unwrap().workload, "reviews-v1");
     let ratings = &reviews.children[0];
     assert_eq!(ratings.inbound.as_ref().unwrap().workload, "ratings-v1");
@@ -66,7 +74,15 @@ fn healthy_untagged_chain_has_no_findings() {
 #[test]
 fn edge_inbound_without_caller_is_a_root_not_a_break() {
     let t = trace_id(3);
-    let hops = vec![inbound(&t, "gateway", "gateway", "b000000000000001", base(), 1000, "dev")];
+    let hops = vec![inbound(
+        &t,
+        "gateway",
+        "gateway",
+        "b000000000000001",
+        base(),
+        1000,
+        "dev",
+    )];
     assert!(run(&hops).is_empty());
 }
 
@@ -87,7 +103,10 @@ fn joins_by_request_id_service_and_timing_when_span_ids_are_missing() {
     assert_eq!(v.roots.len(), 1);
     let reviews = &v.roots[0].children[0];
     assert_eq!(reviews.inbound.as_ref().unwrap().workload, "reviews-v1");
-    assert_eq!(reviews.children[0].inbound.as_ref().unwrap().workload, "ratings-v1");
+    assert_eq!(
+        reviews.children[0].inbound.as_ref().unwrap().workload,
+        "ratings-v1"
+    );
     assert!(core.flush_all(NOW)[0].findings.is_empty());
 }
 
@@ -130,8 +149,15 @@ fn tag_changed() {
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::TagChanged]);
     assert_eq!(f[0].severity, Severity::Error);
-    assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "ratings"));
-    assert!(f[0].summary.contains("dev.proj1") && f[0].summary.contains("dev.other"), "{}", f[0].summary);
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
+    assert!(
+        f[0].summary.contains("dev.proj1") && f[0].summary.contains("dev.other"),
+        "{}",
+        f[0].summary
+    );
 }
 
 #[test]
@@ -148,7 +174,10 @@ fn tag_dropped_in_trace_own_tag_restamped() {
     hops[4].tag_sent = "dev".into();
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::TagDropped]);
-    assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "ratings"));
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
     assert_eq!(f[0].severity, Severity::Error);
 }
 
@@ -158,20 +187,59 @@ fn trace_not_propagated_links_by_time_and_finds_the_dropped_tag() {
     // trace headers: its call to ratings starts a new trace B with no tag.
     let (a, b) = (trace_id(9), trace_id(10));
     let base = base();
-    let mut hops = vec![inbound(&a, "reviews-v1", "reviews", "c000000000000001", base, 10_000, "dev.proj1")];
-    let mut out = outbound(&b, "reviews-v1", "reviews", "", "c000000000000002", "ratings", base + 2_000, 3_000, "");
+    let mut hops = vec![inbound(
+        &a,
+        "reviews-v1",
+        "reviews",
+        "c000000000000001",
+        base,
+        10_000,
+        "dev.proj1",
+    )];
+    let mut out = outbound(
+        &b,
+        "reviews-v1",
+        "reviews",
+        "",
+        "c000000000000002",
+        "ratings",
+        base + 2_000,
+        3_000,
+        "",
+    );
     out.trace_context = TraceContext::New as i32;
     out.correlated_tag.clear();
-    out.missing_trace_headers = vec!["x-b3-traceid".into(), "x-b3-spanid".into(), "x-b3-sampled".into()];
+    out.missing_trace_headers = vec![
+        "x-b3-traceid".into(),
+        "x-b3-spanid".into(),
+        "x-b3-sampled".into(),
+    ];
     out.request_id = "other".into();
-    let mut callee = inbound(&b, "ratings-v1", "ratings", "c000000000000002", base + 2_100, 2_800, "");
+    let mut callee = inbound(
+        &b,
+        "ratings-v1",
+        "ratings",
+        "c000000000000002",
+        base + 2_100,
+        2_800,
+        "",
+    );
     callee.request_id = "other".into();
     hops.push(out);
     hops.push(callee);
     let f = run(&hops);
-    assert_eq!(kinds(&f), vec![BreakKind::TagDropped, BreakKind::TraceNotPropagated]);
-    let tnp = f.iter().find(|f| f.kind == BreakKind::TraceNotPropagated).unwrap();
-    assert_eq!((tnp.workload.as_str(), tnp.peer.as_str()), ("reviews-v1", "ratings"));
+    assert_eq!(
+        kinds(&f),
+        vec![BreakKind::TagDropped, BreakKind::TraceNotPropagated]
+    );
+    let tnp = f
+        .iter()
+        .find(|f| f.kind == BreakKind::TraceNotPropagated)
+        .unwrap();
+    assert_eq!(
+        (tnp.workload.as_str(), tnp.peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
     assert!(tnp.summary.contains("x-b3-traceid"), "{}", tnp.summary);
     let dropped = f.iter().find(|f| f.kind == BreakKind::TagDropped).unwrap();
     assert!(dropped.summary.contains("dev.proj1"));
@@ -181,10 +249,28 @@ fn trace_not_propagated_links_by_time_and_finds_the_dropped_tag() {
 fn trace_not_propagated_links_by_request_id() {
     let (a, b) = (trace_id(11), trace_id(12));
     let base = base();
-    let mut inb = inbound(&a, "reviews-v1", "reviews", "d000000000000001", base, 1_000, "");
+    let mut inb = inbound(
+        &a,
+        "reviews-v1",
+        "reviews",
+        "d000000000000001",
+        base,
+        1_000,
+        "",
+    );
     inb.request_id = "rid-1".into();
     // Starts after the inbound request ended (async work), but carries its request id.
-    let mut out = outbound(&b, "reviews-v1", "reviews", "", "", "ratings", base + 50_000, 3_000, "");
+    let mut out = outbound(
+        &b,
+        "reviews-v1",
+        "reviews",
+        "",
+        "",
+        "ratings",
+        base + 50_000,
+        3_000,
+        "",
+    );
     out.trace_context = TraceContext::Missing as i32;
     out.trace_id.clear();
     out.request_id = "rid-1".into();
@@ -196,11 +282,37 @@ fn trace_not_propagated_links_by_request_id() {
 #[test]
 fn new_trace_from_a_pod_that_serves_nothing_is_a_legitimate_root() {
     let base = base();
-    let mut out = outbound(&trace_id(13), "loadgen", "loadgen", "", "e000000000000002", "productpage", base, 3_000, "");
+    let mut out = outbound(
+        &trace_id(13),
+        "loadgen",
+        "loadgen",
+        "",
+        "e000000000000002",
+        "productpage",
+        base,
+        3_000,
+        "",
+    );
     out.trace_context = TraceContext::New as i32;
-    let callee = inbound(&trace_id(13), "productpage-v1", "productpage", "e000000000000002", base + 100, 2_800, "");
+    let callee = inbound(
+        &trace_id(13),
+        "productpage-v1",
+        "productpage",
+        "e000000000000002",
+        base + 100,
+        2_800,
+        "",
+    );
     // Another pod serving a request at the same time does not matter.
-    let other = inbound(&trace_id(14), "reviews-v1", "reviews", "e000000000000009", base, 10_000, "dev");
+    let other = inbound(
+        &trace_id(14),
+        "reviews-v1",
+        "reviews",
+        "e000000000000009",
+        base,
+        10_000,
+        "dev",
+    );
     let f = run(&[out, callee, other]);
     assert!(f.is_empty(), "{f:?}");
 }
@@ -211,7 +323,15 @@ fn tag_misrouted_when_a_better_instance_exists() {
     let base = base();
     let mut hops = Vec::new();
     // A dev.mia instance of reviews exists (seen earlier).
-    let mut mia = inbound(&trace_id(16), "reviews-mia", "reviews", "f000000000000009", base - 1_000_000, 1_000, "dev.mia");
+    let mut mia = inbound(
+        &trace_id(16),
+        "reviews-mia",
+        "reviews",
+        "f000000000000009",
+        base - 1_000_000,
+        1_000,
+        "dev.mia",
+    );
     mia.own_tag = "dev.mia".into();
     hops.push(mia);
     let mut chain = healthy_chain(&t, base, "dev.mia");
@@ -220,7 +340,10 @@ fn tag_misrouted_when_a_better_instance_exists() {
     hops.extend(chain);
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::TagMisrouted]);
-    assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "productpage-v1"));
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "productpage-v1")
+    );
     assert!(f[0].summary.contains("dev.mia"));
     assert_eq!(f[0].severity, Severity::Error);
 }
@@ -232,7 +355,15 @@ fn fallback_to_the_best_existing_level_is_not_misrouted() {
     let base = base();
     let mut hops = Vec::new();
     for (i, env) in ["dev", "", "dev.proj1"].iter().enumerate() {
-        let mut h = inbound(&trace_id(20 + i as u32), &format!("reviews-{i}"), "reviews", "f00000000000000a", base - 1_000_000, 1_000, "");
+        let mut h = inbound(
+            &trace_id(20 + i as u32),
+            &format!("reviews-{i}"),
+            "reviews",
+            "f00000000000000a",
+            base - 1_000_000,
+            1_000,
+            "",
+        );
         h.own_tag = env.to_string();
         hops.push(h);
     }
@@ -242,7 +373,15 @@ fn fallback_to_the_best_existing_level_is_not_misrouted() {
     assert!(run(&hops).is_empty());
     // And a non-matching tag on the serving instance is worse than the default.
     let mut hops2 = Vec::new();
-    let mut d = inbound(&trace_id(31), "reviews-default", "reviews", "f00000000000000b", base - 1_000_000, 1_000, "");
+    let mut d = inbound(
+        &trace_id(31),
+        "reviews-default",
+        "reviews",
+        "f00000000000000b",
+        base - 1_000_000,
+        1_000,
+        "",
+    );
     d.own_tag.clear();
     hops2.push(d);
     let mut chain = healthy_chain(&trace_id(32), base, "dev.proj1");
@@ -258,7 +397,10 @@ fn hop_missing_when_the_callee_never_reports() {
     hops.remove(4); // ratings has no sidecar / filter
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::HopMissing]);
-    assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "ratings"));
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
     assert!(f[0].hint.contains("TCP"));
 }
 
@@ -271,10 +413,30 @@ fn no_hop_missing_for_unsampled_anomaly_reports_or_external_hosts() {
     hops[3].sampled_report = false;
     assert!(run(&hops).is_empty());
     // Egress to a host outside the mesh.
-    let mut ext = outbound(&trace_id(42), "reviews-v1", "reviews", "", "", "x", base(), 1000, "");
+    let mut ext = outbound(
+        &trace_id(42),
+        "reviews-v1",
+        "reviews",
+        "",
+        "",
+        "x",
+        base(),
+        1000,
+        "",
+    );
     ext.upstream_cluster = "PassthroughCluster".into();
     ext.authority = "api.github.com".into();
-    let mut ext2 = outbound(&trace_id(43), "reviews-v1", "reviews", "", "", "x", base(), 1000, "");
+    let mut ext2 = outbound(
+        &trace_id(43),
+        "reviews-v1",
+        "reviews",
+        "",
+        "",
+        "x",
+        base(),
+        1000,
+        "",
+    );
     ext2.upstream_cluster = "outbound|443||api.github.com".into();
     assert!(run(&[ext, ext2]).is_empty());
 }
@@ -286,7 +448,8 @@ fn upstream_failure_is_located_at_the_deepest_failing_hop() {
     // ratings' inbound sidecar could not connect to its app (UF); callers see 503s.
     hops[4].response_code = 503;
     hops[4].response_flags = 1 << 5; // UF
-    hops[4].response_code_details = "upstream_reset_before_response_started{remote_connection_failure}".into();
+    hops[4].response_code_details =
+        "upstream_reset_before_response_started{remote_connection_failure}".into();
     hops[3].response_code = 503;
     hops[1].response_code = 503;
     hops[1].response_flags = 1 << 15; // URX at productpage: a consequence
@@ -301,7 +464,12 @@ fn upstream_failure_is_located_at_the_deepest_failing_hop() {
 
 #[test]
 fn upstream_failure_on_the_outbound_side_with_flag_hints() {
-    for (bit, name, needle) in [(1u64, "UH", "subset"), (8, "NR", "DestinationRule"), (6, "UC", "mTLS"), (7, "UO", "circuit")] {
+    for (bit, name, needle) in [
+        (1u64, "UH", "subset"),
+        (8, "NR", "DestinationRule"),
+        (6, "UC", "mTLS"),
+        (7, "UO", "circuit"),
+    ] {
         let t = trace_id(60 + bit as u32);
         let mut hops = healthy_chain(&t, base(), "");
         hops.remove(4); // Envoy answered itself: no inbound hop at ratings
@@ -311,7 +479,10 @@ fn upstream_failure_on_the_outbound_side_with_flag_hints() {
         hops[1].response_code = 503;
         let f = run(&hops);
         assert_eq!(kinds(&f), vec![BreakKind::UpstreamFailure], "{name}");
-        assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "ratings"));
+        assert_eq!(
+            (f[0].workload.as_str(), f[0].peer.as_str()),
+            ("reviews-v1", "ratings")
+        );
         assert_eq!(f[0].flags, vec![name.to_string()]);
         assert!(f[0].hint.contains(needle), "{name}: {}", f[0].hint);
     }
@@ -327,7 +498,10 @@ fn trace_malformed_reported_where_it_first_appeared() {
     hops[4].trace_detail = "x-b3-spanid: not hex".into();
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::TraceMalformed]);
-    assert_eq!((f[0].workload.as_str(), f[0].peer.as_str()), ("reviews-v1", "ratings"));
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
     assert_eq!(f[0].severity, Severity::Warning);
     assert!(f[0].summary.contains("not hex"));
     // From outside the mesh: located at the edge inbound.
@@ -340,7 +514,11 @@ fn trace_malformed_reported_where_it_first_appeared() {
 
 #[test]
 fn open_trace_bound_evicts_and_counts() {
-    let limits = Limits { max_open_traces: 10, max_hops_per_trace: 3, ..Limits::default() };
+    let limits = Limits {
+        max_open_traces: 10,
+        max_hops_per_trace: 3,
+        ..Limits::default()
+    };
     let mut core = Core::new(limits);
     let mut analysed = 0;
     for i in 0..25u32 {
@@ -369,13 +547,24 @@ fn traces_are_analysed_when_quiet_or_at_max_age() {
     core.ingest(&hops[..2], NOW);
     assert!(core.poll(NOW + 4_000, 100).is_empty());
     core.ingest(&hops[2..], NOW + 4_000);
-    assert!(core.poll(NOW + 8_000, 100).is_empty(), "the new hops reset the quiet timer");
+    assert!(
+        core.poll(NOW + 8_000, 100).is_empty(),
+        "the new hops reset the quiet timer"
+    );
     assert_eq!(core.poll(NOW + 9_000, 100).len(), 1);
     assert_eq!(core.open_traces(), 0);
+    assert_eq!(
+        core.queue_len(),
+        0,
+        "analysed traces leave no queue entries behind"
+    );
     // A trace that never goes quiet is analysed at max age.
     let t2 = trace_id(201);
     for s in 0..25u64 {
-        core.ingest(&healthy_chain(&t2, base(), "")[..1], NOW + 10_000 + s * 1_000);
+        core.ingest(
+            &healthy_chain(&t2, base(), "")[..1],
+            NOW + 10_000 + s * 1_000,
+        );
         let r = core.poll(NOW + 10_000 + s * 1_000, 100);
         if !r.is_empty() {
             assert!(s >= 20, "analysed at {s}s");
@@ -392,7 +581,14 @@ fn findings_are_deduplicated_across_traces() {
     for i in 0..3 {
         let mut hops = healthy_chain(&trace_id(300 + i), base(), "");
         hops.remove(4);
-        c.report(&hopwatch_proto::v1::ReportRequest { hops, ..Default::default() }, NOW).unwrap();
+        c.report(
+            &hopwatch_proto::v1::ReportRequest {
+                hops,
+                ..Default::default()
+            },
+            NOW,
+        )
+        .unwrap();
     }
     c.shutdown(NOW).unwrap();
     let b = c.list_breaks(&Filter::default(), 100);
@@ -406,13 +602,17 @@ fn findings_are_deduplicated_across_traces() {
 fn hops_without_trace_id_group_by_request_id() {
     let mut hops = healthy_chain("", base(), "");
     for h in hops.iter_mut() {
-        h.request_id = "only-rid".into();
+        h.request_id = "Only-RID".into();
         h.trace_context = TraceContext::Missing as i32;
     }
     let mut core = Core::new(Limits::default());
     core.ingest(&hops, NOW);
     assert_eq!(core.open_traces(), 1);
-    let v = core.trace("only-rid", NOW).expect("by request id");
+    assert!(
+        core.trace("only-rid", NOW).is_none(),
+        "request ids are case-sensitive"
+    );
+    let v = core.trace("Only-RID", NOW).expect("by request id");
     assert_eq!(v.hop_count, 5);
     assert!(core.flush_all(NOW)[0].findings.is_empty());
 }
@@ -450,4 +650,129 @@ fn sampling_gap_anomaly_only_reports_give_only_the_failure() {
     assert_eq!(kinds(&f), vec![BreakKind::UpstreamFailure]);
     assert_eq!(f[0].workload, "reviews-v1");
     assert_eq!(f[0].flags, vec!["UH".to_string()]);
+}
+
+#[test]
+fn joins_by_request_id_when_the_service_name_differs() {
+    let t = trace_id(402);
+    let mut hops = healthy_chain(&t, base(), "");
+    for h in hops.iter_mut() {
+        h.upstream_span_id.clear();
+        h.span_id.clear();
+    }
+    // The Service is "ratings-svc" but the callee's canonical name is "ratings".
+    hops[3].upstream_cluster = "outbound|9080||ratings-svc.default.svc.cluster.local".into();
+    hops[3].authority = "ratings-svc:9080".into();
+    hops[4].authority = "ratings-svc:9080".into();
+    assert!(run(&hops).is_empty());
+    hops[4].authority = "whatever".into();
+    assert!(run(&hops).is_empty());
+    // Without a matching request id it stays unexplained.
+    hops[4].request_id = "different".into();
+    assert_eq!(kinds(&run(&hops)), vec![BreakKind::HopMissing]);
+}
+
+#[test]
+fn late_hops_are_analysed_with_their_trace_and_findings_not_double_counted() {
+    let t = trace_id(403);
+    let mut hops = healthy_chain(&t, base(), "dev.proj1");
+    hops[3].tag_source = TagSource::Correlated as i32; // TAG_NOT_PROPAGATED, once
+    let mut core = Core::new(Limits::default());
+    core.ingest(&hops, NOW);
+    let first: Vec<Finding> = core
+        .flush_all(NOW)
+        .into_iter()
+        .flat_map(|r| r.findings)
+        .collect();
+    assert_eq!(kinds(&first), vec![BreakKind::TagNotPropagated]);
+    // A late outbound of reviews (in the same trace) that dropped the tag: its parent
+    // inbound was in the first batch.
+    let mut late = outbound(
+        &t,
+        "reviews-v1",
+        "reviews",
+        "a000000000000002",
+        "a0000000000000ff",
+        "details",
+        base() + 3_000,
+        500,
+        "",
+    );
+    late.tag_sent = "dev".into();
+    late.tag_source = TagSource::Environment as i32;
+    late.correlated_tag.clear();
+    late.upstream_host.clear();
+    core.ingest(&[late], NOW + 10_000);
+    let second: Vec<Finding> = core
+        .flush_all(NOW + 10_000)
+        .into_iter()
+        .flat_map(|r| r.findings)
+        .collect();
+    assert_eq!(kinds(&second), vec![BreakKind::TagDropped]);
+    assert_eq!(core.stats.late_merges, 1);
+    assert_eq!(core.trace(&t, NOW).unwrap().hop_count, 6);
+}
+
+#[test]
+fn downstream_close_alone_is_a_warning_and_a_timeout_is_the_origin() {
+    // The caller timed out (UT); the callee's sidecar then saw the caller close (DC).
+    let t = trace_id(404);
+    let mut hops = healthy_chain(&t, base(), "");
+    hops[3].response_code = 504;
+    hops[3].response_flags = 1 << 2; // UT
+    hops[4].response_code = 0;
+    hops[4].response_flags = 1 << 14; // DC
+    let f = run(&hops);
+    assert_eq!(kinds(&f), vec![BreakKind::UpstreamFailure]);
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
+    assert_eq!(f[0].flags, vec!["UT".to_string()]);
+    // A client that hung up on the edge workload: a warning.
+    let mut hops = healthy_chain(&trace_id(405), base(), "");
+    hops[0].response_flags = 1 << 14;
+    let f = run(&hops);
+    assert_eq!(kinds(&f), vec![BreakKind::UpstreamFailure]);
+    assert_eq!(f[0].severity, Severity::Warning);
+}
+
+#[test]
+fn shared_request_id_does_not_join_an_ancestor_inbound_as_callee() {
+    // Every hop shares x-request-id; ratings has no sidecar. The root inbound of
+    // productpage (same request id, overlapping in time) must not pass for ratings'.
+    let t = trace_id(406);
+    let mut hops = healthy_chain(&t, base(), "");
+    for h in hops.iter_mut() {
+        h.request_id = "shared".into();
+    }
+    hops.remove(4);
+    let f = run(&hops);
+    assert_eq!(kinds(&f), vec![BreakKind::HopMissing]);
+    assert_eq!(
+        (f[0].workload.as_str(), f[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
+}
+
+#[test]
+fn open_hops_bound_evicts_and_counts() {
+    let limits = Limits {
+        max_open_hops: 12,
+        ..Limits::default()
+    };
+    let mut core = Core::new(limits);
+    for i in 0..10u32 {
+        core.ingest(
+            &healthy_chain(&trace_id(500 + i), base(), ""),
+            NOW + i as u64,
+        );
+        assert!(core.open_hops() <= 12, "{}", core.open_hops());
+    }
+    assert!(
+        core.stats.traces_evicted >= 7,
+        "{}",
+        core.stats.traces_evicted
+    );
+    assert_eq!(core.stats.hops_accepted, 50);
 }

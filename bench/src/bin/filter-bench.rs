@@ -87,6 +87,8 @@ enum Kind {
     EmptyWasm,
     Lua,
     Hopwatch { inbound: bool, rate: Option<f64> },
+    /// The empty filter as a host-call probe (`probe+get_property=10`): prices host calls.
+    Probe,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +114,7 @@ fn parse_config(name: &str) -> Result<Config> {
         "none" => Kind::None,
         "empty-wasm" => Kind::EmptyWasm,
         "lua" => Kind::Lua,
+        "probe" => Kind::Probe,
         _ => {
             let (side, rate) = match s.split_once('@') {
                 Some((side, r)) => (side, Some(r.parse::<f64>().context("sample rate")?)),
@@ -125,8 +128,8 @@ fn parse_config(name: &str) -> Result<Config> {
             Kind::Hopwatch { inbound, rate }
         }
     };
-    if !overrides.is_empty() && !matches!(kind, Kind::Hopwatch { .. }) {
-        bail!("{name:?}: overrides apply to hopwatch configurations only");
+    if !overrides.is_empty() && !matches!(kind, Kind::Hopwatch { .. } | Kind::Probe) {
+        bail!("{name:?}: overrides apply to hopwatch and probe configurations only");
     }
     Ok(Config {
         name: name.to_string(),
@@ -232,7 +235,7 @@ fn run(args: Args) -> Result<()> {
     for c in &args.configs {
         let cfg = parse_config(c)?;
         let missing = match cfg.kind {
-            Kind::EmptyWasm if !empty_wasm.exists() => Some(&empty_wasm),
+            Kind::EmptyWasm | Kind::Probe if !empty_wasm.exists() => Some(&empty_wasm),
             Kind::Hopwatch { .. } if !filter_wasm.exists() => Some(&filter_wasm),
             _ => None,
         };
@@ -340,6 +343,11 @@ fn run(args: Args) -> Result<()> {
             Kind::None => (vec![], vec![]),
             Kind::EmptyWasm => (vec![envoy::empty_wasm_filter(&empty_wasm)], vec![]),
             Kind::Lua => (vec![envoy::lua_filter()], vec![]),
+            Kind::Probe => {
+                let spec: Vec<String> =
+                    cfg.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (vec![envoy::probe_filter(&empty_wasm, &spec.join(","))], vec![])
+            }
             Kind::Hopwatch { inbound: true, rate } => {
                 (vec![hopwatch_filter(true, *rate, &cfg.overrides)], vec![])
             }
@@ -503,6 +511,8 @@ fn run(args: Args) -> Result<()> {
     let mut results: BTreeMap<(String, String), Vec<WrkResult>> = BTreeMap::new();
     // Envoy CPU microseconds per request, per run.
     let mut cpu_per_req: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    // Envoy CPU utilisation during each run (1.0 = its core saturated).
+    let mut cpu_util: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let started = Instant::now();
     for round in 0..args.rounds {
         for route in &args.routes {
@@ -519,8 +529,13 @@ fn run(args: Args) -> Result<()> {
                     .entry((route.clone(), e.config.name.clone()))
                     .or_default()
                     .push(cpu_us);
+                let util = cpu / r.seconds.max(1e-9);
+                cpu_util
+                    .entry((route.clone(), e.config.name.clone()))
+                    .or_default()
+                    .push(util);
                 println!(
-                    "round {} {:8} {:18} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us  envoy {:>5.1} us CPU/req{}",
+                    "round {} {:8} {:18} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us  envoy {:>5.1} us CPU/req, {:>3.0}% CPU{}",
                     round + 1,
                     route,
                     e.config.name,
@@ -528,6 +543,7 @@ fn run(args: Args) -> Result<()> {
                     r.p50_us,
                     r.p99_us,
                     cpu_us,
+                    100.0 * util,
                     if r.non_2xx + r.socket_errors > 0 {
                         format!("  (non-2xx {}, socket errors {})", r.non_2xx, r.socket_errors)
                     } else {
@@ -577,6 +593,8 @@ fn run(args: Args) -> Result<()> {
             "x lua",
             "+us/req",
             "CPU us/req",
+            "x none (CPU)",
+            "envoy CPU %",
             "p50 us",
             "p99 us",
             "RSS MiB",
@@ -613,6 +631,18 @@ fn run(args: Args) -> Result<()> {
                 .get(&(route.clone(), e.config.name.clone()))
                 .map(|v| median(v))
                 .unwrap_or(f64::NAN);
+            let none_cpu = cpu_per_req
+                .get(&(route.clone(), "none".to_string()))
+                .map(|v| median(v))
+                .unwrap_or(f64::NAN);
+            let lua_cpu = cpu_per_req
+                .get(&(route.clone(), "lua".to_string()))
+                .map(|v| median(v));
+            let cpu_ratio = none_cpu / cpu_us;
+            let util = cpu_util
+                .get(&(route.clone(), e.config.name.clone()))
+                .map(|v| median(v))
+                .unwrap_or(f64::NAN);
             table.row(vec![
                 e.config.name.clone(),
                 format!("{rps:.0}"),
@@ -620,6 +650,8 @@ fn run(args: Args) -> Result<()> {
                 ratio_lua.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
                 format!("{added_us:+.2}"),
                 format!("{cpu_us:.2}"),
+                format!("{cpu_ratio:.3}"),
+                format!("{:.0}", 100.0 * util),
                 format!("{p50:.0}"),
                 format!("{p99:.0}"),
                 format!("{rss:.1}"),
@@ -633,7 +665,7 @@ fn run(args: Args) -> Result<()> {
                 e.config.name.clone(),
                 json!({
                     "rps_median": rps, "ratio_none": ratio_none, "ratio_lua": ratio_lua,
-                    "added_us_per_request": added_us, "envoy_cpu_us_per_request": cpu_us, "p50_us": p50, "p99_us": p99,
+                    "added_us_per_request": added_us, "envoy_cpu_us_per_request": cpu_us, "cpu_ratio_none": cpu_ratio, "envoy_cpu_utilisation": util, "p50_us": p50, "p99_us": p99,
                     "rss_mib": rss, "peak_rss_mib": hwm,
                     "rounds": rs.iter().map(|r| json!({"rps": r.rps, "p50_us": r.p50_us, "p99_us": r.p99_us, "requests": r.requests, "non_2xx": r.non_2xx, "socket_errors": r.socket_errors})).collect::<Vec<_>>(),
                 }),
@@ -649,6 +681,7 @@ fn run(args: Args) -> Result<()> {
                         format!("{} >= 0.75x none", e.config.name),
                         route.clone(),
                         format!("{ratio_none:.3}x"),
+                        format!("{cpu_ratio:.3}x"),
                         verdict(ratio_none >= 0.75).into(),
                     ]);
                     if let Some(rl) = ratio_lua {
@@ -656,6 +689,9 @@ fn run(args: Args) -> Result<()> {
                             format!("{} >= 0.9x lua", e.config.name),
                             route.clone(),
                             format!("{rl:.3}x"),
+                            lua_cpu
+                                .map(|l| format!("{:.3}x", l / cpu_us))
+                                .unwrap_or_else(|| "-".into()),
                             verdict(rl >= 0.9).into(),
                         ]);
                     }
@@ -664,6 +700,7 @@ fn run(args: Args) -> Result<()> {
                         format!("{} >= 0.65x none", e.config.name),
                         route.clone(),
                         format!("{ratio_none:.3}x"),
+                        format!("{cpu_ratio:.3}x"),
                         verdict(ratio_none >= 0.65).into(),
                     ]);
                 }
@@ -671,7 +708,7 @@ fn run(args: Args) -> Result<()> {
         }
         print!("{}", table.render());
         println!(
-            "\n(ratios: median over rounds of req/s / the same round's req/s of the reference; +us/req: 1e6/req/s - 1e6/req/s of none; CPU us/req: Envoy's own CPU time (all threads, /proc) per request, median over rounds; RSS after the whole run)"
+            "\n(ratios: median over rounds of req/s / the same round's req/s of the reference; +us/req: 1e6/req/s - 1e6/req/s of none; CPU us/req: Envoy's own CPU time (all threads, /proc) per request, median over rounds, and x none (CPU) = none's CPU us/req / this one's, a cross-check robust to other load on the machine; envoy CPU %: 100 = its core saturated, i.e. Envoy is the bottleneck; RSS after the whole run)"
         );
         json_routes.insert(route.clone(), Value::Object(json_cfgs));
     }
@@ -764,7 +801,13 @@ fn run(args: Args) -> Result<()> {
 
     // wasm size.
     println!("\n## Targets (issue 6)\n");
-    let mut targets = Table::new(&["target", "route", "measured", "verdict"]);
+    let mut targets = Table::new(&[
+        "target",
+        "route",
+        "measured (req/s ratio)",
+        "cross-check (Envoy CPU/req ratio)",
+        "verdict",
+    ]);
     for r in target_rows {
         targets.row(r);
     }
@@ -774,6 +817,7 @@ fn run(args: Args) -> Result<()> {
             "hopwatch_filter.wasm <= 150 KB".into(),
             "-".into(),
             format!("{bytes} bytes ({:.1} KiB)", bytes as f64 / 1024.0),
+            "-".into(),
             verdict(bytes <= 150 * 1024).into(),
         ]);
     }
@@ -782,6 +826,7 @@ fn run(args: Args) -> Result<()> {
             "(empty filter wasm, for scale)".into(),
             "-".into(),
             format!("{} bytes", meta.len()),
+            "-".into(),
             "-".into(),
         ]);
     }
@@ -875,5 +920,8 @@ mod tests {
             ]
         );
         assert!(parse_config("lua+x=1").is_err());
+        let p = parse_config("probe+get_property=10").unwrap();
+        assert_eq!(p.kind, Kind::Probe);
+        assert_eq!(p.overrides, vec![("get_property".to_string(), json!(10))]);
     }
 }

@@ -7,6 +7,9 @@ use clap::Parser;
 use hopwatch_collector::server::{bind, serve, ServerArgs};
 use hopwatch_collector::service::Collector;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -41,8 +44,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = ServerArgs::parse();
     let collector = Arc::new(
-        Collector::open(args.settings(), &args.data_dir)
-            .with_context(|| format!("opening the findings database in {}", args.data_dir.display()))?,
+        Collector::open(args.settings(), &args.data_dir).with_context(|| {
+            format!(
+                "opening the findings database in {}",
+                args.data_dir.display()
+            )
+        })?,
     );
     let (grpc, http) = bind(args.listen, args.http_listen).await?;
     tracing::info!(grpc = %args.listen, http = %args.http_listen, data_dir = %args.data_dir.display(),

@@ -6,14 +6,25 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use hopwatch_collector::cli;
 use hopwatch_proto::v1::query_client::QueryClient;
-use hopwatch_proto::v1::{BreakKind, GetTraceRequest, ListBreaksRequest, SummaryRequest, WatchBreaksRequest};
+use hopwatch_proto::v1::{
+    BreakKind, GetTraceRequest, ListBreaksRequest, SummaryRequest, WatchBreaksRequest,
+};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "hopwatch", version, about = "Ask the hopwatch collector where call chains broke")]
+#[command(
+    name = "hopwatch",
+    version,
+    about = "Ask the hopwatch collector where call chains broke"
+)]
 struct Cli {
     /// Collector gRPC URL.
-    #[arg(long, global = true, env = "HOPWATCH_COLLECTOR", default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long,
+        global = true,
+        env = "HOPWATCH_COLLECTOR",
+        default_value = "http://127.0.0.1:9090"
+    )]
     collector: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -42,8 +53,10 @@ enum Cmd {
         /// Only this kind (e.g. TAG_DROPPED).
         #[arg(long, value_parser = cli::parse_kind)]
         kind: Option<BreakKind>,
+        /// Only where this workload broke.
         #[arg(long)]
         workload: Option<String>,
+        /// Only in this namespace.
         #[arg(long)]
         namespace: Option<String>,
         /// Only findings seen within this duration (e.g. 15m, 2h).
@@ -52,11 +65,13 @@ enum Cmd {
         /// At most this many (default 100).
         #[arg(long)]
         limit: Option<u32>,
+        /// `json`: one array of break objects.
         #[arg(long, value_enum, default_value = "table")]
         output: TableOrJson,
     },
     /// Show the joined call chain of a trace, with its breaks.
     Trace {
+        /// Trace id (hex; for hops without one, the request id).
         trace_id: String,
         #[arg(long, value_enum, default_value = "tree")]
         output: TreeOrJson,
@@ -68,10 +83,13 @@ enum Cmd {
     },
     /// Stream findings as they are recorded.
     Watch {
+        /// Only this kind.
         #[arg(long, value_parser = cli::parse_kind)]
         kind: Option<BreakKind>,
+        /// Only where this workload broke.
         #[arg(long)]
         workload: Option<String>,
+        /// Only in this namespace.
         #[arg(long)]
         namespace: Option<String>,
         /// `json`: one JSON object per line.
@@ -86,7 +104,9 @@ fn now_ms() -> u64 {
 
 async fn connect(url: &str) -> Result<QueryClient<Channel>, String> {
     let endpoint = Channel::from_shared(url.to_string())
-        .map_err(|e| format!("invalid collector URL {url:?}: {e} (expected e.g. http://127.0.0.1:9090)"))?
+        .map_err(|e| {
+            format!("invalid collector URL {url:?}: {e} (expected e.g. http://127.0.0.1:9090)")
+        })?
         .connect_timeout(Duration::from_secs(5));
     let ch = endpoint.connect().await.map_err(|e| {
         let mut cause = e.to_string();
@@ -116,10 +136,22 @@ fn print_json(v: &serde_json::Value) {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let url = cli.collector.clone();
+    // "host:port" is accepted as "http://host:port".
+    let url = if cli.collector.contains("://") {
+        cli.collector.clone()
+    } else {
+        format!("http://{}", cli.collector)
+    };
     let mut client = connect(&url).await?;
     match cli.cmd {
-        Cmd::Breaks { kind, workload, namespace, since, limit, output } => {
+        Cmd::Breaks {
+            kind,
+            workload,
+            namespace,
+            since,
+            limit,
+            output,
+        } => {
             let r = client
                 .list_breaks(ListBreaksRequest {
                     kind: kind.map(|k| k as i32).unwrap_or(0),
@@ -148,13 +180,22 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Summary { output } => {
-            let r = client.summary(SummaryRequest {}).await.map_err(|s| status_msg(&url, s))?.into_inner();
+            let r = client
+                .summary(SummaryRequest {})
+                .await
+                .map_err(|s| status_msg(&url, s))?
+                .into_inner();
             match output {
                 TableOrJson::Json => print_json(&cli::summary_json(&r)),
                 TableOrJson::Table => print!("{}", cli::summary_table(&r)),
             }
         }
-        Cmd::Watch { kind, workload, namespace, output } => {
+        Cmd::Watch {
+            kind,
+            workload,
+            namespace,
+            output,
+        } => {
             let mut stream = client
                 .watch_breaks(WatchBreaksRequest {
                     kind: kind.map(|k| k as i32).unwrap_or(0),
@@ -173,7 +214,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                         TableOrJson::Json => println!("{}", cli::break_json(&b)),
                         TableOrJson::Table => println!("{}", cli::watch_line(&b)),
                     },
-                    Ok(None) => return Err(format!("the collector at {url} ended the stream (shutting down?)")),
+                    Ok(None) => {
+                        return Err(format!(
+                            "the collector at {url} ended the stream (shutting down?)"
+                        ))
+                    }
                     Err(s) => return Err(status_msg(&url, s)),
                 }
             }

@@ -18,7 +18,15 @@ pub fn base_us() -> u64 {
 }
 
 /// An inbound hop of `wl` (service `svc`) with span id `span`.
-pub fn inbound(trace: &str, wl: &str, svc: &str, span: &str, start_us: u64, dur_us: u64, tag: &str) -> Hop {
+pub fn inbound(
+    trace: &str,
+    wl: &str,
+    svc: &str,
+    span: &str,
+    start_us: u64,
+    dur_us: u64,
+    tag: &str,
+) -> Hop {
     Hop {
         trace_id: trace.into(),
         span_id: span.into(),
@@ -30,8 +38,16 @@ pub fn inbound(trace: &str, wl: &str, svc: &str, span: &str, start_us: u64, dur_
         service: svc.into(),
         tag_received: tag.into(),
         tag_sent: tag.into(),
-        tag_source: if tag.is_empty() { TagSource::None } else { TagSource::Request } as i32,
-        trace_context: if trace.is_empty() { TraceContext::Missing } else { TraceContext::Valid } as i32,
+        tag_source: if tag.is_empty() {
+            TagSource::None
+        } else {
+            TagSource::Request
+        } as i32,
+        trace_context: if trace.is_empty() {
+            TraceContext::Missing
+        } else {
+            TraceContext::Valid
+        } as i32,
         authority: format!("{svc}:9080"),
         method: "GET".into(),
         path: format!("/{svc}"),
@@ -71,9 +87,17 @@ pub fn outbound(
         service: svc.into(),
         tag_received: tag.into(),
         tag_sent: tag.into(),
-        tag_source: if tag.is_empty() { TagSource::None } else { TagSource::Request } as i32,
+        tag_source: if tag.is_empty() {
+            TagSource::None
+        } else {
+            TagSource::Request
+        } as i32,
         correlated_tag: tag.into(),
-        trace_context: if trace.is_empty() { TraceContext::Missing } else { TraceContext::Propagated } as i32,
+        trace_context: if trace.is_empty() {
+            TraceContext::Missing
+        } else {
+            TraceContext::Propagated
+        } as i32,
         authority: format!("{dest_svc}:9080"),
         method: "GET".into(),
         path: format!("/{dest_svc}"),
@@ -91,11 +115,55 @@ pub fn outbound(
 /// Hops: 0 pp inbound, 1 pp→reviews out, 2 reviews in, 3 reviews→ratings out, 4 ratings in.
 pub fn healthy_chain(trace: &str, base: u64, tag: &str) -> Vec<Hop> {
     vec![
-        inbound(trace, "productpage-v1", "productpage", "a000000000000001", base, 10_000, tag),
-        outbound(trace, "productpage-v1", "productpage", "a000000000000001", "a000000000000002", "reviews", base + 1_000, 6_000, tag),
-        inbound(trace, "reviews-v1", "reviews", "a000000000000002", base + 1_100, 5_800, tag),
-        outbound(trace, "reviews-v1", "reviews", "a000000000000002", "a000000000000003", "ratings", base + 2_000, 2_000, tag),
-        inbound(trace, "ratings-v1", "ratings", "a000000000000003", base + 2_100, 1_800, tag),
+        inbound(
+            trace,
+            "productpage-v1",
+            "productpage",
+            "a000000000000001",
+            base,
+            10_000,
+            tag,
+        ),
+        outbound(
+            trace,
+            "productpage-v1",
+            "productpage",
+            "a000000000000001",
+            "a000000000000002",
+            "reviews",
+            base + 1_000,
+            6_000,
+            tag,
+        ),
+        inbound(
+            trace,
+            "reviews-v1",
+            "reviews",
+            "a000000000000002",
+            base + 1_100,
+            5_800,
+            tag,
+        ),
+        outbound(
+            trace,
+            "reviews-v1",
+            "reviews",
+            "a000000000000002",
+            "a000000000000003",
+            "ratings",
+            base + 2_000,
+            2_000,
+            tag,
+        ),
+        inbound(
+            trace,
+            "ratings-v1",
+            "ratings",
+            "a000000000000003",
+            base + 2_100,
+            1_800,
+            tag,
+        ),
     ]
 }
 
@@ -121,7 +189,13 @@ impl TestServer {
         let task = tokio::spawn(serve(collector.clone(), g, h, async move {
             let _ = rx.await;
         }));
-        TestServer { grpc, http, collector, stop: Some(tx), task: Some(task) }
+        TestServer {
+            grpc,
+            http,
+            collector,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
@@ -151,7 +225,9 @@ pub fn fast_settings() -> Settings {
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
