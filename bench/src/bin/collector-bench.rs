@@ -536,10 +536,19 @@ fn open_phase(
     out: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     println!("\n## Memory with {} hops in open traces\n", args.open_hops);
-    let extra: Vec<String> = ["--trace-quiet=1h", "--max-trace-age=2h", "--max-open-traces=2000000"]
+    let mut extra: Vec<String> = ["--trace-quiet=1h", "--max-trace-age=2h", "--max-open-traces=2000000"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    // Newer collectors also bound open hops: raise it too when the flag exists.
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if help.contains("--max-open-hops") {
+        extra.push(format!("--max-open-hops={}", args.open_hops * 2));
+    }
     let c = Collector::start(bin, dir, "open", args.collector_cpu.as_deref(), &extra)?;
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = c.rss_mib();

@@ -76,6 +76,11 @@ struct Args {
     /// Keep the scratch directory (configs, logs).
     #[arg(long)]
     keep: bool,
+    /// Also profile the Envoys with `perf record` during the measured rounds and print
+    /// where their CPU goes (Envoy's code, the wasm/Lua JIT code, the kernel, libc) per
+    /// configuration (µs per request when a single route is measured).
+    #[arg(long)]
+    perf: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -496,6 +501,45 @@ fn run(args: Args) -> Result<()> {
         format!("http://127.0.0.1:{port}/api/v1/items")
     };
 
+    // Threads of each Envoy (for attributing perf samples), then perf itself.
+    let mut tid_config: BTreeMap<u32, String> = BTreeMap::new();
+    let mut perf_proc: Option<(Proc, PathBuf)> = None;
+    if args.perf {
+        for e in &envoys {
+            if let Ok(rd) = std::fs::read_dir(format!("/proc/{}/task", e.proc.pid())) {
+                for t in rd.flatten() {
+                    if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+                        tid_config.insert(tid, e.config.name.clone());
+                    }
+                }
+            }
+        }
+        let pids: Vec<String> = envoys.iter().map(|e| e.proc.pid().to_string()).collect();
+        let data = dir.join("perf.data");
+        match Proc::spawn(
+            "perf",
+            None,
+            Path::new("perf"),
+            &[
+                "record".into(),
+                "-F".into(),
+                "499".into(),
+                "-o".into(),
+                data.display().to_string(),
+                "-p".into(),
+                pids.join(","),
+            ],
+            &[],
+            &dir.join("perf.log"),
+        ) {
+            Ok(p) => {
+                std::thread::sleep(Duration::from_secs(1));
+                perf_proc = Some((p, data));
+            }
+            Err(e) => eprintln!("warning: perf not started: {e}"),
+        }
+    }
+
     // Warm-up (discarded).
     if args.warmup > 0 {
         for route in &args.routes {
@@ -559,6 +603,11 @@ fn run(args: Args) -> Result<()> {
         }
     }
     println!("measured in {:.0}s", started.elapsed().as_secs_f64());
+
+    let perf_shares = perf_proc.take().map(|(mut p, data)| {
+        p.stop(Duration::from_secs(30));
+        perf_attribution(&data, &tid_config)
+    });
 
     // Memory and reporting counters, after all the load.
     let mut mem: BTreeMap<String, (f64, f64)> = BTreeMap::new();
@@ -832,6 +881,10 @@ fn run(args: Args) -> Result<()> {
     }
     print!("{}", targets.render());
 
+    if let Some(shares) = &perf_shares {
+        print_perf(shares, &args.routes, &cpu_per_req, &envoys);
+    }
+
     if let Some(path) = &args.json_out {
         std::fs::write(
             path,
@@ -861,6 +914,93 @@ fn run(args: Args) -> Result<()> {
         e.proc.stop(Duration::from_secs(3));
     }
     Ok(())
+}
+
+/// perf samples per configuration and code class: Envoy's binary (including V8's
+/// runtime and the proxy-wasm host functions), JIT code (the wasm filter compiled by V8,
+/// or LuaJIT), the kernel, and the rest (libc, vdso).
+type PerfShares = BTreeMap<String, BTreeMap<&'static str, u64>>;
+
+const PERF_CLASSES: [&str; 4] = ["envoy", "jit", "kernel", "libc+other"];
+
+fn perf_attribution(data: &Path, tid_config: &BTreeMap<u32, String>) -> PerfShares {
+    let out = std::process::Command::new("perf")
+        .args(["report", "-i"])
+        .arg(data)
+        .args(["--sort", "pid,dso", "--stdio", "-q", "-n", "-t", "|"])
+        .output();
+    let text = match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => {
+            eprintln!("warning: perf report failed: {e}");
+            return PerfShares::new();
+        }
+    };
+    let mut shares = PerfShares::new();
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cols.len() < 4 {
+            continue;
+        }
+        let (Ok(samples), Some(tid)) = (
+            cols[1].parse::<u64>(),
+            cols[2].split(':').next().and_then(|t| t.trim().parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        let Some(config) = tid_config.get(&tid) else { continue };
+        let dso = cols[3];
+        let class = if dso == "envoy" {
+            "envoy"
+        } else if dso.starts_with("[JIT]") || dso.contains("luajit") {
+            "jit"
+        } else if dso.starts_with("[kernel") {
+            "kernel"
+        } else {
+            "libc+other"
+        };
+        *shares.entry(config.clone()).or_default().entry(class).or_default() += samples;
+    }
+    shares
+}
+
+fn print_perf(
+    shares: &PerfShares,
+    routes: &[String],
+    cpu_per_req: &BTreeMap<(String, String), Vec<f64>>,
+    envoys: &[RunningEnvoy],
+) {
+    let single = (routes.len() == 1).then(|| routes[0].clone());
+    println!(
+        "\n## Where Envoy's CPU goes (perf record of the Envoys during the measured runs{})\n",
+        match &single {
+            Some(r) => format!(", {r} route: us of CPU per request"),
+            None => ": share of samples, all routes".into(),
+        }
+    );
+    let mut t = Table::new(&["config", "samples", "CPU us/req", "Envoy binary", "JIT (wasm/Lua)", "kernel", "libc+other"]);
+    for e in envoys {
+        let Some(m) = shares.get(&e.config.name) else { continue };
+        let total: u64 = m.values().sum();
+        let cpu = single.as_ref().and_then(|r| {
+            cpu_per_req.get(&(r.clone(), e.config.name.clone())).map(|v| median(v))
+        });
+        let mut row = vec![
+            e.config.name.clone(),
+            total.to_string(),
+            cpu.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+        ];
+        for class in PERF_CLASSES {
+            let share = m.get(class).copied().unwrap_or(0) as f64 / total.max(1) as f64;
+            row.push(match cpu {
+                Some(c) => format!("{:.1}", share * c),
+                None => format!("{:.1}%", 100.0 * share),
+            });
+        }
+        t.row(row);
+    }
+    print!("{}", t.render());
+    println!("\n(the Envoy wheel is stripped and V8 writes no perf map: classes are by DSO only)");
 }
 
 fn sanitize(s: &str) -> String {
