@@ -455,35 +455,50 @@ fn callee_app_down_is_upstream_failure_uf_at_the_callee() {
     );
 }
 
-#[test]
-fn service_without_endpoints_is_upstream_failure_uh() {
-    let s = start("no-endpoints.yaml", "no-endpoints");
+/// alpha's first call is answered by alpha's own sidecar with `status` and the Envoy flag
+/// `flag` (the callee never sees the request): the client sees the annotation, hopwatch
+/// reports UPSTREAM_FAILURE with that flag at alpha, and no HOP_MISSING. Returns the
+/// findings for scenario-specific checks.
+fn assert_failure_at_alpha_sidecar(
+    topology: &str,
+    name: &str,
+    status: u16,
+    flag: &str,
+) -> Vec<Value> {
+    let s = start(topology, name);
     let (reply, body) = send(&s, &gateway(&new_trace_id()));
     assert_eq!(reply.status, 502, "{}", reply.text());
-    let to_bravo = call(&body, &[0]);
-    assert_eq!(to_bravo["status"], 503, "{to_bravo}");
-    let annotation = to_bravo["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    let first_call = call(&body, &[0]);
+    assert_eq!(first_call["status"], status, "{first_call}");
+    let annotation = first_call["headers"]["x-hopwatch"].as_str().unwrap_or("");
     assert!(
-        annotation.contains("flags=UH"),
-        "x-hopwatch on the 503: {annotation:?}"
+        annotation.contains(&format!("flags={flag}")),
+        "x-hopwatch on the {status}: {annotation:?}"
     );
 
-    let breaks = wait_for(&s, "UPSTREAM_FAILURE UH at alpha", |b| {
+    let breaks = wait_for(&s, &format!("UPSTREAM_FAILURE {flag} at alpha"), |b| {
         has(b, "UPSTREAM_FAILURE", "alpha")
     });
-    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    let failures = of_kind(&breaks, "UPSTREAM_FAILURE");
     assert!(
-        flags(f[0]).contains(&"UH".to_string()),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        f[0]["peer"].as_str().unwrap_or("").contains("bravo"),
+        flags(failures[0]).contains(&flag.to_string()),
         "{}",
         summary(&breaks)
     );
     assert!(
         of_kind(&breaks, "HOP_MISSING").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+    breaks
+}
+
+#[test]
+fn service_without_endpoints_is_upstream_failure_uh() {
+    let breaks = assert_failure_at_alpha_sidecar("no-endpoints.yaml", "no-endpoints", 503, "UH");
+    let failure = of_kind(&breaks, "UPSTREAM_FAILURE")[0];
+    assert!(
+        failure["peer"].as_str().unwrap_or("").contains("bravo"),
         "{}",
         summary(&breaks)
     );
@@ -491,31 +506,7 @@ fn service_without_endpoints_is_upstream_failure_uh() {
 
 #[test]
 fn unmatched_route_is_upstream_failure_nr() {
-    let s = start("no-route.yaml", "no-route");
-    let (reply, body) = send(&s, &gateway(&new_trace_id()));
-    assert_eq!(reply.status, 502, "{}", reply.text());
-    let to_delta = call(&body, &[0]);
-    assert_eq!(to_delta["status"], 404, "{to_delta}");
-    let annotation = to_delta["headers"]["x-hopwatch"].as_str().unwrap_or("");
-    assert!(
-        annotation.contains("flags=NR"),
-        "x-hopwatch on the 404: {annotation:?}"
-    );
-
-    let breaks = wait_for(&s, "UPSTREAM_FAILURE NR at alpha", |b| {
-        has(b, "UPSTREAM_FAILURE", "alpha")
-    });
-    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
-    assert!(
-        flags(f[0]).contains(&"NR".to_string()),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "HOP_MISSING").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_failure_at_alpha_sidecar("no-route.yaml", "no-route", 404, "NR");
 }
 
 #[test]
