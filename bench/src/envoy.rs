@@ -245,8 +245,8 @@ mod tests {
         let filters = hopwatch_test_envoy::manifests::load_sidecar_filters(&root).unwrap();
         let f = with_sample_rate(&filters.outbound, 0.01);
         let plugin = hopwatch_test_envoy::manifests::plugin_configuration_json(&f).unwrap();
-        let orig = hopwatch_test_envoy::manifests::plugin_configuration_json(&filters.outbound)
-            .unwrap();
+        let orig =
+            hopwatch_test_envoy::manifests::plugin_configuration_json(&filters.outbound).unwrap();
         assert_eq!(plugin["report_sample_rate"], 0.01);
         assert_eq!(plugin["direction"], orig["direction"]);
         assert_eq!(plugin["collector_cluster"], orig["collector_cluster"]);
@@ -271,7 +271,10 @@ mod tests {
             .iter()
             .map(|f| f["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["envoy.filters.http.lua", "envoy.filters.http.router"]);
+        assert_eq!(
+            names,
+            ["envoy.filters.http.lua", "envoy.filters.http.router"]
+        );
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters[1]["name"], "outbound|9090||c");
         assert!(clusters[1]["typed_extension_protocol_options"].is_object());

@@ -17,9 +17,7 @@
 //! copies its bytes and overwrites the sentinels in place (same lengths) with the round's
 //! unique ids and current times. Cost per chunk: a memcpy and a few hundred small writes.
 
-use hopwatch_proto::v1::{
-    Direction, Hop, ReportRequest, Sampled, TagSource, TraceContext,
-};
+use hopwatch_proto::v1::{Direction, Hop, ReportRequest, Sampled, TagSource, TraceContext};
 use prost::Message;
 
 /// Hops per Report batch.
@@ -179,10 +177,26 @@ fn hop(idx: usize, s: HopSpec<'_>) -> Hop {
         response_flag_names: flag_names(s.flags),
         response_code_details: s.details.into(),
         upstream_cluster: cluster,
-        upstream_host: if outbound { s.upstream_host.into() } else { "127.0.0.6:8080".into() },
-        downstream_remote_address: if outbound { "10.1.0.9:41234".into() } else { "10.1.0.3:52110".into() },
-        downstream_local_address: if outbound { "10.96.12.4:8080".into() } else { "10.1.0.9:8080".into() },
-        upstream_local_address: if outbound { "10.1.0.9:39876".into() } else { "127.0.0.6:44321".into() },
+        upstream_host: if outbound {
+            s.upstream_host.into()
+        } else {
+            "127.0.0.6:8080".into()
+        },
+        downstream_remote_address: if outbound {
+            "10.1.0.9:41234".into()
+        } else {
+            "10.1.0.3:52110".into()
+        },
+        downstream_local_address: if outbound {
+            "10.96.12.4:8080".into()
+        } else {
+            "10.1.0.9:8080".into()
+        },
+        upstream_local_address: if outbound {
+            "10.1.0.9:39876".into()
+        } else {
+            "127.0.0.6:44321".into()
+        },
         route_name: route,
         start_time_unix_micros: sentinel_time(idx, s.delta_us),
         duration_micros: s.duration_us,
@@ -208,40 +222,135 @@ fn trace_hops(t: usize, i: usize, kind: Option<usize>) -> Vec<(usize, Hop)> {
     let pod = |w: &str, n: usize| format!("{w}-5d8f7c9b4-{:05x}", n);
     // A few pods per healthy workload; broken workloads have one pod per template.
     let pa = pod("frontend", (t * 7 + i) % 16);
-    let pb = if kind.is_some() { pod(&mid, 0) } else { pod("cart", (t * 3 + i) % 16) };
+    let pb = if kind.is_some() {
+        pod(&mid, 0)
+    } else {
+        pod("cart", (t * 3 + i) % 16)
+    };
     let pc = pod("pricing", (t * 5 + i) % 16);
-    let (s0, s1, s3, s3new) = ("a1b2c3d4e5f60001", "a1b2c3d4e5f60002", "a1b2c3d4e5f60003", "b7c8d9e0f1a20004");
+    let (s0, s1, s3, s3new) = (
+        "a1b2c3d4e5f60001",
+        "a1b2c3d4e5f60002",
+        "a1b2c3d4e5f60003",
+        "b7c8d9e0f1a20004",
+    );
     let mut hops = Vec::new();
     // h0: frontend inbound (root).
     let uf = kind == Some(2);
     let code_up = if uf { 503 } else { 200 };
-    hops.push((0, hop(i, HopSpec {
-        dir: Direction::Inbound, workload: "frontend", pod: pa.clone(), own_tag: TAG, trace_variant: 0,
-        span: s0, parent: "", upstream_span: "", tag_received: TAG, tag_sent: TAG,
-        tag_source: TagSource::Request, correlated: "", tctx: TraceContext::Valid, missing: vec![],
-        dest: "", delta_us: 0, duration_us: 4000, code: code_up, flags: 0, details: "via_upstream", upstream_host: "",
-    })));
+    hops.push((
+        0,
+        hop(
+            i,
+            HopSpec {
+                dir: Direction::Inbound,
+                workload: "frontend",
+                pod: pa.clone(),
+                own_tag: TAG,
+                trace_variant: 0,
+                span: s0,
+                parent: "",
+                upstream_span: "",
+                tag_received: TAG,
+                tag_sent: TAG,
+                tag_source: TagSource::Request,
+                correlated: "",
+                tctx: TraceContext::Valid,
+                missing: vec![],
+                dest: "",
+                delta_us: 0,
+                duration_us: 4000,
+                code: code_up,
+                flags: 0,
+                details: "via_upstream",
+                upstream_host: "",
+            },
+        ),
+    ));
     // h1: frontend -> mid outbound.
-    hops.push((1, hop(i, HopSpec {
-        dir: Direction::Outbound, workload: "frontend", pod: pa, own_tag: TAG, trace_variant: 0,
-        span: s1, parent: s0, upstream_span: s1, tag_received: TAG, tag_sent: TAG,
-        tag_source: TagSource::Request, correlated: TAG, tctx: TraceContext::Propagated, missing: vec![],
-        dest: &mid, delta_us: 200, duration_us: 3500, code: code_up, flags: 0, details: "via_upstream", upstream_host: "10.1.0.21:8080",
-    })));
+    hops.push((
+        1,
+        hop(
+            i,
+            HopSpec {
+                dir: Direction::Outbound,
+                workload: "frontend",
+                pod: pa,
+                own_tag: TAG,
+                trace_variant: 0,
+                span: s1,
+                parent: s0,
+                upstream_span: s1,
+                tag_received: TAG,
+                tag_sent: TAG,
+                tag_source: TagSource::Request,
+                correlated: TAG,
+                tctx: TraceContext::Propagated,
+                missing: vec![],
+                dest: &mid,
+                delta_us: 200,
+                duration_us: 3500,
+                code: code_up,
+                flags: 0,
+                details: "via_upstream",
+                upstream_host: "10.1.0.21:8080",
+            },
+        ),
+    ));
     // h2: mid inbound.
     let mid_own = if kind == Some(3) { "dev" } else { TAG };
-    hops.push((2, hop(i, HopSpec {
-        dir: Direction::Inbound, workload: &mid, pod: pb.clone(), own_tag: mid_own, trace_variant: 0,
-        span: s1, parent: s0, upstream_span: "", tag_received: TAG, tag_sent: TAG,
-        tag_source: TagSource::Request, correlated: "", tctx: TraceContext::Valid, missing: vec![],
-        dest: "", delta_us: 250, duration_us: 3300, code: code_up, flags: 0, details: "via_upstream", upstream_host: "",
-    })));
+    hops.push((
+        2,
+        hop(
+            i,
+            HopSpec {
+                dir: Direction::Inbound,
+                workload: &mid,
+                pod: pb.clone(),
+                own_tag: mid_own,
+                trace_variant: 0,
+                span: s1,
+                parent: s0,
+                upstream_span: "",
+                tag_received: TAG,
+                tag_sent: TAG,
+                tag_source: TagSource::Request,
+                correlated: "",
+                tctx: TraceContext::Valid,
+                missing: vec![],
+                dest: "",
+                delta_us: 250,
+                duration_us: 3300,
+                code: code_up,
+                flags: 0,
+                details: "via_upstream",
+                upstream_host: "",
+            },
+        ),
+    ));
     // h3: mid -> pricing outbound (where the planted breaks are).
     let mut h3 = HopSpec {
-        dir: Direction::Outbound, workload: &mid, pod: pb, own_tag: mid_own, trace_variant: 0,
-        span: s3, parent: s1, upstream_span: s3, tag_received: TAG, tag_sent: TAG,
-        tag_source: TagSource::Request, correlated: TAG, tctx: TraceContext::Propagated, missing: vec![],
-        dest: "pricing", delta_us: 400, duration_us: 2000, code: 200, flags: 0, details: "via_upstream", upstream_host: "10.1.0.33:8080",
+        dir: Direction::Outbound,
+        workload: &mid,
+        pod: pb,
+        own_tag: mid_own,
+        trace_variant: 0,
+        span: s3,
+        parent: s1,
+        upstream_span: s3,
+        tag_received: TAG,
+        tag_sent: TAG,
+        tag_source: TagSource::Request,
+        correlated: TAG,
+        tctx: TraceContext::Propagated,
+        missing: vec![],
+        dest: "pricing",
+        delta_us: 400,
+        duration_us: 2000,
+        code: 200,
+        flags: 0,
+        details: "via_upstream",
+        upstream_host: "10.1.0.33:8080",
     };
     let mut h4_variant = 0;
     let mut h4_span = s3;
@@ -290,12 +399,35 @@ fn trace_hops(t: usize, i: usize, kind: Option<usize>) -> Vec<(usize, Hop)> {
     }
     hops.push((3, hop(i, h3)));
     if with_h4 {
-        hops.push((4, hop(i, HopSpec {
-            dir: Direction::Inbound, workload: "pricing", pod: pc, own_tag: TAG, trace_variant: h4_variant,
-            span: h4_span, parent: h4_parent, upstream_span: "", tag_received: TAG, tag_sent: TAG,
-            tag_source: TagSource::Request, correlated: "", tctx: TraceContext::Valid, missing: vec![],
-            dest: "", delta_us: 450, duration_us: 1800, code: 200, flags: 0, details: "via_upstream", upstream_host: "",
-        })));
+        hops.push((
+            4,
+            hop(
+                i,
+                HopSpec {
+                    dir: Direction::Inbound,
+                    workload: "pricing",
+                    pod: pc,
+                    own_tag: TAG,
+                    trace_variant: h4_variant,
+                    span: h4_span,
+                    parent: h4_parent,
+                    upstream_span: "",
+                    tag_received: TAG,
+                    tag_sent: TAG,
+                    tag_source: TagSource::Request,
+                    correlated: "",
+                    tctx: TraceContext::Valid,
+                    missing: vec![],
+                    dest: "",
+                    delta_us: 450,
+                    duration_us: 1800,
+                    code: 200,
+                    flags: 0,
+                    details: "via_upstream",
+                    upstream_host: "",
+                },
+            ),
+        ));
     }
     hops
 }
@@ -329,10 +461,18 @@ pub fn round_template(t: usize) -> RoundTemplate {
             };
             let bytes = req.encode_to_vec();
             let patches = find_patches(&bytes);
-            Chunk { bytes, patches, hops: c.len() }
+            Chunk {
+                bytes,
+                patches,
+                hops: c.len(),
+            }
         })
         .collect();
-    RoundTemplate { chunks, hops, planted }
+    RoundTemplate {
+        chunks,
+        hops,
+        planted,
+    }
 }
 
 fn find_patches(b: &[u8]) -> Vec<Patch> {
@@ -344,14 +484,20 @@ fn find_patches(b: &[u8]) -> Vec<Patch> {
                 let s = std::str::from_utf8(&b[i..i + 36]).expect("ascii sentinel");
                 let variant = u32::from_str_radix(&s[9..13], 16).expect("variant");
                 let idx = u32::from_str_radix(&s[24..36], 16).expect("idx");
-                out.push(Patch { offset: i as u32, kind: PatchKind::Request { variant, idx } });
+                out.push(Patch {
+                    offset: i as u32,
+                    kind: PatchKind::Request { variant, idx },
+                });
                 i += 36;
                 continue;
             } else if i + 32 <= b.len() {
                 let s = std::str::from_utf8(&b[i..i + 32]).expect("ascii sentinel");
                 let variant = u32::from_str_radix(&s[8..16], 16).expect("variant");
                 let idx = u32::from_str_radix(&s[16..32], 16).expect("idx");
-                out.push(Patch { offset: i as u32, kind: PatchKind::Trace { variant, idx } });
+                out.push(Patch {
+                    offset: i as u32,
+                    kind: PatchKind::Trace { variant, idx },
+                });
                 i += 32;
                 continue;
             }
@@ -364,7 +510,12 @@ fn find_patches(b: &[u8]) -> Vec<Patch> {
                         .contains(&v)
                 {
                     let delta = (v - SENT_TIME_BASE) % SENT_TIME_STRIDE;
-                    out.push(Patch { offset: (i + 2) as u32, kind: PatchKind::Time { delta_us: delta as u32 } });
+                    out.push(Patch {
+                        offset: (i + 2) as u32,
+                        kind: PatchKind::Time {
+                            delta_us: delta as u32,
+                        },
+                    });
                     i += 10;
                     continue;
                 }
@@ -442,8 +593,13 @@ mod tests {
         assert_eq!(t.planted, vec![1; PLANTED.len()]);
         assert_eq!(t.chunks.iter().map(|c| c.hops).sum::<usize>(), t.hops);
         assert!(t.chunks.iter().all(|c| c.hops <= BATCH));
-        let ids = RunIds { nonce: 0x1234_5678_9abc_def0 };
-        let clock = Clock { t0_us: 1_795_000_000_000_000, round_step_us: 1000 };
+        let ids = RunIds {
+            nonce: 0x1234_5678_9abc_def0,
+        };
+        let clock = Clock {
+            t0_us: 1_795_000_000_000_000,
+            round_step_us: 1000,
+        };
         let mut traces = std::collections::HashSet::new();
         let mut hops = 0;
         for c in &t.chunks {

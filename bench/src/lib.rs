@@ -34,7 +34,8 @@ impl Proc {
         envs: &[(&str, &str)],
         log: &Path,
     ) -> Result<Proc> {
-        let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = match cpus {
             Some(cpus) => {
@@ -342,7 +343,10 @@ mod tests {
     #[test]
     fn prometheus_lines_parse() {
         let m = parse_prometheus("# HELP x y\nfoo_total 12\nbar{a=\"b c\"} 3.5\n\n");
-        assert_eq!(m, vec![("foo_total".into(), 12.0), ("bar{a=\"b c\"}".into(), 3.5)]);
+        assert_eq!(
+            m,
+            vec![("foo_total".into(), 12.0), ("bar{a=\"b c\"}".into(), 3.5)]
+        );
     }
 
     #[test]
@@ -350,7 +354,10 @@ mod tests {
         let mut t = Table::new(&["config", "req/s"]);
         t.row(vec!["none".into(), "66000".into()]);
         let s = t.render();
-        assert!(s.starts_with("| config | req/s |\n| ------ | ----: |\n"), "{s}");
+        assert!(
+            s.starts_with("| config | req/s |\n| ------ | ----: |\n"),
+            "{s}"
+        );
         assert!(s.contains("| none   | 66000 |"), "{s}");
     }
 

@@ -201,7 +201,9 @@ pub enum Side {
 
 /// A wrk script cycling through the pool. `host` is the `:authority`.
 pub fn pool_script(pool: &[PoolEntry], side: Side, host: &str, path: &str) -> String {
-    let mut s = String::from("-- hopwatch filter-bench request pool (generated)\nlocal pool = {}\nlocal reqs = {\n");
+    let mut s = String::from(
+        "-- hopwatch filter-bench request pool (generated)\nlocal pool = {}\nlocal reqs = {\n",
+    );
     for e in pool {
         let line = match side {
             Side::Inbound { tag } => format!(
@@ -289,7 +291,11 @@ Transfer/sec:      5.00MB
         assert_eq!(pool.iter().filter(|e| e.trace_id.ends_with('0')).count(), 2);
         let ids: std::collections::HashSet<_> = pool.iter().map(|e| &e.trace_id).collect();
         assert_eq!(ids.len(), 200);
-        assert_eq!(pool, request_pool(200, 2, |t| t.ends_with('0')), "deterministic");
+        assert_eq!(
+            pool,
+            request_pool(200, 2, |t| t.ends_with('0')),
+            "deterministic"
+        );
     }
 
     #[test]

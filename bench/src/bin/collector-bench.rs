@@ -119,9 +119,14 @@ async fn send_raw(channel: Channel, bytes: Vec<u8>) -> Result<u32, Status> {
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/hopwatch.v1.Collector/Report");
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/hopwatch.v1.Collector/Report");
     let resp = grpc
-        .unary(tonic::Request::new(Bytes::from(bytes)), path, RawReportCodec)
+        .unary(
+            tonic::Request::new(Bytes::from(bytes)),
+            path,
+            RawReportCodec,
+        )
         .await?;
     Ok(resp.into_inner().accepted)
 }
@@ -133,7 +138,13 @@ struct Collector {
 }
 
 impl Collector {
-    fn start(bin: &Path, dir: &std::path::Path, name: &str, cpu: Option<&str>, extra: &[String]) -> Result<Collector> {
+    fn start(
+        bin: &Path,
+        dir: &std::path::Path,
+        name: &str,
+        cpu: Option<&str>,
+        extra: &[String],
+    ) -> Result<Collector> {
         let grpc = free_port()?;
         let http = free_port()?;
         let data = dir.join(format!("{name}-data"));
@@ -146,7 +157,14 @@ impl Collector {
             data.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
-        let proc = Proc::spawn(name, cpu, bin, &args, &[("RUST_LOG", "warn")], &dir.join(format!("{name}.log")))?;
+        let proc = Proc::spawn(
+            name,
+            cpu,
+            bin,
+            &args,
+            &[("RUST_LOG", "warn")],
+            &dir.join(format!("{name}.log")),
+        )?;
         wait_for_port(grpc, Duration::from_secs(30))
             .with_context(|| format!("collector {name} did not start:\n{}", proc.log_tail(20)))?;
         wait_for_port(http, Duration::from_secs(10))?;
@@ -302,7 +320,10 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| root.join("target/release/hopwatch-collector"));
     if !bin.exists() {
-        bail!("{} not built (cargo build -p hopwatch-collector --release)", bin.display());
+        bail!(
+            "{} not built (cargo build -p hopwatch-collector --release)",
+            bin.display()
+        );
     }
     let scratch = ScratchDir::new("hopwatch-collector-bench", args.keep)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -319,8 +340,11 @@ fn main() -> Result<()> {
         args.collector_cpu.as_deref().unwrap_or("all")
     );
     println!("building {} round templates...", args.templates);
-    let templates: Arc<Vec<RoundTemplate>> =
-        Arc::new((0..args.templates.max(1)).map(gen::round_template).collect());
+    let templates: Arc<Vec<RoundTemplate>> = Arc::new(
+        (0..args.templates.max(1))
+            .map(gen::round_template)
+            .collect(),
+    );
     let t0 = &templates[0];
     println!(
         "a round: {} traces, {} hops in {} batches; planted per round: {} ({:.1}% of traces)",
@@ -335,8 +359,24 @@ fn main() -> Result<()> {
     let mut out = serde_json::Map::new();
     for phase in &args.phases {
         match phase.as_str() {
-            "ingest" => ingest_phase(&args, &bin, &scratch.path, &rt, &templates, &mut targets, &mut out)?,
-            "open" => open_phase(&args, &bin, &scratch.path, &rt, &templates, &mut targets, &mut out)?,
+            "ingest" => ingest_phase(
+                &args,
+                &bin,
+                &scratch.path,
+                &rt,
+                &templates,
+                &mut targets,
+                &mut out,
+            )?,
+            "open" => open_phase(
+                &args,
+                &bin,
+                &scratch.path,
+                &rt,
+                &templates,
+                &mut targets,
+                &mut out,
+            )?,
             "queries" => query_phase(&args, &bin, &scratch.path, &rt, &mut targets, &mut out)?,
             other => bail!("unknown phase {other:?} (ingest, open, queries)"),
         }
@@ -344,7 +384,10 @@ fn main() -> Result<()> {
     println!("\n## Targets (issue 6)\n");
     print!("{}", targets.render());
     if let Some(p) = &args.json_out {
-        std::fs::write(p, serde_json::to_string_pretty(&serde_json::Value::Object(out))?)?;
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&serde_json::Value::Object(out))?,
+        )?;
     }
     Ok(())
 }
@@ -358,9 +401,22 @@ fn ingest_phase(
     targets: &mut Table,
     out: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
-    println!("\n## Ingest and analysis ({}s of load, collector flags: defaults{})\n", args.seconds,
-        if args.collector_arg.is_empty() { String::new() } else { format!(" + {}", args.collector_arg.join(" ")) });
-    let c = Collector::start(bin, dir, "ingest", args.collector_cpu.as_deref(), &args.collector_arg)?;
+    println!(
+        "\n## Ingest and analysis ({}s of load, collector flags: defaults{})\n",
+        args.seconds,
+        if args.collector_arg.is_empty() {
+            String::new()
+        } else {
+            format!(" + {}", args.collector_arg.join(" "))
+        }
+    );
+    let c = Collector::start(
+        bin,
+        dir,
+        "ingest",
+        args.collector_cpu.as_deref(),
+        &args.collector_arg,
+    )?;
     let quiet = args
         .collector_arg
         .iter()
@@ -368,7 +424,10 @@ fn ingest_phase(
         .and_then(parse_secs)
         .unwrap_or(5.0);
     let ids = RunIds { nonce: nonce() };
-    let clock = Clock { t0_us: now_us(), round_step_us: 1000 };
+    let clock = Clock {
+        t0_us: now_us(),
+        round_step_us: 1000,
+    };
     let cpu0 = proc_cpu_seconds(c.proc.pid()).unwrap_or(0.0);
     let self0 = proc_cpu_seconds(std::process::id()).unwrap_or(0.0);
     let channels = rt.block_on(c.channels(args.connections))?;
@@ -408,7 +467,10 @@ fn ingest_phase(
     let drained = wait_until(Duration::from_secs_f64(quiet + 120.0), || {
         let m = c.metrics();
         m.get("hopwatch_open_traces").copied() == Some(0.0)
-            && m.get("hopwatch_traces_analysed_total").copied().unwrap_or(0.0) >= traces_sent as f64
+            && m.get("hopwatch_traces_analysed_total")
+                .copied()
+                .unwrap_or(0.0)
+                >= traces_sent as f64
     });
     sample(&mut samples);
     let all_analysed_at = t_start.elapsed().as_secs_f64();
@@ -430,34 +492,98 @@ fn ingest_phase(
     };
     let end_to_end = sent.hops as f64 / (all_analysed_at - quiet).max(1e-9);
     let m = c.metrics();
-    let evictions = m.get("hopwatch_trace_evictions_total").copied().unwrap_or(0.0);
+    let evictions = m
+        .get("hopwatch_trace_evictions_total")
+        .copied()
+        .unwrap_or(0.0);
     let peak_open = samples.iter().map(|s| s.3).fold(0.0, f64::max);
     let rss = c.rss_mib();
     let hwm = proc_status_kib(c.proc.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
 
     let mut t = Table::new(&["figure", "value"]);
-    t.row(vec!["rounds sent (200 traces each)".into(), sent.rounds.to_string()]);
-    t.row(vec!["hops sent / accepted".into(), format!("{} / {}", sent.hops, sent.accepted)]);
-    t.row(vec!["Report errors".into(), format!("{}{}", sent.errors, sent.first_error.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default())]);
-    t.row(vec!["ingest: hops/s accepted".into(), format!("{ingest_rate:.0}")]);
-    t.row(vec!["analysis: hops/s analysed (steady state, while loading)".into(), format!("{analysed_rate:.0}")]);
-    t.row(vec![format!("end to end: hops / (time until all analysed - trace quiet {quiet}s)"), format!("{end_to_end:.0}")]);
-    t.row(vec!["all traces analysed".into(), if drained { format!("yes, {:.1}s after the load stopped", all_analysed_at - sent.seconds) } else { "NO (timed out)".into() }]);
-    t.row(vec!["collector CPU while loading (2 cores = 200%)".into(), format!("{:.0}% ({:.2} us CPU per hop, {:.2} incl. analysis)", 100.0 * cpu_send / sent.seconds, 1e6 * cpu_send / sent.hops.max(1) as f64, 1e6 * cpu_total / sent.hops.max(1) as f64)]);
-    t.row(vec!["load generator CPU".into(), format!("{:.0}%", 100.0 * self_cpu / sent.seconds)]);
-    t.row(vec!["peak open traces / early evictions (max open traces)".into(), format!("{peak_open:.0} / {evictions:.0}")]);
-    t.row(vec!["collector RSS after / peak".into(), format!("{rss:.0} MiB / {hwm:.0} MiB")]);
+    t.row(vec![
+        "rounds sent (200 traces each)".into(),
+        sent.rounds.to_string(),
+    ]);
+    t.row(vec![
+        "hops sent / accepted".into(),
+        format!("{} / {}", sent.hops, sent.accepted),
+    ]);
+    t.row(vec![
+        "Report errors".into(),
+        format!(
+            "{}{}",
+            sent.errors,
+            sent.first_error
+                .as_ref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        ),
+    ]);
+    t.row(vec![
+        "ingest: hops/s accepted".into(),
+        format!("{ingest_rate:.0}"),
+    ]);
+    t.row(vec![
+        "analysis: hops/s analysed (steady state, while loading)".into(),
+        format!("{analysed_rate:.0}"),
+    ]);
+    t.row(vec![
+        format!("end to end: hops / (time until all analysed - trace quiet {quiet}s)"),
+        format!("{end_to_end:.0}"),
+    ]);
+    t.row(vec![
+        "all traces analysed".into(),
+        if drained {
+            format!(
+                "yes, {:.1}s after the load stopped",
+                all_analysed_at - sent.seconds
+            )
+        } else {
+            "NO (timed out)".into()
+        },
+    ]);
+    t.row(vec![
+        "collector CPU while loading (2 cores = 200%)".into(),
+        format!(
+            "{:.0}% ({:.2} us CPU per hop, {:.2} incl. analysis)",
+            100.0 * cpu_send / sent.seconds,
+            1e6 * cpu_send / sent.hops.max(1) as f64,
+            1e6 * cpu_total / sent.hops.max(1) as f64
+        ),
+    ]);
+    t.row(vec![
+        "load generator CPU".into(),
+        format!("{:.0}%", 100.0 * self_cpu / sent.seconds),
+    ]);
+    t.row(vec![
+        "peak open traces / early evictions (max open traces)".into(),
+        format!("{peak_open:.0} / {evictions:.0}"),
+    ]);
+    t.row(vec![
+        "collector RSS after / peak".into(),
+        format!("{rss:.0} MiB / {hwm:.0} MiB"),
+    ]);
     print!("{}", t.render());
 
     // Findings: planted versus detected.
     let found = rt.block_on(list_all(&c))?;
     let mut detected: BTreeMap<(String, String), u64> = BTreeMap::new();
     for b in &found {
-        let kind = BreakKind::try_from(b.kind).map(|k| k.as_str_name().to_string()).unwrap_or_default();
+        let kind = BreakKind::try_from(b.kind)
+            .map(|k| k.as_str_name().to_string())
+            .unwrap_or_default();
         *detected.entry((kind, b.workload.clone())).or_default() += b.count;
     }
     let nt = templates.len() as u64;
-    let mut rows = Table::new(&["kind", "planted distinct", "detected distinct", "planted traces", "counted traces", "lost"]);
+    let mut rows = Table::new(&[
+        "kind",
+        "planted distinct",
+        "detected distinct",
+        "planted traces",
+        "counted traces",
+        "lost",
+    ]);
     let mut all_ok = true;
     let mut planted_keys = std::collections::HashSet::new();
     for (k, (kind, _)) in PLANTED.iter().enumerate() {
@@ -479,19 +605,50 @@ fn ingest_phase(
         }
         let lost = pt.saturating_sub(ct);
         all_ok &= dd == pd && lost == 0;
-        rows.row(vec![kind.to_string(), pd.to_string(), dd.to_string(), pt.to_string(), ct.to_string(), lost.to_string()]);
+        rows.row(vec![
+            kind.to_string(),
+            pd.to_string(),
+            dd.to_string(),
+            pt.to_string(),
+            ct.to_string(),
+            lost.to_string(),
+        ]);
     }
-    let unexpected: Vec<_> = detected.keys().filter(|k| !planted_keys.contains(*k)).cloned().collect();
+    let unexpected: Vec<_> = detected
+        .keys()
+        .filter(|k| !planted_keys.contains(*k))
+        .cloned()
+        .collect();
     println!("\nFindings planted vs detected (ListBreaks per kind):\n");
     print!("{}", rows.render());
     println!(
         "unexpected findings (not planted): {}{}",
         unexpected.len(),
-        if unexpected.is_empty() { String::new() } else { format!(" e.g. {:?}", &unexpected[..unexpected.len().min(5)]) }
+        if unexpected.is_empty() {
+            String::new()
+        } else {
+            format!(" e.g. {:?}", &unexpected[..unexpected.len().min(5)])
+        }
     );
-    targets.row(vec!["ingest >= 250,000 hops/s".into(), format!("{ingest_rate:.0} hops/s"), verdict(ingest_rate >= 250_000.0).into()]);
-    targets.row(vec!["analysis keeps up (steady state >= 250,000 hops/s)".into(), format!("{analysed_rate:.0} hops/s"), verdict(analysed_rate >= 250_000.0).into()]);
-    targets.row(vec!["findings: none lost under load".into(), if all_ok { "all planted detected and counted".into() } else { "some lost (see table)".to_string() }, verdict(all_ok).into()]);
+    targets.row(vec![
+        "ingest >= 250,000 hops/s".into(),
+        format!("{ingest_rate:.0} hops/s"),
+        verdict(ingest_rate >= 250_000.0).into(),
+    ]);
+    targets.row(vec![
+        "analysis keeps up (steady state >= 250,000 hops/s)".into(),
+        format!("{analysed_rate:.0} hops/s"),
+        verdict(analysed_rate >= 250_000.0).into(),
+    ]);
+    targets.row(vec![
+        "findings: none lost under load".into(),
+        if all_ok {
+            "all planted detected and counted".into()
+        } else {
+            "some lost (see table)".to_string()
+        },
+        verdict(all_ok).into(),
+    ]);
     out.insert("ingest".into(), json!({
         "rounds": sent.rounds, "hops": sent.hops, "accepted": sent.accepted, "errors": sent.errors,
         "seconds": sent.seconds, "ingest_hops_per_s": ingest_rate, "analysed_hops_per_s": analysed_rate,
@@ -518,7 +675,11 @@ async fn list_all(c: &Collector) -> Result<Vec<hopwatch_proto::v1::Break>> {
     let mut all = Vec::new();
     for k in 1..=8 {
         let r = q
-            .list_breaks(ListBreaksRequest { kind: k, limit: 10_000, ..Default::default() })
+            .list_breaks(ListBreaksRequest {
+                kind: k,
+                limit: 10_000,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         all.extend(r.breaks);
@@ -536,10 +697,14 @@ fn open_phase(
     out: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     println!("\n## Memory with {} hops in open traces\n", args.open_hops);
-    let mut extra: Vec<String> = ["--trace-quiet=1h", "--max-trace-age=2h", "--max-open-traces=2000000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut extra: Vec<String> = [
+        "--trace-quiet=1h",
+        "--max-trace-age=2h",
+        "--max-open-traces=2000000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     // Newer collectors also bound open hops: raise it too when the flag exists.
     let help = std::process::Command::new(bin)
         .arg("--help")
@@ -553,11 +718,23 @@ fn open_phase(
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = c.rss_mib();
     let ids = RunIds { nonce: nonce() };
-    let clock = Clock { t0_us: now_us(), round_step_us: 1000 };
+    let clock = Clock {
+        t0_us: now_us(),
+        round_step_us: 1000,
+    };
     let channels = rt.block_on(c.channels(args.connections))?;
     let target = args.open_hops;
-    let sent = rt.block_on(load(channels, templates.clone(), args.streams, ids, clock, move |_, hops| hops >= target));
-    wait_until(Duration::from_secs(30), || c.metric("hopwatch_open_hops") >= sent.accepted as f64);
+    let sent = rt.block_on(load(
+        channels,
+        templates.clone(),
+        args.streams,
+        ids,
+        clock,
+        move |_, hops| hops >= target,
+    ));
+    wait_until(Duration::from_secs(30), || {
+        c.metric("hopwatch_open_hops") >= sent.accepted as f64
+    });
     std::thread::sleep(Duration::from_millis(500));
     let open_hops = c.metric("hopwatch_open_hops");
     let open_traces = c.metric("hopwatch_open_traces");
@@ -565,10 +742,22 @@ fn open_phase(
     let hwm = proc_status_kib(c.proc.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
     let per_hop = (rss - rss0) * 1024.0 * 1024.0 / open_hops.max(1.0);
     let mut t = Table::new(&["figure", "value"]);
-    t.row(vec!["hops sent / held open".into(), format!("{} / {open_hops:.0} in {open_traces:.0} traces", sent.hops)]);
-    t.row(vec!["send rate (no analysis running)".into(), format!("{:.0} hops/s", sent.hops as f64 / sent.seconds)]);
-    t.row(vec!["RSS idle / with open hops / peak".into(), format!("{rss0:.0} / {rss:.0} / {hwm:.0} MiB")]);
-    t.row(vec!["RSS per open hop".into(), format!("{per_hop:.0} bytes")]);
+    t.row(vec![
+        "hops sent / held open".into(),
+        format!("{} / {open_hops:.0} in {open_traces:.0} traces", sent.hops),
+    ]);
+    t.row(vec![
+        "send rate (no analysis running)".into(),
+        format!("{:.0} hops/s", sent.hops as f64 / sent.seconds),
+    ]);
+    t.row(vec![
+        "RSS idle / with open hops / peak".into(),
+        format!("{rss0:.0} / {rss:.0} / {hwm:.0} MiB"),
+    ]);
+    t.row(vec![
+        "RSS per open hop".into(),
+        format!("{per_hop:.0} bytes"),
+    ]);
     print!("{}", t.render());
     let mb = rss * 1.048_576;
     targets.row(vec![
@@ -634,7 +823,8 @@ fn failing_trace(n: u64, nonce: u64, t_us: u64, workloads: u64) -> (String, Vec<
         response_code: 503,
         response_flags: 32,
         response_flag_names: vec!["UF".into()],
-        response_code_details: "upstream_reset_before_response_started{remote_connection_failure}".into(),
+        response_code_details: "upstream_reset_before_response_started{remote_connection_failure}"
+            .into(),
         upstream_cluster: format!("outbound|8080||{peer}.shop.svc.cluster.local"),
         upstream_host: "10.2.0.7:8080".into(),
         start_time_unix_micros: t_us + 100,
@@ -693,7 +883,11 @@ fn query_phase(
                     for k in first..(first + per_batch).min(n) {
                         hops.extend(failing_trace(k, nonce, t_base + k * 10, workloads).1);
                     }
-                    let req = ReportRequest { hops, reporter_namespace: gen::NAMESPACE.into(), ..Default::default() };
+                    let req = ReportRequest {
+                        hops,
+                        reporter_namespace: gen::NAMESPACE.into(),
+                        ..Default::default()
+                    };
                     send_raw(ch.clone(), req.encode_to_vec()).await?;
                 }
                 Ok::<(), Status>(())
@@ -704,14 +898,20 @@ fn query_phase(
         }
         Ok::<(), anyhow::Error>(())
     })?;
-    let stored = wait_until(Duration::from_secs(180), || c.metric("hopwatch_findings_total") >= n as f64);
+    let stored = wait_until(Duration::from_secs(180), || {
+        c.metric("hopwatch_findings_total") >= n as f64
+    });
     let findings = c.metric("hopwatch_findings_total");
     println!(
         "  sent {} failing traces in {:.1}s; {} findings stored{}",
         n,
         load_start.elapsed().as_secs_f64(),
         findings,
-        if stored { "" } else { " (TIMED OUT waiting for all)" }
+        if stored {
+            ""
+        } else {
+            " (TIMED OUT waiting for all)"
+        }
     );
     let rss = c.rss_mib();
     let queries = args.queries;
@@ -735,11 +935,18 @@ fn query_phase(
         let mut got = 0;
         for _ in 0..queries {
             let t = Instant::now();
-            let r = q.list_breaks(ListBreaksRequest::default()).await?.into_inner();
+            let r = q
+                .list_breaks(ListBreaksRequest::default())
+                .await?
+                .into_inner();
             time(&mut v, t);
             got += r.breaks.len() as u64;
         }
-        results.push(("ListBreaks (default: 100 most recent)", v, got / queries.max(1) as u64));
+        results.push((
+            "ListBreaks (default: 100 most recent)",
+            v,
+            got / queries.max(1) as u64,
+        ));
         let mut v = Vec::new();
         let mut got = 0;
         for _ in 0..queries {
@@ -754,17 +961,29 @@ fn query_phase(
             time(&mut v, t);
             got += r.breaks.len() as u64;
         }
-        results.push(("ListBreaks (kind + workload + namespace filter)", v, got / queries.max(1) as u64));
+        results.push((
+            "ListBreaks (kind + workload + namespace filter)",
+            v,
+            got / queries.max(1) as u64,
+        ));
         let mut v = Vec::new();
         let mut got = 0;
         for _ in 0..queries {
-            let req = ListBreaksRequest { limit: 1000, since_seconds: 3600, ..Default::default() };
+            let req = ListBreaksRequest {
+                limit: 1000,
+                since_seconds: 3600,
+                ..Default::default()
+            };
             let t = Instant::now();
             let r = q.list_breaks(req).await?.into_inner();
             time(&mut v, t);
             got += r.breaks.len() as u64;
         }
-        results.push(("ListBreaks (limit 1000, since 1h)", v, got / queries.max(1) as u64));
+        results.push((
+            "ListBreaks (limit 1000, since 1h)",
+            v,
+            got / queries.max(1) as u64,
+        ));
         let mut v = Vec::new();
         let mut got = 0;
         for _ in 0..queries {
@@ -777,7 +996,11 @@ fn query_phase(
                 got += r.into_inner().hop_count as u64;
             }
         }
-        results.push(("GetTrace (random stored trace)", v, got / queries.max(1) as u64));
+        results.push((
+            "GetTrace (random stored trace)",
+            v,
+            got / queries.max(1) as u64,
+        ));
         let mut v = Vec::new();
         for _ in 0..(queries / 10).max(10) {
             let t = Instant::now();
@@ -787,17 +1010,38 @@ fn query_phase(
         results.push(("Summary (1,000 workloads)", v, 0));
         Ok::<_, anyhow::Error>(results)
     })?;
-    let mut t = Table::new(&["query", "calls", "p50 ms", "p99 ms", "max ms", "avg results"]);
+    let mut t = Table::new(&[
+        "query",
+        "calls",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "avg results",
+    ]);
     let mut list_p99: Vec<(String, f64)> = Vec::new();
     let mut jq = serde_json::Map::new();
     for (name, mut v, avg) in lat {
         v.sort_by(|a, b| a.total_cmp(b));
-        let (p50, p99, max) = (quantile(&v, 0.5) / 1e3, quantile(&v, 0.99) / 1e3, v.last().copied().unwrap_or(0.0) / 1e3);
+        let (p50, p99, max) = (
+            quantile(&v, 0.5) / 1e3,
+            quantile(&v, 0.99) / 1e3,
+            v.last().copied().unwrap_or(0.0) / 1e3,
+        );
         if name.starts_with("ListBreaks") {
             list_p99.push((name.to_string(), p99));
         }
-        t.row(vec![name.into(), v.len().to_string(), format!("{p50:.3}"), format!("{p99:.3}"), format!("{max:.3}"), avg.to_string()]);
-        jq.insert(name.into(), json!({"p50_ms": p50, "p99_ms": p99, "max_ms": max}));
+        t.row(vec![
+            name.into(),
+            v.len().to_string(),
+            format!("{p50:.3}"),
+            format!("{p99:.3}"),
+            format!("{max:.3}"),
+            avg.to_string(),
+        ]);
+        jq.insert(
+            name.into(),
+            json!({"p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+        );
     }
     print!("{}", t.render());
     println!("collector RSS with {findings:.0} findings: {rss:.0} MiB");
@@ -810,6 +1054,9 @@ fn query_phase(
             verdict(*p99 < 10.0 && findings >= n as f64).into(),
         ]);
     }
-    out.insert("queries".into(), json!({"findings": findings, "rss_mib": rss, "latency": jq}));
+    out.insert(
+        "queries".into(),
+        json!({"findings": findings, "rss_mib": rss, "latency": jq}),
+    );
     Ok(())
 }

@@ -17,8 +17,8 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use hopwatch_bench::envoy::{self, Ports};
-use hopwatch_bench::wrk::{self, Load, WrkResult};
 use hopwatch_bench::wrk::Side;
+use hopwatch_bench::wrk::{self, Load, WrkResult};
 use hopwatch_bench::{
     free_port, http_get, http_request, median, proc_cpu_seconds, proc_status_kib, verdict,
     wait_for_port, wait_until, Proc, ScratchDir, Table,
@@ -26,7 +26,9 @@ use hopwatch_bench::{
 use hopwatch_test_envoy::manifests;
 
 #[derive(Parser, Debug)]
-#[command(about = "hopwatch filter benchmark: Envoy req/s, latency and memory per filter configuration")]
+#[command(
+    about = "hopwatch filter benchmark: Envoy req/s, latency and memory per filter configuration"
+)]
 struct Args {
     /// The Envoy 1.40 binary.
     #[arg(long, default_value = "envoy")]
@@ -91,7 +93,10 @@ enum Kind {
     None,
     EmptyWasm,
     Lua,
-    Hopwatch { inbound: bool, rate: Option<f64> },
+    Hopwatch {
+        inbound: bool,
+        rate: Option<f64>,
+    },
     /// The empty filter as a host-call probe (`probe+get_property=10`): prices host calls.
     Probe,
 }
@@ -156,7 +161,9 @@ fn main() -> Result<()> {
 /// echoes the request headers (to check what the filter under test sent upstream).
 fn upstream_server(port: u16) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         loop {
@@ -257,7 +264,9 @@ fn run(args: Args) -> Result<()> {
             bail!("unknown route {r:?} (direct, proxied)");
         }
     }
-    let uses_hopwatch = configs.iter().any(|c| matches!(c.kind, Kind::Hopwatch { .. }));
+    let uses_hopwatch = configs
+        .iter()
+        .any(|c| matches!(c.kind, Kind::Hopwatch { .. }));
 
     let scratch = ScratchDir::new("hopwatch-filter-bench", args.keep)?;
     let dir = scratch.path.clone();
@@ -275,7 +284,8 @@ fn run(args: Args) -> Result<()> {
         configs.len(),
         args.warmup
     );
-    let total = (args.rounds * args.seconds + args.warmup) as usize * args.routes.len() * configs.len();
+    let total =
+        (args.rounds * args.seconds + args.warmup) as usize * args.routes.len() * configs.len();
     println!("expected duration: ~{}s; scratch: {}", total, dir.display());
 
     // The local upstream, pinned with the load generator.
@@ -335,7 +345,11 @@ fn run(args: Args) -> Result<()> {
     // One Envoy per configuration, all kept running; only one is loaded at a time.
     let mut envoys: Vec<RunningEnvoy> = Vec::new();
     let hopwatch_filter = |inbound: bool, rate: Option<f64>, overrides: &[(String, Value)]| {
-        let f = if inbound { &sidecar.inbound } else { &sidecar.outbound };
+        let f = if inbound {
+            &sidecar.inbound
+        } else {
+            &sidecar.outbound
+        };
         let f = manifests::with_wasm_file(f, &filter_wasm);
         let f = match rate {
             Some(r) => envoy::with_sample_rate(&f, r),
@@ -349,14 +363,24 @@ fn run(args: Args) -> Result<()> {
             Kind::EmptyWasm => (vec![envoy::empty_wasm_filter(&empty_wasm)], vec![]),
             Kind::Lua => (vec![envoy::lua_filter()], vec![]),
             Kind::Probe => {
-                let spec: Vec<String> =
-                    cfg.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                (vec![envoy::probe_filter(&empty_wasm, &spec.join(","))], vec![])
+                let spec: Vec<String> = cfg
+                    .overrides
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                (
+                    vec![envoy::probe_filter(&empty_wasm, &spec.join(","))],
+                    vec![],
+                )
             }
-            Kind::Hopwatch { inbound: true, rate } => {
-                (vec![hopwatch_filter(true, *rate, &cfg.overrides)], vec![])
-            }
-            Kind::Hopwatch { inbound: false, rate } => (
+            Kind::Hopwatch {
+                inbound: true,
+                rate,
+            } => (vec![hopwatch_filter(true, *rate, &cfg.overrides)], vec![]),
+            Kind::Hopwatch {
+                inbound: false,
+                rate,
+            } => (
                 vec![hopwatch_filter(false, *rate, &cfg.overrides)],
                 vec![hopwatch_filter(true, *rate, &cfg.overrides)],
             ),
@@ -366,7 +390,11 @@ fn run(args: Args) -> Result<()> {
             direct: free_port()?,
             proxied: free_port()?,
             upstream: upstream_port,
-            prime: if prime_filters.is_empty() { None } else { Some(free_port()?) },
+            prime: if prime_filters.is_empty() {
+                None
+            } else {
+                Some(free_port()?)
+            },
         };
         let boot = envoy::bootstrap(
             ports,
@@ -403,7 +431,11 @@ fn run(args: Args) -> Result<()> {
             matches!(http_get(e.ports.admin, "/ready"), Ok((200, _)))
         });
         if !ready || !e.proc.alive() {
-            bail!("envoy {} not ready:\n{}", e.config.name, e.proc.log_tail(30));
+            bail!(
+                "envoy {} not ready:\n{}",
+                e.config.name,
+                e.proc.log_tail(30)
+            );
         }
         wait_for_port(e.ports.direct, Duration::from_secs(10))?;
         wait_for_port(e.ports.proxied, Duration::from_secs(10))?;
@@ -418,7 +450,12 @@ fn run(args: Args) -> Result<()> {
     let in_script = dir.join("inbound-requests.lua");
     std::fs::write(
         &out_script,
-        wrk::pool_script(&pool, Side::Outbound, envoy::UPSTREAM_AUTHORITY, "/api/v1/items"),
+        wrk::pool_script(
+            &pool,
+            Side::Outbound,
+            envoy::UPSTREAM_AUTHORITY,
+            "/api/v1/items",
+        ),
     )?;
     std::fs::write(
         &in_script,
@@ -445,8 +482,11 @@ fn run(args: Args) -> Result<()> {
     // real sidecar; not measured.
     let prime = |e: &RunningEnvoy| -> Result<()> {
         if let Some(port) = e.ports.prime {
-            wrk::run(&load(1, 1, &in_script), &format!("http://127.0.0.1:{port}/api/v1/items"))
-                .with_context(|| format!("priming {}", e.config.name))?;
+            wrk::run(
+                &load(1, 1, &in_script),
+                &format!("http://127.0.0.1:{port}/api/v1/items"),
+            )
+            .with_context(|| format!("priming {}", e.config.name))?;
         }
         Ok(())
     };
@@ -459,7 +499,12 @@ fn run(args: Args) -> Result<()> {
         "inbound requests carry x-virtual-env: {RECEIVED_TAG}; the app's outbound calls propagate the trace headers but not the tag; the sidecar's own tag is {}\n",
         envoy::OWN_TAG
     );
-    let mut sanity = Table::new(&["config", "status", "x-virtual-env upstream", "wasm VMs active"]);
+    let mut sanity = Table::new(&[
+        "config",
+        "status",
+        "x-virtual-env upstream",
+        "wasm VMs active",
+    ]);
     for e in &envoys {
         prime(e)?;
         let p = &pool[0];
@@ -480,7 +525,10 @@ fn run(args: Args) -> Result<()> {
             Ok((s, body)) => (
                 s.to_string(),
                 body.lines()
-                    .find_map(|l| l.strip_prefix("x-virtual-env:").map(|v| v.trim().to_string()))
+                    .find_map(|l| {
+                        l.strip_prefix("x-virtual-env:")
+                            .map(|v| v.trim().to_string())
+                    })
                     .unwrap_or_else(|| "-".into()),
             ),
             Err(err) => (format!("error: {err}"), "-".into()),
@@ -545,8 +593,11 @@ fn run(args: Args) -> Result<()> {
         for route in &args.routes {
             for e in &envoys {
                 prime(e)?;
-                wrk::run(&load(args.warmup, args.connections, script_of(e)), &url(e, route))
-                    .with_context(|| format!("warm-up {} {route}", e.config.name))?;
+                wrk::run(
+                    &load(args.warmup, args.connections, script_of(e)),
+                    &url(e, route),
+                )
+                .with_context(|| format!("warm-up {} {route}", e.config.name))?;
             }
         }
     }
@@ -565,8 +616,11 @@ fn run(args: Args) -> Result<()> {
                 let e = &envoys[(k + round as usize) % n];
                 prime(e)?;
                 let cpu0 = proc_cpu_seconds(e.proc.pid()).unwrap_or(0.0);
-                let r = wrk::run(&load(args.seconds, args.connections, script_of(e)), &url(e, route))
-                    .with_context(|| format!("{} {route}", e.config.name))?;
+                let r = wrk::run(
+                    &load(args.seconds, args.connections, script_of(e)),
+                    &url(e, route),
+                )
+                .with_context(|| format!("{} {route}", e.config.name))?;
                 let cpu = proc_cpu_seconds(e.proc.pid()).unwrap_or(0.0) - cpu0;
                 let cpu_us = 1e6 * cpu / r.requests.max(1) as f64;
                 cpu_per_req
@@ -613,7 +667,11 @@ fn run(args: Args) -> Result<()> {
     let mut mem: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for e in &mut envoys {
         if !e.proc.alive() {
-            println!("WARNING: envoy {} exited:\n{}", e.config.name, e.proc.log_tail(20));
+            println!(
+                "WARNING: envoy {} exited:\n{}",
+                e.config.name,
+                e.proc.log_tail(20)
+            );
             continue;
         }
         let rss = proc_status_kib(e.proc.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0;
@@ -675,7 +733,10 @@ fn run(args: Args) -> Result<()> {
             let added_us = 1e6 / rps - 1e6 / none_rps;
             let p50 = median(&rs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
             let p99 = median(&rs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-            let (rss, hwm) = mem.get(&e.config.name).copied().unwrap_or((f64::NAN, f64::NAN));
+            let (rss, hwm) = mem
+                .get(&e.config.name)
+                .copied()
+                .unwrap_or((f64::NAN, f64::NAN));
             let cpu_us = cpu_per_req
                 .get(&(route.clone(), e.config.name.clone()))
                 .map(|v| median(v))
@@ -696,7 +757,9 @@ fn run(args: Args) -> Result<()> {
                 e.config.name.clone(),
                 format!("{rps:.0}"),
                 format!("{ratio_none:.3}"),
-                ratio_lua.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
+                ratio_lua
+                    .map(|r| format!("{r:.3}"))
+                    .unwrap_or_else(|| "-".into()),
                 format!("{added_us:+.2}"),
                 format!("{cpu_us:.2}"),
                 format!("{cpu_ratio:.3}"),
@@ -720,8 +783,13 @@ fn run(args: Args) -> Result<()> {
                 }),
             );
             // Targets of issue 6.
-            if let (Kind::Hopwatch { inbound: false, rate }, true) =
-                (&e.config.kind, e.config.overrides.is_empty())
+            if let (
+                Kind::Hopwatch {
+                    inbound: false,
+                    rate,
+                },
+                true,
+            ) = (&e.config.kind, e.config.overrides.is_empty())
             {
                 let rate = *rate;
                 let rate = rate.unwrap_or(1.0);
@@ -783,8 +851,12 @@ fn run(args: Args) -> Result<()> {
         let mut sums: BTreeMap<&str, u64> = BTreeMap::new();
         let mut lines = Vec::new();
         for l in stats.lines() {
-            let Some((name, value)) = l.split_once(": ") else { continue };
-            let Ok(v) = value.trim().parse::<u64>() else { continue };
+            let Some((name, value)) = l.split_once(": ") else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<u64>() else {
+                continue;
+            };
             if let Some(rest) = name.strip_prefix("wasmcustom.hopwatch.") {
                 if v > 0 {
                     lines.push(format!("{rest}: {v}"));
@@ -816,7 +888,10 @@ fn run(args: Args) -> Result<()> {
             e.config.name.clone(),
             g("seen").to_string(),
             g("reported").to_string(),
-            format!("{:.2}%", 100.0 * g("reported") as f64 / g("seen").max(1) as f64),
+            format!(
+                "{:.2}%",
+                100.0 * g("reported") as f64 / g("seen").max(1) as f64
+            ),
             g("batches").to_string(),
             g("dropped").to_string(),
             format!("{} / {}", g("rq"), g("rq2xx")),
@@ -832,8 +907,12 @@ fn run(args: Args) -> Result<()> {
         }
     }
     if let Some((p, _, http)) = &collector {
-        let metrics = http_get(*http, "/metrics").map(|(_, b)| b).unwrap_or_default();
-        let m: BTreeMap<String, f64> = hopwatch_bench::parse_prometheus(&metrics).into_iter().collect();
+        let metrics = http_get(*http, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let m: BTreeMap<String, f64> = hopwatch_bench::parse_prometheus(&metrics)
+            .into_iter()
+            .collect();
         let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
         println!(
             "\ncollector: {} hops received in {} batches, {} reports dropped by filters, {} traces analysed, {} findings",
@@ -902,12 +981,17 @@ fn run(args: Args) -> Result<()> {
             .lines()
             .filter(|l| {
                 let l = l.to_lowercase();
-                l.contains("panic") || l.contains("wasm") && (l.contains("error") || l.contains("fail"))
+                l.contains("panic")
+                    || l.contains("wasm") && (l.contains("error") || l.contains("fail"))
             })
             .take(5)
             .collect();
         if !bad.is_empty() {
-            println!("\nWARNING: envoy {} logged:\n  {}", e.config.name, bad.join("\n  "));
+            println!(
+                "\nWARNING: envoy {} logged:\n  {}",
+                e.config.name,
+                bad.join("\n  ")
+            );
         }
     }
     for mut e in envoys {
@@ -944,11 +1028,16 @@ fn perf_attribution(data: &Path, tid_config: &BTreeMap<u32, String>) -> PerfShar
         }
         let (Ok(samples), Some(tid)) = (
             cols[1].parse::<u64>(),
-            cols[2].split(':').next().and_then(|t| t.trim().parse::<u32>().ok()),
+            cols[2]
+                .split(':')
+                .next()
+                .and_then(|t| t.trim().parse::<u32>().ok()),
         ) else {
             continue;
         };
-        let Some(config) = tid_config.get(&tid) else { continue };
+        let Some(config) = tid_config.get(&tid) else {
+            continue;
+        };
         let dso = cols[3];
         let class = if dso == "envoy" {
             "envoy"
@@ -959,7 +1048,11 @@ fn perf_attribution(data: &Path, tid_config: &BTreeMap<u32, String>) -> PerfShar
         } else {
             "libc+other"
         };
-        *shares.entry(config.clone()).or_default().entry(class).or_default() += samples;
+        *shares
+            .entry(config.clone())
+            .or_default()
+            .entry(class)
+            .or_default() += samples;
     }
     shares
 }
@@ -978,12 +1071,24 @@ fn print_perf(
             None => ": share of samples, all routes".into(),
         }
     );
-    let mut t = Table::new(&["config", "samples", "CPU us/req", "Envoy binary", "JIT (wasm/Lua)", "kernel", "libc+other"]);
+    let mut t = Table::new(&[
+        "config",
+        "samples",
+        "CPU us/req",
+        "Envoy binary",
+        "JIT (wasm/Lua)",
+        "kernel",
+        "libc+other",
+    ]);
     for e in envoys {
-        let Some(m) = shares.get(&e.config.name) else { continue };
+        let Some(m) = shares.get(&e.config.name) else {
+            continue;
+        };
         let total: u64 = m.values().sum();
         let cpu = single.as_ref().and_then(|r| {
-            cpu_per_req.get(&(r.clone(), e.config.name.clone())).map(|v| median(v))
+            cpu_per_req
+                .get(&(r.clone(), e.config.name.clone()))
+                .map(|v| median(v))
         });
         let mut row = vec![
             e.config.name.clone(),
@@ -1005,7 +1110,13 @@ fn print_perf(
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -1024,7 +1135,11 @@ fn envoy_version(envoy: &Path) -> String {
 
 /// A counter or gauge from Envoy's admin `/stats`.
 fn stat_value(admin: u16, name: &str) -> Option<u64> {
-    let (_, body) = http_get(admin, &format!("/stats?filter=^{}$", name.replace('.', "\\."))).ok()?;
+    let (_, body) = http_get(
+        admin,
+        &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
+    )
+    .ok()?;
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}: "))?.trim().parse().ok())
 }
@@ -1051,7 +1166,8 @@ mod tests {
             }
         );
         assert!(parse_config("bogus").is_err());
-        let c = parse_config("hopwatch-out@0.01+annotate_response=never+correlation_buckets=256").unwrap();
+        let c = parse_config("hopwatch-out@0.01+annotate_response=never+correlation_buckets=256")
+            .unwrap();
         assert_eq!(
             c.overrides,
             vec![

@@ -91,7 +91,10 @@ fn prop_value(path: &[&str]) -> Option<Vec<u8>> {
 impl Host for CountingHost {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         let v = self.shared.borrow().get(key).cloned();
-        self.note("get_shared_data", v.as_ref().map(|v| v.0.len()).unwrap_or(0));
+        self.note(
+            "get_shared_data",
+            v.as_ref().map(|v| v.0.len()).unwrap_or(0),
+        );
         v
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus {
@@ -116,7 +119,10 @@ impl Host for CountingHost {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone());
-        self.note("get_header_map_value", v.as_ref().map(String::len).unwrap_or(0));
+        self.note(
+            "get_header_map_value",
+            v.as_ref().map(String::len).unwrap_or(0),
+        );
         v
     }
     fn now_nanos(&self) -> u64 {
@@ -126,7 +132,11 @@ impl Host for CountingHost {
     fn count(&self, metric: Metric, _by: u64) {
         self.note("increment_metric", 0);
         if self.counting {
-            let name = self.names.get(metric.0 as usize).cloned().unwrap_or_default();
+            let name = self
+                .names
+                .get(metric.0 as usize)
+                .cloned()
+                .unwrap_or_default();
             *self.calls.borrow_mut().metrics.entry(name).or_default() += 1;
         }
     }
@@ -134,7 +144,10 @@ impl Host for CountingHost {
 
 fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = vec![
-        (":authority".into(), "upstream.bench.svc.cluster.local:8080".into()),
+        (
+            ":authority".into(),
+            "upstream.bench.svc.cluster.local:8080".into(),
+        ),
         (":path".into(), "/api/v1/items".into()),
         (":method".into(), "GET".into()),
         (":scheme".into(), "http".into()),
@@ -156,20 +169,27 @@ fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
 
 /// The serialized size of a proxy-wasm header map (what `get_header_map_pairs` copies).
 fn map_bytes(h: &[(String, String)]) -> usize {
-    4 + h.iter().map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>()
+    4 + h
+        .iter()
+        .map(|(k, v)| 8 + k.len() + v.len() + 2)
+        .sum::<usize>()
 }
 
 fn core(inbound: bool, rate: f64, overrides: &[(&str, serde_json::Value)]) -> Result<Core> {
     let root = manifests::repo_root();
     let filters = manifests::load_sidecar_filters(&root)?;
-    let f = if inbound { &filters.inbound } else { &filters.outbound };
+    let f = if inbound {
+        &filters.inbound
+    } else {
+        &filters.outbound
+    };
     let mut plugin = manifests::plugin_configuration_json(f).unwrap_or_default();
     plugin["report_sample_rate"] = serde_json::json!(rate);
     for (k, v) in overrides {
         plugin[*k] = v.clone();
     }
-    let cfg = PluginConfig::parse(plugin.to_string().as_bytes())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        PluginConfig::parse(plugin.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let host = CountingHost::new("x", false);
     let identity = Identity::load(&cfg, &host, Some("dev.proj1".into()));
     Ok(Core::new(cfg, identity))
@@ -228,7 +248,9 @@ fn main() -> Result<()> {
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
     });
 
-    println!("# hopwatch host calls per request (filter logic run natively over a counting host)\n");
+    println!(
+        "# hopwatch host calls per request (filter logic run natively over a counting host)\n"
+    );
     println!("pool: {} traces (as filter-bench), outbound calls preceded by their inbound request (same VM store)\n", pool.len());
     let mut summary = Table::new(&[
         "config",
@@ -252,7 +274,10 @@ fn main() -> Result<()> {
             one(&inb_core, &host, &headers(e, true));
         }
         // Count over one pass of the pool.
-        let counting = CountingHost { counting: true, ..CountingHost::new(dir, true) };
+        let counting = CountingHost {
+            counting: true,
+            ..CountingHost::new(dir, true)
+        };
         *counting.shared.borrow_mut() = host.shared.borrow().clone();
         let mut reported = 0usize;
         let reqs: Vec<Vec<(String, String)>> = pool.iter().map(|e| headers(e, c.inbound)).collect();
@@ -264,10 +289,16 @@ fn main() -> Result<()> {
         let n = reqs.len() as f64;
         let calls = counting.calls.borrow().clone();
         let per = |k: &str| calls.by_kind.get(k).copied().unwrap_or((0, 0));
-        let bytes_in: u64 = ["get_header_map_pairs", "get_shared_data", "get_property", "get_header_map_value", "get_current_time"]
-            .iter()
-            .map(|k| per(k).1)
-            .sum();
+        let bytes_in: u64 = [
+            "get_header_map_pairs",
+            "get_shared_data",
+            "get_property",
+            "get_header_map_value",
+            "get_current_time",
+        ]
+        .iter()
+        .map(|k| per(k).1)
+        .sum();
         // Time the pure computation (no counting) over many passes.
         // CPU time of this process, not wall time: robust to a busy machine.
         let passes = 500;
@@ -289,8 +320,16 @@ fn main() -> Result<()> {
             c.name.clone(),
             format!("{:.2}", calls.total() as f64 / n),
             format!("{:.2}", per("increment_metric").0 as f64 / n),
-            format!("{:.2}, {:.0} B", per("get_shared_data").0 as f64 / n, per("get_shared_data").1 as f64 / n),
-            format!("{:.2}, {:.0} B", per("set_shared_data").0 as f64 / n, per("set_shared_data").1 as f64 / n),
+            format!(
+                "{:.2}, {:.0} B",
+                per("get_shared_data").0 as f64 / n,
+                per("get_shared_data").1 as f64 / n
+            ),
+            format!(
+                "{:.2}, {:.0} B",
+                per("set_shared_data").0 as f64 / n,
+                per("set_shared_data").1 as f64 / n
+            ),
             format!("{:.2}", per("get_property").0 as f64 / n),
             format!("{:.0} B", bytes_in as f64 / n),
             format!("{:.1}%", 100.0 * reported as f64 / n),
@@ -309,9 +348,21 @@ fn main() -> Result<()> {
         let mets: Vec<String> = calls
             .metrics
             .iter()
-            .map(|(k, c)| format!("{} {:.2}", k.trim_start_matches("hopwatch.").trim_start_matches("outbound.").trim_start_matches("inbound."), *c as f64 / n))
+            .map(|(k, c)| {
+                format!(
+                    "{} {:.2}",
+                    k.trim_start_matches("hopwatch.")
+                        .trim_start_matches("outbound.")
+                        .trim_start_matches("inbound."),
+                    *c as f64 / n
+                )
+            })
             .collect();
-        println!("  {name}: {}\n    counters incremented: {}", kinds.join(", "), mets.join(", "));
+        println!(
+            "  {name}: {}\n    counters incremented: {}",
+            kinds.join(", "),
+            mets.join(", ")
+        );
     }
     println!("\n(plus, for every wasm filter including the empty one, the VM entries for the stream callbacks; a sampled hop also costs its share of one dispatch_grpc_call per batch)");
     Ok(())
