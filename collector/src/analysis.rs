@@ -563,7 +563,7 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                         peer.clone(),
                         vec![],
                         format!(
-                            "{} called {} without the tag {:?}; hopwatch restored it from the trace",
+                            "{} called {} without the tag {:?}; hopwatch restored it from the trace ids or x-request-id the app did copy",
                             r(oh.workload),
                             peer,
                             it.resolve(oh.tag_sent)

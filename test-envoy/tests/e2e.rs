@@ -665,6 +665,7 @@ fn demo_command_prints_the_breaks_and_a_trace_tree() {
         "$ hopwatch breaks",
         "UPSTREAM_FAILURE",
         "TRACE_NOT_PROPAGATED",
+        "TAG_NOT_PROPAGATED",
         "$ hopwatch trace ",
         "==> stopping the mesh",
     ] {
