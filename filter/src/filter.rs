@@ -116,6 +116,9 @@ pub struct Stream {
     pub path: String,
     /// The request carried `debug_header`.
     pub debug: bool,
+    /// `:status` as read at response headers (0: not read). Saves `on_log` a
+    /// `response.code` property read: host calls are the filter's main cost.
+    pub response_status: std::cell::Cell<u64>,
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -209,6 +212,7 @@ impl Stream {
                 .map(report::path_without_query)
                 .unwrap_or_default(),
             debug: header(headers, &cfg.debug_header).is_some(),
+            response_status: std::cell::Cell::new(0),
         };
         (s, edit)
     }
@@ -224,14 +228,20 @@ impl Stream {
     }
 
     /// Response headers: the annotation value to append, if this response gets one.
-    /// Reads `response.flags` (and `response.code_details` when annotating).
+    /// Reads `response.flags` (and `response.code_details` when annotating), except in
+    /// `on_error` mode for a status below 400: every response Envoy produces itself (the
+    /// ones its flags explain) is a 4xx or 5xx, so a success costs no property read.
     pub fn annotation<H: Host + ?Sized>(
         &self,
         core: &Core,
         host: &H,
         status: u64,
     ) -> Option<String> {
+        self.response_status.set(status);
         if !self.may_annotate(core) {
+            return None;
+        }
+        if core.config.annotate_response == Annotate::OnError && status < 400 {
             return None;
         }
         let mask = prop_u64(host.property(&["response", "flags"]));
@@ -256,7 +266,12 @@ impl Stream {
         let cfg = &core.config;
         let end_nanos = host.now_nanos();
         let mask = prop_u64(host.property(&["response", "flags"]));
-        let code = prop_u64(host.property(&["response", "code"]));
+        // The `:status` seen at response headers when there was one (the same code Envoy
+        // sends downstream); otherwise (reset before a response) ask the host.
+        let code = match self.response_status.get() {
+            0 => prop_u64(host.property(&["response", "code"])),
+            seen => seen,
+        };
         host.count(metrics::HOPS_SEEN, 1);
         if mask != 0 {
             host.count(metrics::RESPONSES_FLAGGED, 1);

@@ -71,6 +71,10 @@ impl FakeHost {
             .filter(|c| c.starts_with(prefix))
             .count()
     }
+    /// Calls exactly named `name` (`calls` matches a prefix).
+    fn calls_exactly(&self, name: &str) -> usize {
+        self.calls.borrow().iter().filter(|c| *c == name).count()
+    }
     fn reset_calls(&self) {
         self.calls.borrow_mut().clear();
     }
@@ -720,6 +724,41 @@ t!(annotation_modes {
     assert_eq!(s.annotation(&c, &h, 200), None);
     let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-hopwatch-debug", "1")]));
     assert!(s.annotation(&c, &h, 200).is_some());
+});
+
+t!(response_path_reads_only_what_it_needs {
+    // Host calls are the filter's cost: a success in on_error mode reads no property at
+    // response headers, and on_log reuses the :status seen there instead of response.code.
+    let h = FakeHost::new();
+    let c = core("outbound", "dev");
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.prop_u64("response.flags", 0);
+    h.prop_u64("response.code", 200);
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    assert_eq!(h.calls("property"), 0, "no property read for a 200 in on_error mode");
+    s.on_log(&c, &h);
+    assert_eq!(h.calls_exactly("property response.code"), 0, "the seen :status is reused");
+    assert_eq!(h.calls_exactly("property response.flags"), 1);
+
+    // A 4xx that Envoy produced itself (NR) is still annotated with its flag, and the
+    // report carries the status seen at response headers.
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.prop_u64("response.flags", 1 << 8);
+    h.prop_u64("response.code", 404);
+    assert!(s.annotation(&c, &h, 404).unwrap().contains("flags=NR"));
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.response_code, 404);
+    assert_eq!(h.calls_exactly("property response.code"), 0);
+
+    // Reset before any response headers: on_log asks the host for the code.
+    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.prop_u64("response.code", 503);
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.response_code, 503);
+    assert_eq!(h.calls_exactly("property response.code"), 1);
 });
 
 t!(on_log_builds_the_hop {
