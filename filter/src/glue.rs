@@ -3,9 +3,10 @@
 //!
 //! Host calls per request: one `get_header_map_pairs` for all request headers, the
 //! correlation-store reads/writes, at most one tag-header write; at response headers
-//! `:status` + `response.flags` (+ details when annotating) only when annotation is
-//! possible; in `on_log` `response.flags` + `response.code`, and the remaining
-//! properties only for hops that are reported. Node metadata and the env var are read
+//! `:status` when annotation is possible, then `response.flags` (+ details when
+//! annotating) only for a status of 400 or more in `on_error` mode; in `on_log`
+//! `response.flags` (+ `response.code` only when no response headers were seen), and the
+//! remaining properties only for hops that are reported. Node metadata and the env var are read
 //! once per plugin instance in `proxy_on_configure`. Reports are queued per root context
 //! (per worker) and sent from the root context on its tick; a full batch shortens the
 //! tick to 1 ms instead of dispatching from the HTTP context (whose answer would come
