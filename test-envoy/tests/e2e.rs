@@ -154,6 +154,16 @@ fn flags(b: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// No finding of kind `k` at all (the message lists what was reported).
+fn assert_no_finding(breaks: &[Value], k: &str) {
+    assert!(of_kind(breaks, k).is_empty(), "{}", summary(breaks));
+}
+
+/// No finding of kind `k` at `workload`.
+fn assert_no_finding_at(breaks: &[Value], k: &str, workload: &str) {
+    assert!(!has(breaks, k, workload), "{}", summary(breaks));
+}
+
 fn wait_for(s: &Scenario, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     match s.mesh.wait_for_breaks(what, FINDING_DEADLINE, done) {
         Ok(b) => b,
@@ -289,21 +299,9 @@ fn app_dropping_trace_headers_is_trace_not_propagated_at_it() {
     let breaks = wait_for(&s, "TRACE_NOT_PROPAGATED at bravo", |b| {
         has(b, "TRACE_NOT_PROPAGATED", "bravo")
     });
-    assert!(
-        !has(&breaks, "TRACE_NOT_PROPAGATED", "alpha"),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "TAG_DROPPED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "alpha");
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
 }
 
 #[test]
@@ -329,16 +327,8 @@ fn app_dropping_only_the_tag_is_repaired_and_reported_as_tag_not_propagated() {
     });
     let f = of_kind(&breaks, "TAG_NOT_PROPAGATED");
     assert_eq!(f[0]["severity"], "WARNING", "{}", summary(&breaks));
-    assert!(
-        of_kind(&breaks, "TAG_DROPPED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "TRACE_NOT_PROPAGATED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "TRACE_NOT_PROPAGATED");
 }
 
 #[test]
@@ -359,16 +349,8 @@ fn app_dropping_tag_and_trace_is_tag_dropped() {
     });
     let f = of_kind(&breaks, "TAG_DROPPED");
     assert_eq!(f[0]["severity"], "ERROR", "{}", summary(&breaks));
-    assert!(
-        !has(&breaks, "TAG_DROPPED", "alpha"),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "TAG_NOT_PROPAGATED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding_at(&breaks, "TAG_DROPPED", "alpha");
+    assert_no_finding(&breaks, "TAG_NOT_PROPAGATED");
 }
 
 #[test]
@@ -392,21 +374,9 @@ fn fallback_instance_passes_the_requested_tag_on() {
 
     wait_analysed(&s, &trace, 5);
     let breaks = s.mesh.breaks().expect("breaks");
-    assert!(
-        of_kind(&breaks, "TAG_DROPPED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "TAG_CHANGED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "TAG_MISROUTED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "TAG_CHANGED");
+    assert_no_finding(&breaks, "TAG_MISROUTED");
     assert!(
         has(&breaks, "TAG_NOT_PROPAGATED", "bravo-dev"),
         "the app still dropped it: {}",
@@ -443,16 +413,8 @@ fn callee_app_down_is_upstream_failure_uf_at_the_callee() {
         summary(&breaks)
     );
     // The callers' 5xx are consequences, not origins.
-    assert!(
-        !has(&breaks, "UPSTREAM_FAILURE", "bravo"),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        !has(&breaks, "UPSTREAM_FAILURE", "alpha"),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "bravo");
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "alpha");
 }
 
 /// alpha's first call is answered by alpha's own sidecar with `status` and the Envoy flag
@@ -485,11 +447,7 @@ fn assert_failure_at_alpha_sidecar(
         "{}",
         summary(&breaks)
     );
-    assert!(
-        of_kind(&breaks, "HOP_MISSING").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding(&breaks, "HOP_MISSING");
     breaks
 }
 
@@ -529,11 +487,7 @@ fn callee_without_sidecar_is_hop_missing() {
         "{}",
         summary(&breaks)
     );
-    assert!(
-        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
 }
 
 #[test]
@@ -560,16 +514,8 @@ fn malformed_trace_headers_pass_and_are_trace_malformed() {
         has(b, "TRACE_MALFORMED", "alpha")
     });
     // Reported where it first appeared, not again at every hop.
-    assert!(
-        !has(&breaks, "TRACE_MALFORMED", "bravo"),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding_at(&breaks, "TRACE_MALFORMED", "bravo");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
 }
 
 #[test]
@@ -598,16 +544,8 @@ fn missing_tag_route_is_tag_misrouted() {
     let breaks = wait_for(&s, "TAG_MISROUTED at bravo-dev", |b| {
         has(b, "TAG_MISROUTED", "bravo-dev")
     });
-    assert!(
-        of_kind(&breaks, "TAG_DROPPED").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
-    assert!(
-        of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
-        "{}",
-        summary(&breaks)
-    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
 }
 
 #[test]
