@@ -14,6 +14,19 @@ use rustc_hash::FxHashMap;
 use crate::analysis::{analyse, Analysis, Ctx, Finding, PodIndex, Registry};
 use crate::model::{group_key, CHop, Interner, Sym};
 
+/// How long after its last hop arrived a trace is complete, even when `--max-open-traces`
+/// or `--max-open-hops` evicts it before `--trace-quiet`: such a trace gets a full
+/// analysis (HOP_MISSING included); one evicted sooner is analysed as cut short.
+///
+/// Why 2 s: the filters queue each hop when its request ends and flush the queue every
+/// tick (`tick_period_ms`, 1 s by default; a full batch goes out at once), so the hops of
+/// one request (a call's outbound hop and its inbound partner, reported by two sidecars
+/// whose ticks are out of phase) reach the collector at most about one tick apart, plus
+/// the report call's latency (milliseconds while the collector keeps up). Two ticks
+/// leave a full tick of margin for that latency. Never more than `--trace-quiet` (see
+/// [`Limits::complete_after`]): quiet for that long, a trace is complete by definition.
+pub const LATE_HOP_WINDOW: Duration = Duration::from_secs(2);
+
 /// Bounds and timings of the aggregator.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -21,7 +34,10 @@ pub struct Limits {
     pub trace_quiet: Duration,
     /// ... or once it has been open this long.
     pub max_trace_age: Duration,
-    /// Open traces beyond this evict the least recently updated one (analysed early).
+    /// Open traces beyond this evict the least recently updated one (analysed early:
+    /// fully if its last hop arrived at least [`Limits::complete_after`] ago, else as cut
+    /// short). Memory is bounded by `max_open_hops`; this bounds the per-trace overhead
+    /// (traces of one or two hops).
     pub max_open_traces: usize,
     /// Hops beyond this in one trace are dropped (counted).
     pub max_hops_per_trace: usize,
@@ -45,7 +61,7 @@ impl Default for Limits {
         Limits {
             trace_quiet: Duration::from_secs(5),
             max_trace_age: Duration::from_secs(60),
-            max_open_traces: 200_000,
+            max_open_traces: 400_000,
             max_hops_per_trace: 1_000,
             max_open_hops: 1_200_000,
             max_recent_hops: 200_000,
@@ -55,6 +71,14 @@ impl Default for Limits {
             max_pods: 50_000,
             max_interned_strings: 2_000_000,
         }
+    }
+}
+
+impl Limits {
+    /// How long a trace must have been quiet to be analysed in full when it is evicted
+    /// before `trace_quiet`: [`LATE_HOP_WINDOW`], at most `trace_quiet`.
+    pub fn complete_after(&self) -> Duration {
+        LATE_HOP_WINDOW.min(self.trace_quiet)
     }
 }
 
@@ -117,6 +141,9 @@ pub struct CoreStats {
     pub hops_accepted: u64,
     pub hops_dropped_trace_full: u64,
     pub traces_evicted: u64,
+    /// Evicted traces whose last hop was more recent than [`Limits::complete_after`]:
+    /// analysed as cut short (no HOP_MISSING).
+    pub traces_evicted_cut_short: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
     /// Hops that arrived for a trace already analysed (merged with it).
@@ -292,11 +319,14 @@ impl Core {
         while let Some((key, t)) = self.quiet_q.pop_front() {
             if let Some(g) = self.open.get(&key).filter(|g| g.last_ms == t) {
                 self.stats.traces_evicted += 1;
-                // The least recently updated trace: if it has been quiet for at least half
-                // of --trace-quiet it is very likely complete and gets a full analysis;
-                // otherwise a cut-short one (no HOP_MISSING, its partner may still come).
-                let quiet_half = self.limits.trace_quiet.as_millis() as u64 / 2;
-                let partial = g.last_ms + quiet_half > now_ms;
+                // The least recently updated trace. Quiet for LATE_HOP_WINDOW (at most
+                // --trace-quiet), no more hop of it is on the way: a full analysis.
+                // Otherwise a cut-short one (no HOP_MISSING, the partner may still come).
+                let complete_after = self.limits.complete_after().as_millis() as u64;
+                let partial = now_ms.saturating_sub(g.last_ms) < complete_after;
+                if partial {
+                    self.stats.traces_evicted_cut_short += 1;
+                }
                 return self.finish(key, now_ms, partial);
             }
         }

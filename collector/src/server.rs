@@ -74,8 +74,10 @@ pub struct ServerArgs {
     /// A trace is analysed at this age even if hops still arrive.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub max_trace_age: Duration,
-    /// Open traces kept in memory; beyond, the least recently updated is analysed early.
-    #[arg(long, default_value_t = 200_000)]
+    /// Open traces kept in memory; beyond, the least recently updated is analysed early
+    /// (in full if no hop of it arrived for 2s or --trace-quiet if shorter, else without
+    /// HOP_MISSING). Memory is bounded by --max-open-hops.
+    #[arg(long, default_value_t = 400_000)]
     pub max_open_traces: usize,
     /// Hops kept per trace; more are dropped and counted.
     #[arg(long, default_value_t = 1_000)]
@@ -472,6 +474,37 @@ mod tests {
         assert_eq!(a.settings().retention_age, Duration::from_secs(2 * 86400));
         assert!(
             ServerArgs::try_parse_from(["hopwatch-collector", "--trace-quiet", "soon"]).is_err()
+        );
+    }
+
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let l = ServerArgs::parse_from(["hopwatch-collector"])
+            .settings()
+            .limits;
+        let d = Limits::default();
+        assert_eq!(l.max_open_traces, 400_000);
+        assert_eq!(
+            (
+                l.trace_quiet,
+                l.max_trace_age,
+                l.max_open_traces,
+                l.max_hops_per_trace,
+                l.max_open_hops,
+                l.max_recent_hops,
+                l.join_slack,
+                l.instance_ttl,
+            ),
+            (
+                d.trace_quiet,
+                d.max_trace_age,
+                d.max_open_traces,
+                d.max_hops_per_trace,
+                d.max_open_hops,
+                d.max_recent_hops,
+                d.join_slack,
+                d.instance_ttl,
+            )
         );
     }
 }

@@ -497,8 +497,14 @@ impl Collector {
         metric(
             "hopwatch_trace_evictions_total",
             "counter",
-            "Open traces evicted (analysed early) because max open traces was reached.",
+            "Open traces evicted (analysed early) because max open traces or max open hops was reached.",
             &[("", cs.traces_evicted)],
+        );
+        metric(
+            "hopwatch_trace_evictions_cut_short_total",
+            "counter",
+            "Evicted traces analysed as cut short, without HOP_MISSING (a hop of theirs arrived less than 2s, or trace quiet if shorter, before).",
+            &[("", cs.traces_evicted_cut_short)],
         );
         metric(
             "hopwatch_pods_indexed",

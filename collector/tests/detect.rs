@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use hopwatch_collector::analysis::Finding;
-use hopwatch_collector::core::{Core, Limits};
+use hopwatch_collector::core::{Core, Limits, LATE_HOP_WINDOW};
 use hopwatch_collector::service::{Collector, Settings};
 use hopwatch_collector::store::Filter;
 use hopwatch_proto::v1::{BreakKind, Hop, Severity, TagSource, TraceContext};
@@ -775,4 +775,199 @@ fn open_hops_bound_evicts_and_counts() {
         core.stats.traces_evicted
     );
     assert_eq!(core.stats.hops_accepted, 50);
+}
+
+// Early eviction (--max-open-traces / --max-open-hops) and HOP_MISSING. Time is the
+// `now_ms` passed to report/ingest: no sleeping, no timed assertions.
+
+/// Trace `n` with ratings (reviews' callee) unreported: one HOP_MISSING (reviews-v1 ->
+/// ratings). Four hops.
+fn missing_callee(n: u32) -> Vec<Hop> {
+    let mut hops = healthy_chain(&trace_id(n), base(), "");
+    hops.remove(4);
+    hops
+}
+
+fn report_at(c: &Collector, hops: Vec<Hop>, now_ms: u64) {
+    c.report(
+        &hopwatch_proto::v1::ReportRequest {
+            hops,
+            ..Default::default()
+        },
+        now_ms,
+    )
+    .unwrap();
+}
+
+/// Traces counted by the HOP_MISSING findings of the index.
+fn hop_missing_count(c: &Collector) -> u64 {
+    let b = c.list_breaks(
+        &Filter {
+            kind: Some(BreakKind::HopMissing),
+            ..Default::default()
+        },
+        100,
+    );
+    for b in &b {
+        assert_eq!(
+            (b.workload.as_str(), b.peer.as_str()),
+            ("reviews-v1", "ratings")
+        );
+    }
+    b.iter().map(|b| b.count).sum()
+}
+
+fn late_window_ms() -> u64 {
+    LATE_HOP_WINDOW.as_millis() as u64
+}
+
+/// The default --trace-quiet with a small --max-open-traces.
+fn collector_with_max_open_traces(n: usize) -> Collector {
+    Collector::in_memory(Settings {
+        limits: Limits {
+            max_open_traces: n,
+            trace_quiet: Duration::from_secs(5),
+            ..Limits::default()
+        },
+        ..Settings::default()
+    })
+}
+
+#[test]
+fn trace_evicted_by_max_open_traces_after_the_late_hop_window_still_counts_hop_missing() {
+    // Quiet for LATE_HOP_WINDOW (2 s, less than half of --trace-quiet 5 s): complete,
+    // so the evicted traces are analysed in full and every HOP_MISSING is counted.
+    assert!(LATE_HOP_WINDOW < Duration::from_millis(2_500));
+    let c = collector_with_max_open_traces(3);
+    for i in 0..3 {
+        report_at(&c, missing_callee(600 + i), NOW);
+    }
+    for i in 0..3 {
+        report_at(
+            &c,
+            healthy_chain(&trace_id(610 + i), base(), ""),
+            NOW + late_window_ms(),
+        );
+    }
+    let stats = c.core.lock().stats;
+    assert_eq!(stats.traces_evicted, 3, "the 3 broken traces are evicted");
+    assert_eq!(stats.traces_evicted_cut_short, 0);
+    assert_eq!(hop_missing_count(&c), 3, "counted when evicted");
+    c.shutdown(NOW + late_window_ms()).unwrap();
+    assert_eq!(hop_missing_count(&c), 3, "and nothing else found");
+    assert_eq!(c.list_breaks(&Filter::default(), 100).len(), 1);
+}
+
+#[test]
+fn trace_evicted_by_max_open_traces_while_fresh_is_cut_short_without_hop_missing() {
+    // Its last hop arrived 1 ms short of LATE_HOP_WINDOW: the callee's hop may still
+    // come, so no HOP_MISSING (counted as a cut-short eviction).
+    let c = collector_with_max_open_traces(3);
+    for i in 0..3 {
+        report_at(&c, missing_callee(620 + i), NOW);
+    }
+    for i in 0..3 {
+        report_at(
+            &c,
+            healthy_chain(&trace_id(630 + i), base(), ""),
+            NOW + late_window_ms() - 1,
+        );
+    }
+    let stats = c.core.lock().stats;
+    assert_eq!(stats.traces_evicted, 3);
+    assert_eq!(stats.traces_evicted_cut_short, 3);
+    assert_eq!(hop_missing_count(&c), 0);
+    c.shutdown(NOW + late_window_ms()).unwrap();
+    assert!(c.list_breaks(&Filter::default(), 100).is_empty());
+}
+
+#[test]
+fn eviction_analyses_each_trace_by_its_own_last_hop() {
+    // Three broken traces, evicted at NOW + LATE_HOP_WINDOW + 1: 641 (last hop at
+    // NOW + 1) was quiet for the whole window and is complete; 642 (NOW + 2) was not;
+    // 640 started first, at NOW, but its last hop came at NOW + 2: not complete either.
+    let limits = Limits {
+        max_open_traces: 3,
+        trace_quiet: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let mut core = Core::new(limits);
+    let first = missing_callee(640);
+    core.ingest(&first[..3], NOW);
+    core.ingest(&missing_callee(641), NOW + 1);
+    core.ingest(&missing_callee(642), NOW + 2);
+    core.ingest(&first[3..], NOW + 2);
+    let mut complete = Vec::new();
+    for i in 0..3 {
+        let (_, evicted) = core.ingest(
+            &healthy_chain(&trace_id(650 + i), base(), ""),
+            NOW + late_window_ms() + 1,
+        );
+        assert_eq!(evicted.len(), 1);
+        let r = &evicted[0];
+        if !r.findings.is_empty() {
+            assert_eq!(kinds(&r.findings), vec![BreakKind::HopMissing]);
+            complete.push(r.trace_id.clone());
+        }
+    }
+    assert_eq!(complete, vec![trace_id(641)]);
+    assert_eq!(core.stats.traces_evicted, 3);
+    assert_eq!(core.stats.traces_evicted_cut_short, 2);
+}
+
+#[test]
+fn trace_evicted_by_max_open_hops_after_the_late_hop_window_still_counts_hop_missing() {
+    let limits = Limits {
+        max_open_hops: 8,
+        trace_quiet: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let c = Collector::in_memory(Settings {
+        limits,
+        ..Settings::default()
+    });
+    // Two broken traces of 4 hops fill the bound; each new 5-hop trace evicts both.
+    report_at(&c, missing_callee(660), NOW);
+    report_at(&c, missing_callee(661), NOW);
+    report_at(
+        &c,
+        healthy_chain(&trace_id(662), base(), ""),
+        NOW + late_window_ms(),
+    );
+    let stats = c.core.lock().stats;
+    assert_eq!(stats.traces_evicted, 2);
+    assert_eq!(stats.traces_evicted_cut_short, 0);
+    assert_eq!(hop_missing_count(&c), 2);
+    // While fresh: cut short.
+    report_at(&c, missing_callee(663), NOW + 3_000);
+    report_at(
+        &c,
+        healthy_chain(&trace_id(664), base(), ""),
+        NOW + 3_000 + late_window_ms() - 1,
+    );
+    // 662 (healthy, quiet 1 s) and 663 (broken, quiet 1999 ms) are evicted cut short.
+    let stats = c.core.lock().stats;
+    assert_eq!(stats.traces_evicted, 4);
+    assert_eq!(stats.traces_evicted_cut_short, 2);
+    assert_eq!(hop_missing_count(&c), 2);
+}
+
+#[test]
+fn late_hop_window_is_at_most_trace_quiet() {
+    // With --trace-quiet 1s, a trace quiet for 1 s is complete (a poll would analyse it
+    // in full), even though LATE_HOP_WINDOW is longer.
+    let limits = Limits {
+        max_open_traces: 1,
+        trace_quiet: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    assert!(LATE_HOP_WINDOW > limits.trace_quiet);
+    assert_eq!(limits.complete_after(), Duration::from_secs(1));
+    let mut core = Core::new(limits);
+    core.ingest(&missing_callee(670), NOW);
+    let (_, evicted) = core.ingest(&missing_callee(671), NOW + 999);
+    assert!(evicted[0].findings.is_empty(), "quiet 999 ms: cut short");
+    let (_, evicted) = core.ingest(&missing_callee(672), NOW + 999 + 1_000);
+    assert_eq!(kinds(&evicted[0].findings), vec![BreakKind::HopMissing]);
+    assert_eq!(core.stats.traces_evicted_cut_short, 1);
 }
