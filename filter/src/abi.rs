@@ -120,11 +120,20 @@ mod ffi {
     }
 }
 
-/// Memory the host fills for us comes from this export.
+/// Memory the host fills for us comes from this export. Not zeroed: the host writes
+/// all `size` bytes before handing them over (this runs on every host call that
+/// returns data, e.g. the request headers).
 #[no_mangle]
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    let b: Box<[u8]> = vec![0u8; size].into_boxed_slice();
-    Box::into_raw(b).cast::<u8>()
+    let mut v: Vec<u8> = Vec::with_capacity(size);
+    let p = v.as_mut_ptr();
+    if v.capacity() != size {
+        // `take` rebuilds the Vec with capacity == len == size; never the case for u8
+        // in practice, but never build a Vec with a wrong capacity.
+        return std::ptr::null_mut();
+    }
+    std::mem::forget(v);
+    p
 }
 
 /// Takes ownership of host-returned memory.
@@ -178,14 +187,27 @@ pub fn plugin_configuration() -> Vec<u8> {
     }
 }
 
-/// All headers of a map, in one host call.
-pub fn get_map(map: MapType) -> Vec<(String, String)> {
+/// All headers of a map, serialized (see [`crate::headers`]), in one host call.
+pub fn get_map_bytes(map: MapType) -> Vec<u8> {
     let (mut p, mut n) = (null_mut(), 0usize);
     // SAFETY: valid out pointers.
     if unsafe { ffi::proxy_get_header_map_pairs(map as u32, &mut p, &mut n) } != OK {
         return Vec::new();
     }
-    crate::host::deserialize_map(&take(p, n))
+    take(p, n)
+}
+
+/// One header value, as bytes.
+pub fn get_map_value_bytes(map: MapType, key: &str) -> Option<Vec<u8>> {
+    let (mut p, mut n) = (null_mut(), 0usize);
+    // SAFETY: valid pointers.
+    let st = unsafe {
+        ffi::proxy_get_header_map_value(map as u32, key.as_ptr(), key.len(), &mut p, &mut n)
+    };
+    if st != OK {
+        return None;
+    }
+    Some(take(p, n))
 }
 
 /// One header value.

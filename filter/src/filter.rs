@@ -7,16 +7,20 @@
 //! * [`Stream::on_log`]: at the end of the stream (flags final), the hop report, if the
 //!   hop is sampled or anomalous; counts metrics.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use hopwatch_proto::v1::{Hop, TraceContext};
 
 use crate::config::{Annotate, Direction, PluginConfig};
-use crate::correlation::{self, IdKind, StoreConfig};
+use crate::correlation::{self, IdKind, LocalStore, StoreConfig};
+use crate::headers::RequestView;
 use crate::host::{prop_string, prop_u64, Host};
 use crate::metrics;
 use crate::report;
 use crate::sampling;
 use crate::tag::{self, TagDecision, TagEdit};
-use crate::trace::{self, TraceHeaders, TraceInfo};
+use crate::trace;
 
 /// Who this sidecar is (read once per VM).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,12 +83,21 @@ pub struct Core {
     pub config: PluginConfig,
     /// Workload identity.
     pub identity: Identity,
+    /// `identity.own_tag`, shared by every request that is stamped with it.
+    own_tag: Option<Rc<str>>,
 }
 
 impl Core {
     /// Builds the core.
     pub fn new(config: PluginConfig, identity: Identity) -> Self {
-        Core { config, identity }
+        let own_tag = Some(identity.own_tag.as_str())
+            .filter(|t| !t.is_empty())
+            .map(Rc::from);
+        Core {
+            config,
+            identity,
+            own_tag,
+        }
     }
 
     /// Correlation store dimensions.
@@ -98,34 +111,34 @@ impl Core {
 }
 
 /// State of one request between its callbacks.
+///
+/// It keeps the serialized request headers as the host gave them (memory the module
+/// already owns) and only the few decisions the later callbacks need; the strings of a
+/// hop report are built from the headers in [`Stream::on_log`], and only for the hops
+/// that are reported (1% of them at `report_sample_rate` 0.01).
 #[derive(Debug, Clone)]
 pub struct Stream {
+    /// The request headers as received (before the tag edit), serialized.
+    headers: Vec<u8>,
     /// Request headers time, ns since epoch.
-    pub start_nanos: u64,
-    /// Trace context (outbound: classified PROPAGATED / NEW when valid).
-    pub trace: TraceInfo,
+    start_nanos: u64,
+    /// Trace classification (outbound: VALID turned into PROPAGATED / NEW).
+    class: TraceContext,
     /// Tag decision.
-    pub tag: TagDecision,
-    /// Tag of the correlated inbound request (outbound).
-    pub correlated_tag: String,
-    /// `:authority`
-    pub authority: String,
-    /// `:method`
-    pub method: String,
-    /// `:path` without query.
-    pub path: String,
+    tag: TagDecision,
+    /// Tag of the correlated inbound request (outbound), if one was found.
+    correlated: Option<Rc<str>>,
+    /// The trace is in the report sample.
+    sampled: bool,
     /// The request carried `debug_header`.
-    pub debug: bool,
+    debug: bool,
     /// `:status` as read at response headers (0: not read). Saves `on_log` a
     /// `response.code` property read: host calls are the filter's main cost.
-    pub response_status: std::cell::Cell<u64>,
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    response_status: Cell<u64>,
+    /// The response reached its end of stream (headers, body or trailers with
+    /// end_of_stream): nothing after its headers went wrong, so a success needs no
+    /// `response.flags` read at the end.
+    response_complete: Cell<bool>,
 }
 
 fn secs(nanos: u64) -> u32 {
@@ -133,9 +146,9 @@ fn secs(nanos: u64) -> u32 {
 }
 
 /// Whether a hop is anomalous (always reported, whatever the sampling).
-pub fn is_anomalous(direction: Direction, trace: &TraceInfo, tag: &TagDecision) -> bool {
+pub fn is_anomalous(direction: Direction, class: TraceContext, tag: &TagDecision) -> bool {
     tag.malformed
-        || match trace.class {
+        || match class {
             TraceContext::Partial | TraceContext::Malformed | TraceContext::Inconsistent => true,
             TraceContext::Missing | TraceContext::New => direction == Direction::Outbound,
             _ => false,
@@ -143,78 +156,102 @@ pub fn is_anomalous(direction: Direction, trace: &TraceInfo, tag: &TagDecision) 
 }
 
 impl Stream {
-    /// Request headers: all of them, fetched in one host call.
+    /// Request headers: `headers` is the whole serialized request header map, fetched
+    /// in one host call. `local` is this VM's copy of the correlation store.
     pub fn on_request_headers<H: Host + ?Sized>(
         core: &Core,
         host: &H,
-        headers: &[(String, String)],
+        local: &LocalStore,
+        headers: Vec<u8>,
     ) -> (Stream, TagEdit) {
         let cfg = &core.config;
         let start_nanos = host.now_nanos();
         let now = secs(start_nanos);
-        let mut trace = trace::classify(&TraceHeaders::from_pairs(headers));
-        let received = header(headers, &cfg.tag_header);
-        let store = core.store();
+        let view = RequestView::parse(&headers, &cfg.tag_header, &cfg.debug_header);
+        let trace = trace::classify(&view.trace);
         let rid_key = trace::request_id_key(&trace.request_id);
         let ids = [
-            (IdKind::B3, trace.b3_trace_id.as_str()),
-            (IdKind::W3c, trace.w3c_trace_id.as_str()),
-            (IdKind::RequestId, rid_key.as_str()),
+            (IdKind::B3, &*trace.b3_trace_id),
+            (IdKind::W3c, &*trace.w3c_trace_id),
+            (IdKind::RequestId, &*rid_key),
         ];
-        let mut correlated_tag = String::new();
+        let store = core.store();
+        let mut class = trace.class;
+        let mut correlated = None;
         let tag = match cfg.direction {
             Direction::Inbound => {
-                let d = tag::resolve_inbound(received);
-                let failed = correlation::remember(host, &store, &ids, &d.sent, now);
+                let d = tag::resolve_inbound(view.tag);
+                let failed = correlation::remember(host, local, &store, &ids, &d.sent, now);
                 if failed > 0 {
                     host.count(metrics::CORRELATION_WRITE_FAILURES, u64::from(failed));
                 }
                 d
             }
             Direction::Outbound => {
-                let hit = correlation::recall(host, &store, &ids, now);
-                let serving = hit.as_ref().is_some_and(|e| e.kind.is_trace());
-                if trace.class == TraceContext::Valid {
-                    trace.class = if serving {
+                let hit = correlation::recall(host, local, &store, &ids, now);
+                if class == TraceContext::Valid {
+                    class = if hit.as_ref().is_some_and(|h| h.kind.is_trace()) {
                         TraceContext::Propagated
                     } else {
                         TraceContext::New
                     };
                 }
-                if let Some(e) = hit {
-                    correlated_tag = e.tag;
-                }
-                let own = Some(core.identity.own_tag.as_str()).filter(|s| !s.is_empty());
-                let corr = Some(correlated_tag.as_str()).filter(|s| !s.is_empty());
-                tag::resolve_outbound(received, corr, own)
+                correlated = hit.map(|h| h.tag).filter(|t| !t.is_empty());
+                tag::resolve_outbound(view.tag, correlated.as_ref(), core.own_tag.as_ref())
             }
         };
         host.count(metrics::tag_metric(tag::source_name(tag.source)), 1);
         if tag.malformed {
             host.count(metrics::tag_metric("malformed"), 1);
         }
-        if let Some(m) = metrics::trace_metric(trace::class_name(trace.class)) {
+        if let Some(m) = metrics::trace_metric(trace::class_name(class)) {
             host.count(m, 1);
         }
+        let sampled = sampling::sampled(cfg.report_sample_rate, &trace.trace_id, &trace.request_id);
+        let debug = view.debug;
         let edit = tag.edit.clone();
         let s = Stream {
+            headers,
             start_nanos,
-            trace,
+            class,
             tag,
-            correlated_tag,
-            authority: header(headers, ":authority")
-                .map(tag::truncate)
-                .unwrap_or_default(),
-            method: header(headers, ":method")
-                .map(tag::truncate)
-                .unwrap_or_default(),
-            path: header(headers, ":path")
-                .map(report::path_without_query)
-                .unwrap_or_default(),
-            debug: header(headers, &cfg.debug_header).is_some(),
-            response_status: std::cell::Cell::new(0),
+            correlated,
+            sampled,
+            debug,
+            response_status: Cell::new(0),
+            response_complete: Cell::new(false),
         };
         (s, edit)
+    }
+
+    /// The trace classification (outbound: PROPAGATED / NEW instead of VALID).
+    pub fn class(&self) -> TraceContext {
+        self.class
+    }
+
+    /// The tag decision.
+    pub fn tag(&self) -> &TagDecision {
+        &self.tag
+    }
+
+    /// The tag of the correlated inbound request (empty: none found, or it had none).
+    pub fn correlated_tag(&self) -> &str {
+        self.correlated.as_deref().unwrap_or_default()
+    }
+
+    /// The request headers hopwatch reads, re-read from the kept serialized map.
+    pub fn request<'s>(&'s self, core: &Core) -> RequestView<'s> {
+        RequestView::parse(
+            &self.headers,
+            &core.config.tag_header,
+            &core.config.debug_header,
+        )
+    }
+
+    /// The response reached its end of stream (the glue calls this when response
+    /// headers, a response body chunk or trailers end the stream).
+    pub fn response_complete(&self) {
+        self.response_complete.set(true);
     }
 
     /// Whether [`Stream::annotation`] can produce anything (so the glue can skip
@@ -262,13 +299,23 @@ impl Stream {
 
     /// End of stream: counts the response flags and returns the hop report when the
     /// hop is sampled or must be reported (flags, 5xx, anomaly).
+    ///
+    /// `response.flags` is read unless the response is known healthy: its `:status`
+    /// (seen at response headers) is below 400 and it reached its end of stream. Envoy
+    /// sets flags on the responses it produces itself (4xx/5xx) and on streams cut
+    /// short (resets, timeouts), so such a response has none to read.
     pub fn on_log<H: Host + ?Sized>(&self, core: &Core, host: &H) -> Option<Hop> {
         let cfg = &core.config;
-        let end_nanos = host.now_nanos();
-        let mask = prop_u64(host.property(&["response", "flags"]));
+        let seen = self.response_status.get();
+        let healthy = seen != 0 && seen < 400 && self.response_complete.get();
+        let mask = if healthy {
+            0
+        } else {
+            prop_u64(host.property(&["response", "flags"]))
+        };
         // The `:status` seen at response headers when there was one (the same code Envoy
         // sends downstream); otherwise (reset before a response) ask the host.
-        let code = match self.response_status.get() {
+        let code = match seen {
             0 => prop_u64(host.property(&["response", "code"])),
             seen => seen,
         };
@@ -290,25 +337,23 @@ impl Stream {
                 host.count(metrics::FLAG_UNKNOWN, 1);
             }
         }
-        let sampled = sampling::sampled(
-            cfg.report_sample_rate,
-            &self.trace.trace_id,
-            &self.trace.request_id,
-        );
-        let must = mask != 0 || code >= 500 || is_anomalous(cfg.direction, &self.trace, &self.tag);
-        if !sampled && !must {
+        let must = mask != 0 || code >= 500 || is_anomalous(cfg.direction, self.class, &self.tag);
+        if !self.sampled && !must {
             return None;
         }
+        let end_nanos = host.now_nanos();
         let p = |path: &[&str]| prop_string(host.property(path));
         let id = &core.identity;
-        let t = &self.trace;
+        let view = self.request(core);
+        let t = trace::classify(&view.trace);
+        let owned = |s: Option<&str>| s.map(tag::truncate).unwrap_or_default();
         let mut hop = Hop {
-            trace_id: t.trace_id.clone(),
-            span_id: t.span_id.clone(),
-            parent_span_id: t.parent_span_id.clone(),
+            trace_id: t.trace_id.into_owned(),
+            span_id: t.span_id.into_owned(),
+            parent_span_id: t.parent_span_id.into_owned(),
             sampled: t.sampled as i32,
-            request_id: t.request_id.clone(),
-            w3c_trace_id: t.w3c_trace_id.clone(),
+            request_id: t.request_id.into_owned(),
+            w3c_trace_id: t.w3c_trace_id.into_owned(),
             direction: report::proto_direction(cfg.direction) as i32,
             workload: id.workload.clone(),
             namespace: id.namespace.clone(),
@@ -316,28 +361,44 @@ impl Stream {
             service: id.service.clone(),
             own_tag: id.own_tag.clone(),
             tag_received: self.tag.received.clone(),
-            tag_sent: self.tag.sent.clone(),
+            tag_sent: self.tag.sent.to_string(),
             tag_source: self.tag.source as i32,
             tag_malformed: self.tag.malformed,
-            correlated_tag: self.correlated_tag.clone(),
-            trace_context: t.class as i32,
-            trace_detail: t.detail.clone(),
-            missing_trace_headers: t.missing.clone(),
-            authority: self.authority.clone(),
-            method: self.method.clone(),
-            path: self.path.clone(),
-            upstream_cluster: p(&["xds", "cluster_name"]),
-            upstream_host: p(&["upstream", "address"]),
-            downstream_remote_address: p(&["source", "address"]),
-            downstream_local_address: p(&["destination", "address"]),
-            upstream_local_address: p(&["upstream", "local_address"]),
-            route_name: p(&["xds", "route_name"]),
+            correlated_tag: self.correlated_tag().to_string(),
+            trace_context: self.class as i32,
+            trace_detail: t.detail.into_owned(),
+            missing_trace_headers: view.trace.missing(),
+            authority: owned(view.authority),
+            method: owned(view.method),
+            path: view
+                .path
+                .map(report::path_without_query)
+                .unwrap_or_default(),
             start_time_unix_micros: self.start_nanos / 1000,
             duration_micros: end_nanos.saturating_sub(self.start_nanos) / 1000,
-            sampled_report: sampled,
+            sampled_report: self.sampled,
             ..Hop::default()
         };
-        report::set_response(&mut hop, code, mask, p(&["response", "code_details"]));
+        // Each property is a host call (~2 us): a healthy hop gets only what joins it to
+        // its neighbours; a failed one also what explains it.
+        // source.address and upstream.local_address are never read: the collector does
+        // not use them.
+        let failed = mask != 0 || code >= 400;
+        if failed || cfg.direction == Direction::Outbound {
+            // Outbound: the callee (its cluster names the service and subset) and the
+            // host that answered (HOP_MISSING needs it). Inbound, only when it failed:
+            // the collector joins a healthy inbound hop by its ids and workload.
+            hop.upstream_cluster = p(&["xds", "cluster_name"]);
+            hop.upstream_host = p(&["upstream", "address"]);
+        }
+        let details = if failed {
+            hop.downstream_local_address = p(&["destination", "address"]);
+            hop.route_name = p(&["xds", "route_name"]);
+            p(&["response", "code_details"])
+        } else {
+            String::new()
+        };
+        report::set_response(&mut hop, code, mask, details);
         if cfg.direction == Direction::Outbound {
             hop.upstream_span_id = upstream_span_id(host);
         }

@@ -64,3 +64,18 @@ pub fn format(mask: u64) -> String {
 pub fn bit_of(name: &str) -> Option<u32> {
     FLAG_NAMES.iter().position(|n| *n == name).map(|p| p as u32)
 }
+
+/// A `:status` value (3 ASCII digits) as a number; 0 when it is not one.
+pub fn parse_status(v: &[u8]) -> u64 {
+    if v.is_empty() || v.len() > 3 {
+        return 0;
+    }
+    let mut n = 0u64;
+    for &b in v {
+        if !b.is_ascii_digit() {
+            return 0;
+        }
+        n = n * 10 + u64::from(b - b'0');
+    }
+    n
+}

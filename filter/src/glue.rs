@@ -1,12 +1,17 @@
 //! proxy-wasm glue (wasm32-wasip1 only): the exported callbacks, mapped to
 //! [`crate::filter`] and [`crate::batch`] through [`crate::abi`].
 //!
-//! Host calls per request: one `get_header_map_pairs` for all request headers, the
-//! correlation-store reads/writes, at most one tag-header write; at response headers
-//! `:status` when annotation is possible, then `response.flags` (+ details when
-//! annotating) only for a status of 400 or more in `on_error` mode; in `on_log`
-//! `response.flags` (+ `response.code` only when no response headers were seen), and the
-//! remaining properties only for hops that are reported. Node metadata and the env var are read
+//! Host calls per request: one `get_header_map_pairs` for all request headers (handed
+//! to the stream as bytes, read in place), the correlation-store reads/writes (outbound:
+//! none when this VM's local copy answers), at most one tag-header write; at response
+//! headers `:status` when annotation is possible, then `response.flags` (+ details when
+//! annotating) only for a status of 400 or more in `on_error` mode; in `on_log` nothing
+//! for a healthy response that reached its end of stream, else `response.flags` (+
+//! `response.code` only when no response headers were seen), and the remaining
+//! properties only for hops that are reported. `response_body` and `response_trailers`
+//! only note the end of stream. Counters are summed here and given to Envoy on the tick.
+//! There is no `proxy_on_done` export: Envoy treats a missing one as "done", and every
+//! export a stream reaches costs a VM entry. Node metadata and the env var are read
 //! once per plugin instance in `proxy_on_configure`. Reports are queued per root context
 //! (per worker) and sent from the root context on its tick; a full batch shortens the
 //! tick to 1 ms instead of dispatching from the HTTP context (whose answer would come
@@ -24,6 +29,7 @@ use std::rc::Rc;
 use crate::abi::{self, LogLevel, MapType};
 use crate::batch::{Batch, Batcher, Push};
 use crate::config::PluginConfig;
+use crate::correlation::LocalStore;
 use crate::filter::{Core, Identity, Stream};
 use crate::host::{Host, SetStatus};
 use crate::metrics::{self, Metric};
@@ -36,6 +42,31 @@ const METHOD: &str = "Report";
 /// Host implementation over the raw host calls.
 struct WasmHost {
     metric_ids: Vec<u32>,
+    /// Counts not yet given to Envoy, per metric. Why: `increment_metric` is a host
+    /// call (~0.5 us); the filter counts 3 or more things per request, so counts are
+    /// summed here and flushed on the root context's tick (stats lag by at most one
+    /// tick, `tick_period_ms`).
+    pending: Vec<Cell<u64>>,
+}
+
+impl WasmHost {
+    fn new(metric_ids: Vec<u32>) -> Self {
+        let pending = metric_ids.iter().map(|_| Cell::new(0)).collect();
+        WasmHost {
+            metric_ids,
+            pending,
+        }
+    }
+
+    /// Gives the pending counts to Envoy. Root context (tick) only.
+    fn flush_counters(&self) {
+        for (id, n) in self.metric_ids.iter().zip(&self.pending) {
+            let by = n.replace(0);
+            if by > 0 {
+                abi::increment_metric(*id, i64::try_from(by).unwrap_or(i64::MAX));
+            }
+        }
+    }
 }
 
 impl Host for WasmHost {
@@ -64,8 +95,8 @@ impl Host for WasmHost {
     }
 
     fn count(&self, metric: Metric, by: u64) {
-        if let Some(&id) = self.metric_ids.get(usize::from(metric.0)) {
-            abi::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        if let Some(n) = self.pending.get(usize::from(metric.0)) {
+            n.set(n.get().saturating_add(by));
         }
     }
 }
@@ -80,6 +111,8 @@ struct Shared {
     fast_tick: Cell<bool>,
     /// The `upstream` argument of `proxy_grpc_call`.
     upstream: Vec<u8>,
+    /// This VM's copy of the correlation store (shared by its plugin instances).
+    local: Rc<LocalStore>,
 }
 
 impl Shared {
@@ -149,12 +182,21 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
 struct RootState {
     shared: RefCell<Option<Rc<Shared>>>,
+    /// When Envoy last called this root (creation, configuration, tick), ms since the
+    /// epoch: a root that stopped ticking was deleted by Envoy (see [`sweep_roots`]).
+    last_seen_ms: Cell<u64>,
 }
 
 impl RootState {
+    fn seen_now() -> Self {
+        RootState {
+            shared: RefCell::new(None),
+            last_seen_ms: Cell::new(abi::now_nanos() / 1_000_000),
+        }
+    }
+
     fn get(&self) -> Option<Rc<Shared>> {
         self.shared.borrow().clone()
     }
@@ -187,6 +229,10 @@ impl Hasher for IdHasher {
 struct Vm {
     roots: Vec<(u32, Rc<RootState>)>,
     streams: HashMap<u32, Rc<RefCell<Http>>, BuildHasherDefault<IdHasher>>,
+    /// Created by the first plugin instance configured in this VM; the inbound and
+    /// outbound instances of a sidecar share it (they must have the same
+    /// `correlation_*` settings anyway, as they share the shared-data buckets).
+    local: Option<Rc<LocalStore>>,
 }
 
 thread_local! {
@@ -229,7 +275,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
         VM.with(|vm| {
             vm.borrow_mut()
                 .roots
-                .push((context_id, Rc::new(RootState::default())))
+                .push((context_id, Rc::new(RootState::seen_now())))
         });
         return;
     }
@@ -251,6 +297,7 @@ pub extern "C" fn proxy_on_vm_start(_context_id: u32, _size: usize) -> u32 {
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
     let Some(r) = root(context_id) else { return 0 };
+    r.last_seen_ms.set(abi::now_nanos() / 1_000_000);
     let config = match PluginConfig::parse(&abi::plugin_configuration()) {
         Ok(c) => c,
         Err(e) => {
@@ -260,7 +307,7 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
     };
     let names = metrics::names(config.direction.as_str());
     let metric_ids: Vec<u32> = names.iter().map(|n| abi::define_counter(n)).collect();
-    let host = WasmHost { metric_ids };
+    let host = WasmHost::new(metric_ids);
     let env_tag = std::env::var(&config.tag_env_var).ok();
     let identity = Identity::load(&config, &host, env_tag);
     if let Some(bad) = &identity.invalid_own_tag {
@@ -280,12 +327,21 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
     let tick = config.tick_period_ms;
     let batcher = Batcher::new(config.queue_limit, config.batch_size, config.max_in_flight);
     let upstream = report::grpc_service_bytes(&config.collector_cluster, &config.authority());
+    let capacity = (config.correlation_buckets as usize)
+        .saturating_mul(config.correlation_bucket_entries as usize);
+    let local = VM.with(|vm| {
+        vm.borrow_mut()
+            .local
+            .get_or_insert_with(|| Rc::new(LocalStore::new(capacity)))
+            .clone()
+    });
     *r.shared.borrow_mut() = Some(Rc::new(Shared {
         core: Core::new(config, identity),
         host,
         batcher: RefCell::new(batcher),
         fast_tick: Cell::new(false),
         upstream,
+        local,
     }));
     abi::set_tick_period_ms(tick);
     1
@@ -294,13 +350,16 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
 /// Root tick: restore the normal period after a fast flush, send batches.
 #[no_mangle]
 pub extern "C" fn proxy_on_tick(context_id: u32) {
-    let Some(sh) = root(context_id).and_then(|r| r.get()) else {
-        return;
-    };
+    let Some(r) = root(context_id) else { return };
+    let now_ms = abi::now_nanos() / 1_000_000;
+    r.last_seen_ms.set(now_ms);
+    let Some(sh) = r.get() else { return };
     if sh.fast_tick.replace(false) {
         abi::set_tick_period_ms(sh.core.config.tick_period_ms);
     }
     sh.flush();
+    sh.host.flush_counters();
+    sweep_roots(now_ms);
 }
 
 /// Request headers: tag resolution, trace classification, correlation.
@@ -312,8 +371,8 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _n: usize, _eos: u32
     let Some(sh) = h.borrow().shared.clone() else {
         return 0;
     };
-    let headers = abi::get_map(MapType::RequestHeaders);
-    let (st, edit) = Stream::on_request_headers(&sh.core, &sh.host, &headers);
+    let headers = abi::get_map_bytes(MapType::RequestHeaders);
+    let (st, edit) = Stream::on_request_headers(&sh.core, &sh.host, &sh.local, headers);
     let name = &sh.core.config.tag_header;
     match edit {
         TagEdit::Keep => {}
@@ -328,9 +387,9 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _n: usize, _eos: u32
     0
 }
 
-/// Response headers: append the annotation when configured.
+/// Response headers: note the end of stream, append the annotation when configured.
 #[no_mangle]
-pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, _eos: u32) -> u32 {
+pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, eos: u32) -> u32 {
     let Some(h) = stream(context_id) else {
         return 0;
     };
@@ -338,11 +397,14 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, _eos: u3
     let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
         return 0;
     };
+    if eos != 0 {
+        st.response_complete();
+    }
     if !st.may_annotate(&sh.core) {
         return 0;
     }
-    let status = abi::get_map_value(MapType::ResponseHeaders, ":status")
-        .and_then(|s| s.parse::<u64>().ok())
+    let status = abi::get_map_value_bytes(MapType::ResponseHeaders, ":status")
+        .map(|s| crate::flags::parse_status(&s))
         .unwrap_or(0);
     if let Some(v) = st.annotation(&sh.core, &sh.host, status) {
         abi::add_map_value(
@@ -357,7 +419,11 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, _eos: u3
 /// End of stream: build and queue the hop report.
 #[no_mangle]
 pub extern "C" fn proxy_on_log(context_id: u32) {
-    let Some(h) = stream(context_id) else { return };
+    // The last callback of an HTTP context: take it out of the table (it is dropped at
+    // the end of this function).
+    let Some(h) = VM.with(|vm| vm.borrow_mut().streams.remove(&context_id)) else {
+        return;
+    };
     let hop = {
         let h = h.borrow();
         let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
@@ -381,20 +447,50 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
     }
 }
 
-/// The context is done (always immediately).
+/// A response body chunk: only its end of stream matters (no host call).
 #[no_mangle]
-pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
-    1
+pub extern "C" fn proxy_on_response_body(context_id: u32, _size: usize, eos: u32) -> u32 {
+    if eos != 0 {
+        if let Some(h) = stream(context_id) {
+            if let Some(st) = &h.borrow().stream {
+                st.response_complete();
+            }
+        }
+    }
+    0
 }
 
-/// The context is deleted.
+/// Response trailers end the response.
 #[no_mangle]
-pub extern "C" fn proxy_on_delete(context_id: u32) {
-    VM.with(|vm| {
-        let mut vm = vm.borrow_mut();
-        if vm.streams.remove(&context_id).is_none() {
-            vm.roots.retain(|(id, _)| *id != context_id);
+pub extern "C" fn proxy_on_response_trailers(context_id: u32, _n: usize) -> u32 {
+    if let Some(h) = stream(context_id) {
+        if let Some(st) = &h.borrow().stream {
+            st.response_complete();
         }
+    }
+    0
+}
+
+// No `proxy_on_delete` export. Envoy 1.40 calls it for an HTTP context right after
+// `proxy_on_log` (`Context::log`: onLog, then onDelete) and from nowhere else, so the
+// stream is freed in `proxy_on_log` and one VM entry per request is saved. Root
+// contexts never log: they are reclaimed by `sweep_roots` once Envoy stops ticking them.
+
+/// Roots not called for this long (and at least 10 of their tick periods) were deleted
+/// by Envoy (a listener update replaces the plugin's root context): drop them so that
+/// their queue and counters do not stay in the VM forever.
+const ROOT_STALE_MS: u64 = 60_000;
+
+fn sweep_roots(now_ms: u64) {
+    VM.with(|vm| {
+        vm.borrow_mut().roots.retain(|(_, r)| {
+            let period = r
+                .get()
+                .map(|sh| u64::from(sh.core.config.tick_period_ms))
+                .unwrap_or(0);
+            let stale_after = ROOT_STALE_MS.max(period.saturating_mul(10));
+            now_ms.saturating_sub(r.last_seen_ms.get()) < stale_after
+        })
     });
 }
 

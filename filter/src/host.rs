@@ -57,38 +57,3 @@ pub fn prop_string(bytes: Option<Vec<u8>>) -> String {
         None => String::new(),
     }
 }
-
-fn rd_u32(b: &[u8], at: usize) -> Option<usize> {
-    let s = b.get(at..at.checked_add(4)?)?;
-    let a: [u8; 4] = s.try_into().ok()?;
-    usize::try_from(u32::from_le_bytes(a)).ok()
-}
-
-/// Parses a proxy-wasm serialized header map (`u32` count, `count` pairs of `u32`
-/// sizes, then NUL-terminated keys and values). Never panics: stops at malformed data.
-pub fn deserialize_map(b: &[u8]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let Some(n) = rd_u32(b, 0) else { return out };
-    let Some(mut p) = n.checked_mul(8).and_then(|x| x.checked_add(4)) else {
-        return out;
-    };
-    for i in 0..n {
-        let s = 4 + i * 8;
-        let (Some(kl), Some(vl)) = (rd_u32(b, s), rd_u32(b, s + 4)) else {
-            break;
-        };
-        let Some(k) = b.get(p..p.saturating_add(kl)) else {
-            break;
-        };
-        p = p.saturating_add(kl).saturating_add(1);
-        let Some(v) = b.get(p..p.saturating_add(vl)) else {
-            break;
-        };
-        p = p.saturating_add(vl).saturating_add(1);
-        out.push((
-            String::from_utf8_lossy(k).into_owned(),
-            String::from_utf8_lossy(v).into_owned(),
-        ));
-    }
-    out
-}

@@ -20,7 +20,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn key(trace_id: &str, request_id: &str) -> u64 {
     if trace_id.len() >= 16 {
         let tail = trace_id.get(trace_id.len() - 16..).unwrap_or_default();
-        if let Ok(v) = u64::from_str_radix(tail, 16) {
+        if let Some(v) = hex_u64(tail.as_bytes()) {
             return v;
         }
     }
@@ -41,4 +41,19 @@ pub fn sampled(rate: f64, trace_id: &str, request_id: &str) -> bool {
     // 53 significant bits are plenty for a fraction.
     let k = (key(trace_id, request_id) >> 11) as f64 / (1u64 << 53) as f64;
     k < rate
+}
+
+/// The value of 16 hex digits (any case); `None` if one is not a hex digit.
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    for &b in digits {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u64::from(d);
+    }
+    Some(v)
 }

@@ -4,6 +4,8 @@
 //! outbound side, in order: the request's own valid tag (kept, never overwritten), the
 //! tag of the inbound request this one is correlated with, the workload's own tag, none.
 
+use std::rc::Rc;
+
 use hopwatch_proto::v1::TagSource;
 
 /// Longest accepted tag, in bytes.
@@ -39,8 +41,9 @@ pub struct TagDecision {
     pub received: String,
     /// The received value was present but invalid.
     pub malformed: bool,
-    /// The tag the request leaves with (empty: none).
-    pub sent: String,
+    /// The tag the request leaves with (empty: none). Shared with the correlation
+    /// store's copy or the workload's own tag: stamping a tag allocates nothing.
+    pub sent: Rc<str>,
     /// How `sent` was decided.
     pub source: TagSource,
     /// What the filter must do to the request's tag header.
@@ -53,7 +56,7 @@ pub enum TagEdit {
     /// Leave the request as it is.
     Keep,
     /// Set the tag header to this value.
-    Set(String),
+    Set(Rc<str>),
     /// Remove the (invalid) tag header.
     Remove,
 }
@@ -63,8 +66,8 @@ pub enum TagEdit {
 /// `own` this workload's own tag (if any, already valid).
 pub fn resolve_outbound(
     received: Option<&str>,
-    correlated: Option<&str>,
-    own: Option<&str>,
+    correlated: Option<&Rc<str>>,
+    own: Option<&Rc<str>>,
 ) -> TagDecision {
     let (received_s, malformed) = match received {
         Some(r) => (truncate(r), !is_valid(r)),
@@ -75,18 +78,18 @@ pub fn resolve_outbound(
             return TagDecision {
                 received: received_s,
                 malformed,
-                sent: r.to_string(),
+                sent: Rc::from(r),
                 source: TagSource::Request,
                 edit: TagEdit::Keep,
             };
         }
     }
-    let pick = |t: &str, source| TagDecision {
+    let pick = |t: &Rc<str>, source| TagDecision {
         received: received_s.clone(),
         malformed,
-        sent: t.to_string(),
+        sent: t.clone(),
         source,
-        edit: TagEdit::Set(t.to_string()),
+        edit: TagEdit::Set(t.clone()),
     };
     if let Some(c) = correlated.filter(|c| is_valid(c)) {
         return pick(c, TagSource::Correlated);
@@ -97,7 +100,7 @@ pub fn resolve_outbound(
     TagDecision {
         received: received_s.clone(),
         malformed,
-        sent: String::new(),
+        sent: Rc::from(""),
         source: TagSource::None,
         edit: if malformed {
             TagEdit::Remove
@@ -114,21 +117,21 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
         Some(r) if is_valid(r) => TagDecision {
             received: r.to_string(),
             malformed: false,
-            sent: r.to_string(),
+            sent: Rc::from(r),
             source: TagSource::Request,
             edit: TagEdit::Keep,
         },
         Some(r) => TagDecision {
             received: truncate(r),
             malformed: true,
-            sent: String::new(),
+            sent: Rc::from(""),
             source: TagSource::None,
             edit: TagEdit::Remove,
         },
         None => TagDecision {
             received: String::new(),
             malformed: false,
-            sent: String::new(),
+            sent: Rc::from(""),
             source: TagSource::None,
             edit: TagEdit::Keep,
         },

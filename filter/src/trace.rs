@@ -4,6 +4,8 @@
 //! Malformed headers are data, never errors: the request always goes on; the
 //! classification and a human-readable detail end up in the hop report.
 
+use std::borrow::Cow;
+
 use hopwatch_proto::v1::{Sampled, TraceContext};
 
 /// Trace headers of a request, borrowed from its header list.
@@ -30,10 +32,10 @@ pub struct TraceHeaders<'a> {
 impl<'a> TraceHeaders<'a> {
     /// Picks the trace headers out of a header list (names lowercase, as Envoy gives
     /// them). The first occurrence of a name wins.
-    pub fn from_pairs(pairs: &'a [(String, String)]) -> Self {
+    pub fn from_pairs<S: AsRef<str>>(pairs: &'a [(S, S)]) -> Self {
         let mut h = TraceHeaders::default();
         for (k, v) in pairs {
-            let slot = match k.as_str() {
+            let slot = match k.as_ref() {
                 "x-b3-traceid" => &mut h.b3_trace_id,
                 "x-b3-spanid" => &mut h.b3_span_id,
                 "x-b3-parentspanid" => &mut h.b3_parent_span_id,
@@ -45,7 +47,7 @@ impl<'a> TraceHeaders<'a> {
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(v.as_str());
+                *slot = Some(v.as_ref());
             }
         }
         h
@@ -68,31 +70,51 @@ impl<'a> TraceHeaders<'a> {
     }
 }
 
-/// The parsed and classified trace context of one request.
+/// The parsed and classified trace context of one request, borrowing from its headers.
+///
+/// Ids are borrowed when they arrive as lowercase hex (the norm) and copied only to
+/// lowercase them, so classifying a request allocates nothing in the common case: it
+/// runs on every request, while the owned copies a report needs are made only for the
+/// hops that are reported.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TraceInfo {
+pub struct TraceInfo<'a> {
     /// B3 trace id (multi, else single `b3`), else the W3C one; lowercase hex. Empty if
     /// none could be parsed.
-    pub trace_id: String,
+    pub trace_id: Cow<'a, str>,
     /// B3 trace id only (key of the correlation store).
-    pub b3_trace_id: String,
+    pub b3_trace_id: Cow<'a, str>,
     /// W3C trace id from `traceparent`.
-    pub w3c_trace_id: String,
+    pub w3c_trace_id: Cow<'a, str>,
     /// Span id (same source as `trace_id`).
-    pub span_id: String,
+    pub span_id: Cow<'a, str>,
     /// Parent span id (B3 only).
-    pub parent_span_id: String,
+    pub parent_span_id: Cow<'a, str>,
     /// Sampling decision as received.
     pub sampled: Sampled,
-    /// `x-request-id` verbatim (bounded).
-    pub request_id: String,
+    /// `x-request-id` trimmed, at most [`MAX_REQUEST_ID_LEN`] bytes.
+    pub request_id: Cow<'a, str>,
     /// VALID / MISSING / PARTIAL / MALFORMED / INCONSISTENT (the outbound side turns
     /// VALID into PROPAGATED or NEW).
     pub class: TraceContext,
     /// Reason for MALFORMED / INCONSISTENT / PARTIAL.
-    pub detail: String,
-    /// Absent trace headers.
-    pub missing: Vec<String>,
+    pub detail: Cow<'static, str>,
+}
+
+impl TraceInfo<'_> {
+    /// The same, owning its strings.
+    pub fn into_owned(self) -> TraceInfo<'static> {
+        TraceInfo {
+            trace_id: Cow::Owned(self.trace_id.into_owned()),
+            b3_trace_id: Cow::Owned(self.b3_trace_id.into_owned()),
+            w3c_trace_id: Cow::Owned(self.w3c_trace_id.into_owned()),
+            span_id: Cow::Owned(self.span_id.into_owned()),
+            parent_span_id: Cow::Owned(self.parent_span_id.into_owned()),
+            sampled: self.sampled,
+            request_id: Cow::Owned(self.request_id.into_owned()),
+            class: self.class,
+            detail: self.detail,
+        }
+    }
 }
 
 fn is_hex(s: &str) -> bool {
@@ -104,29 +126,56 @@ fn all_zero(s: &str) -> bool {
 }
 
 /// Checks an id of one of the allowed lengths; returns it lowercased or a reason.
-fn check_id(v: &str, lens: &[usize]) -> Result<String, &'static str> {
-    if !is_hex(v) {
+///
+/// One pass over the bytes (hex? any non-zero digit? any uppercase?): this runs for
+/// every id of every request.
+fn check_id<'a>(v: &'a str, lens: &[usize]) -> Result<Cow<'a, str>, &'static str> {
+    let (mut hex, mut nonzero, mut upper) = (!v.is_empty(), false, false);
+    for &b in v.as_bytes() {
+        match b {
+            b'0' => {}
+            b'1'..=b'9' | b'a'..=b'f' => nonzero = true,
+            b'A'..=b'F' => {
+                nonzero = true;
+                upper = true;
+            }
+            _ => {
+                hex = false;
+                break;
+            }
+        }
+    }
+    if !hex {
         return Err("not hex");
     }
     if !lens.contains(&v.len()) {
         return Err("wrong length");
     }
-    if all_zero(v) {
+    if !nonzero {
         return Err("all-zero id");
     }
-    Ok(v.to_ascii_lowercase())
+    Ok(if upper {
+        Cow::Owned(v.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(v)
+    })
 }
 
-fn id_field(name: &str, v: Option<&str>, lens: &[usize], bad: &mut Option<String>) -> String {
+fn id_field<'a>(
+    name: &str,
+    v: Option<&'a str>,
+    lens: &[usize],
+    bad: &mut Option<Cow<'static, str>>,
+) -> Cow<'a, str> {
     match v {
-        None => String::new(),
-        Some(v) => match check_id(v.trim(), lens) {
+        None => Cow::Borrowed(""),
+        Some(v) => match check_id(v.trim_ascii(), lens) {
             Ok(id) => id,
             Err(why) => {
                 if bad.is_none() {
-                    *bad = Some(join3(name, ": ", why));
+                    *bad = Some(Cow::Owned(join3(name, ": ", why)));
                 }
-                String::new()
+                Cow::Borrowed("")
             }
         },
     }
@@ -140,24 +189,25 @@ fn join3(a: &str, b: &str, c: &str) -> String {
     s
 }
 
-/// Right-aligns a 64-bit trace id to 128 bits for comparison with a W3C id.
-fn widen(id: &str) -> String {
-    if id.len() == 16 {
-        join3("0000000000000000", id, "")
+/// Whether a B3 trace id (64 or 128 bits) is the W3C one: a 64-bit id is compared
+/// right-aligned to 128 bits (zero-padded on the left).
+fn same_trace(b3: &str, w3c: &str) -> bool {
+    if b3.len() == 16 && w3c.len() == 32 {
+        w3c.get(..16).is_some_and(all_zero) && w3c.get(16..) == Some(b3)
     } else {
-        id.to_string()
+        b3 == w3c
     }
 }
 
-struct Single {
-    trace: String,
-    span: String,
-    parent: String,
+struct Single<'a> {
+    trace: Cow<'a, str>,
+    span: Cow<'a, str>,
+    parent: Cow<'a, str>,
     sampled: Sampled,
 }
 
-fn parse_single(v: &str) -> Result<Single, &'static str> {
-    let v = v.trim();
+fn parse_single(v: &str) -> Result<Single<'_>, &'static str> {
+    let v = v.trim_ascii();
     let sampling = |s: &str| match s {
         "1" => Ok(Sampled::Yes),
         "0" => Ok(Sampled::No),
@@ -166,9 +216,9 @@ fn parse_single(v: &str) -> Result<Single, &'static str> {
     };
     if v.len() == 1 {
         return Ok(Single {
-            trace: String::new(),
-            span: String::new(),
-            parent: String::new(),
+            trace: Cow::Borrowed(""),
+            span: Cow::Borrowed(""),
+            parent: Cow::Borrowed(""),
             sampled: sampling(v)?,
         });
     }
@@ -194,7 +244,7 @@ fn parse_single(v: &str) -> Result<Single, &'static str> {
         _ => "b3: all-zero span id",
     })?;
     let parent = if parent.is_empty() {
-        String::new()
+        Cow::Borrowed("")
     } else {
         check_id(parent, &[16]).map_err(|_| "b3: bad parent span id")?
     };
@@ -206,22 +256,24 @@ fn parse_single(v: &str) -> Result<Single, &'static str> {
     })
 }
 
-struct W3c {
-    trace: String,
-    parent: String,
+struct W3c<'a> {
+    trace: Cow<'a, str>,
+    parent: Cow<'a, str>,
     sampled: Sampled,
 }
 
-fn parse_traceparent(v: &str) -> Result<W3c, &'static str> {
-    let v = v.trim();
-    let parts: Vec<&str> = v.split('-').collect();
-    let [version, trace, parent, flags, rest @ ..] = parts.as_slice() else {
+fn parse_traceparent(v: &str) -> Result<W3c<'_>, &'static str> {
+    let v = v.trim_ascii();
+    let mut parts = v.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err("traceparent: too few fields");
     };
     if version.len() != 2 || !is_hex(version) || version.eq_ignore_ascii_case("ff") {
         return Err("traceparent: bad version");
     }
-    if *version == "00" && !rest.is_empty() {
+    if version == "00" && parts.next().is_some() {
         return Err("traceparent: too many fields for version 00");
     }
     let trace = check_id(trace, &[32]).map_err(|e| match e {
@@ -253,39 +305,52 @@ fn parse_traceparent(v: &str) -> Result<W3c, &'static str> {
 /// is reset to `4`. Envoy's UUID request-id extension stores its trace decision there
 /// (`9` sampled, `a` client-forced, `b` forced) and may rewrite it on every hop, so the
 /// same request id can arrive with different values of that character.
-pub fn request_id_key(rid: &str) -> String {
+pub fn request_id_key(rid: &str) -> Cow<'_, str> {
     let b = rid.as_bytes();
     let dashes = [8usize, 13, 18, 23]
         .iter()
         .all(|&i| b.get(i) == Some(&b'-'));
-    if b.len() == 36 && dashes && rid.is_char_boundary(14) && rid.is_char_boundary(15) {
+    if b.len() == 36
+        && dashes
+        && b.get(14) != Some(&b'4')
+        && rid.is_char_boundary(14)
+        && rid.is_char_boundary(15)
+    {
         let mut k = String::with_capacity(36);
         k.push_str(rid.get(..14).unwrap_or_default());
         k.push('4');
         k.push_str(rid.get(15..).unwrap_or_default());
-        return k;
+        return Cow::Owned(k);
     }
-    rid.to_string()
+    Cow::Borrowed(rid)
 }
 
 /// Longest request id kept in reports / the correlation store.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// `s` cut to at most `max` bytes on a char boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
 /// Parses and classifies the trace context. The result's class is one of VALID,
 /// MISSING, PARTIAL, MALFORMED, INCONSISTENT.
-pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
+pub fn classify<'a>(h: &TraceHeaders<'a>) -> TraceInfo<'a> {
     let mut info = TraceInfo {
-        missing: h.missing(),
         request_id: h
             .request_id
-            .map(|r| crate::tag::truncate(r.trim()))
+            .map(|r| Cow::Borrowed(cut(r.trim_ascii(), MAX_REQUEST_ID_LEN)))
             .unwrap_or_default(),
         ..TraceInfo::default()
     };
-    if info.request_id.len() > MAX_REQUEST_ID_LEN {
-        info.request_id.truncate(MAX_REQUEST_ID_LEN);
-    }
-    let mut bad: Option<String> = None;
+    let mut bad: Option<Cow<'static, str>> = None;
 
     // B3 multi.
     let m_trace = id_field("x-b3-traceid", h.b3_trace_id, &[16, 32], &mut bad);
@@ -293,23 +358,23 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
     let m_parent = id_field("x-b3-parentspanid", h.b3_parent_span_id, &[16], &mut bad);
     let mut sampled = Sampled::Unspecified;
     if let Some(s) = h.b3_sampled {
-        match s.trim() {
+        match s.trim_ascii() {
             "1" | "true" => sampled = Sampled::Yes,
             "0" | "false" => sampled = Sampled::No,
             _ => {
                 if bad.is_none() {
-                    bad = Some("x-b3-sampled: bad value".into());
+                    bad = Some(Cow::Borrowed("x-b3-sampled: bad value"));
                 }
             }
         }
     }
     if let Some(f) = h.b3_flags {
-        match f.trim() {
+        match f.trim_ascii() {
             "1" => sampled = Sampled::Debug,
             "0" => {}
             _ => {
                 if bad.is_none() {
-                    bad = Some("x-b3-flags: bad value".into());
+                    bad = Some(Cow::Borrowed("x-b3-flags: bad value"));
                 }
             }
         }
@@ -319,7 +384,7 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
         Some(Ok(s)) => Some(s),
         Some(Err(why)) => {
             if bad.is_none() {
-                bad = Some(why.into());
+                bad = Some(Cow::Borrowed(why));
             }
             None
         }
@@ -330,7 +395,7 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
         Some(Ok(w)) => Some(w),
         Some(Err(why)) => {
             if bad.is_none() {
-                bad = Some(why.into());
+                bad = Some(Cow::Borrowed(why));
             }
             None
         }
@@ -341,7 +406,7 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
     if !m_trace.is_empty() {
         info.b3_trace_id = m_trace.clone();
         info.span_id = m_span.clone();
-        info.parent_span_id = m_parent.clone();
+        info.parent_span_id = m_parent;
     } else if let Some(s) = single.as_ref().filter(|s| !s.trace.is_empty()) {
         info.b3_trace_id = s.trace.clone();
         info.span_id = s.span.clone();
@@ -392,7 +457,7 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
     };
     if let Some(why) = partial {
         info.class = TraceContext::Partial;
-        info.detail = why.into();
+        info.detail = Cow::Borrowed(why);
         return info;
     }
 
@@ -400,14 +465,14 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
     if let Some(s) = single.as_ref().filter(|s| !s.trace.is_empty()) {
         if !m_trace.is_empty() && (s.trace != m_trace || s.span != m_span) {
             info.class = TraceContext::Inconsistent;
-            info.detail = "b3 disagrees with x-b3-traceid/x-b3-spanid".into();
+            info.detail = Cow::Borrowed("b3 disagrees with x-b3-traceid/x-b3-spanid");
             return info;
         }
     }
     if let Some(w) = &w3c {
-        if !info.b3_trace_id.is_empty() && widen(&info.b3_trace_id) != w.trace {
+        if !info.b3_trace_id.is_empty() && !same_trace(&info.b3_trace_id, &w.trace) {
             info.class = TraceContext::Inconsistent;
-            info.detail = "B3 trace id disagrees with traceparent".into();
+            info.detail = Cow::Borrowed("B3 trace id disagrees with traceparent");
             return info;
         }
     }
@@ -416,7 +481,7 @@ pub fn classify(h: &TraceHeaders<'_>) -> TraceInfo {
     if !has_ids {
         if single.is_some() {
             info.class = TraceContext::Partial;
-            info.detail = "b3: sampling decision only".into();
+            info.detail = Cow::Borrowed("b3: sampling decision only");
         } else {
             info.class = TraceContext::Missing;
         }

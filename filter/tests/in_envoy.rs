@@ -150,6 +150,13 @@ fn serve_echo(s: TcpStream) -> std::io::Result<()> {
         }
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
+        if line.contains("/cut") {
+            // A response cut short after its headers: 100 bytes announced, 5 sent, then
+            // the connection closes.
+            write!(w, "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")?;
+            w.flush()?;
+            return Ok(());
+        }
         let mut out = String::new();
         for (k, v) in &headers {
             out.push_str(k);
@@ -975,4 +982,35 @@ fn correlation_across_workers() {
             r.body
         );
     }
+}
+
+/// At `report_sample_rate` 0 only hops that must be reported are: a healthy response
+/// that reached its end of stream costs no `response.flags` read and is not reported,
+/// while a 200 whose body the upstream cut short is, with the flag Envoy set after the
+/// response headers had passed.
+#[test]
+fn response_cut_short_after_its_headers_is_reported() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["report_sample_rate"] = json!(0);
+    });
+    let trace = [
+        ("x-b3-traceid", hex_id(7, 32)),
+        ("x-b3-spanid", hex_id(8, 16)),
+    ];
+    let trace: Vec<(&str, &str)> = trace.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Inbound, with trace headers: a valid request, nothing to report.
+    assert_eq!(get(envoy.inbound, "/in/healthy", &trace).status, 200);
+    // The cut response: the client sees the headers, then the connection ends early.
+    let _ = http_get(envoy.inbound, "/in/cut", &trace);
+    let h = rx.wait_hop("inbound /in/cut", |h| h.path == "/in/cut");
+    assert_eq!(h.response_code, 200, "{h:?}");
+    assert_ne!(h.response_flags, 0, "{h:?}");
+    assert!(!h.sampled_report);
+    assert!(
+        !rx.hops().iter().any(|h| h.path == "/in/healthy"),
+        "a healthy unsampled hop was reported: {:#?}",
+        rx.hops()
+    );
 }

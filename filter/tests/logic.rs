@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use hopwatch_filter::batch::{Batcher, Push};
 use hopwatch_filter::config::{Annotate, ConfigError, Direction, PluginConfig};
-use hopwatch_filter::correlation::{self, Entry, IdKind, StoreConfig};
+use hopwatch_filter::correlation::{self, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::host::{Host, SetStatus};
 use hopwatch_filter::metrics::{self, Metric};
@@ -33,7 +33,6 @@ macro_rules! t {
 // ------------------------------------------------------------------------------------
 // fake host
 
-#[derive(Default)]
 struct FakeHost {
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     props: RefCell<HashMap<String, Vec<u8>>>,
@@ -44,13 +43,24 @@ struct FakeHost {
     /// Answer CasMismatch this many times (as if another worker wrote in between).
     cas_conflicts: Cell<u32>,
     shared_broken: Cell<bool>,
+    /// The VM's local correlation copy of the worker this host stands for (not a host
+    /// service: kept here so that each test's worker has one).
+    local: LocalStore,
 }
 
 impl FakeHost {
     fn new() -> Self {
-        let h = FakeHost::default();
-        h.now.set(1_700_000_000_000_000_000);
-        h
+        FakeHost {
+            shared: RefCell::default(),
+            props: RefCell::default(),
+            req_headers: RefCell::default(),
+            now: Cell::new(1_700_000_000_000_000_000),
+            counters: RefCell::default(),
+            calls: RefCell::default(),
+            cas_conflicts: Cell::default(),
+            shared_broken: Cell::default(),
+            local: LocalStore::new(4096),
+        }
     }
     fn prop(&self, path: &str, v: &[u8]) {
         self.props.borrow_mut().insert(path.to_string(), v.to_vec());
@@ -143,11 +153,9 @@ fn core(direction: &str, own_tag: &str) -> Core {
     )
 }
 
-fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+/// A serialized request header map, as the host hands it over.
+fn hdrs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    hopwatch_filter::headers::serialize(pairs)
 }
 
 const T128: &str = "463ac35c9f6413ad48485a3953bb6124";
@@ -193,6 +201,10 @@ t!(config_all_contract_keys {
     assert_eq!(c.report_sample_rate, 0.0);
     assert_eq!(c.authority(), "collector:9090");
 });
+
+fn rc(s: &str) -> std::rc::Rc<str> {
+    s.into()
+}
 
 fn err(json: &str) -> ConfigError {
     PluginConfig::parse(json.as_bytes()).unwrap_err()
@@ -279,20 +291,20 @@ t!(tag_validation {
 });
 
 t!(tag_resolution_outbound {
-    let d = tag::resolve_outbound(Some("dev.app"), Some("dev.corr"), Some("dev"));
-    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::Request, "dev.app", &TagEdit::Keep));
-    let d = tag::resolve_outbound(None, Some("dev.corr"), Some("dev"));
-    assert_eq!((d.source, d.sent.as_str()), (TagSource::Correlated, "dev.corr"));
+    let d = tag::resolve_outbound(Some("dev.app"), Some(&rc("dev.corr")), Some(&rc("dev")));
+    assert_eq!((d.source, &*d.sent, &d.edit), (TagSource::Request, "dev.app", &TagEdit::Keep));
+    let d = tag::resolve_outbound(None, Some(&rc("dev.corr")), Some(&rc("dev")));
+    assert_eq!((d.source, &*d.sent), (TagSource::Correlated, "dev.corr"));
     assert_eq!(d.edit, TagEdit::Set("dev.corr".into()));
-    let d = tag::resolve_outbound(None, None, Some("dev"));
-    assert_eq!((d.source, d.sent.as_str()), (TagSource::Environment, "dev"));
+    let d = tag::resolve_outbound(None, None, Some(&rc("dev")));
+    assert_eq!((d.source, &*d.sent), (TagSource::Environment, "dev"));
     let d = tag::resolve_outbound(None, None, None);
-    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::None, "", &TagEdit::Keep));
+    assert_eq!((d.source, &*d.sent, &d.edit), (TagSource::None, "", &TagEdit::Keep));
     // Malformed app tag: not propagated; replaced by what resolution finds, else removed.
-    let d = tag::resolve_outbound(Some("bad tag"), None, Some("dev"));
+    let d = tag::resolve_outbound(Some("bad tag"), None, Some(&rc("dev")));
     assert!(d.malformed);
     assert_eq!(d.received, "bad tag");
-    assert_eq!((d.source, d.sent.as_str()), (TagSource::Environment, "dev"));
+    assert_eq!((d.source, &*d.sent), (TagSource::Environment, "dev"));
     let d = tag::resolve_outbound(Some("bad tag"), None, None);
     assert_eq!((d.source, &d.edit), (TagSource::None, &TagEdit::Remove));
     assert_eq!(tag::source_name(TagSource::Correlated), "correlated");
@@ -300,11 +312,11 @@ t!(tag_resolution_outbound {
 
 t!(tag_resolution_inbound {
     let d = tag::resolve_inbound(Some("dev.proj1"));
-    assert_eq!((d.source, d.sent.as_str(), &d.edit), (TagSource::Request, "dev.proj1", &TagEdit::Keep));
+    assert_eq!((d.source, &*d.sent, &d.edit), (TagSource::Request, "dev.proj1", &TagEdit::Keep));
     let d = tag::resolve_inbound(Some("<script>"));
     assert!(d.malformed);
     assert_eq!(d.edit, TagEdit::Remove);
-    assert_eq!(d.sent, "");
+    assert_eq!(&*d.sent, "");
     let d = tag::resolve_inbound(None);
     assert_eq!((d.source, &d.edit), (TagSource::None, &TagEdit::Keep));
 });
@@ -316,18 +328,21 @@ fn l(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-fn classify(pairs: &[(&str, &str)]) -> trace::TraceInfo {
-    let h = hdrs(pairs);
-    trace::classify(&TraceHeaders::from_pairs(&h))
+fn classify(pairs: &[(&str, &str)]) -> trace::TraceInfo<'static> {
+    trace::classify(&TraceHeaders::from_pairs(pairs)).into_owned()
+}
+
+fn missing(pairs: &[(&str, &str)]) -> Vec<String> {
+    TraceHeaders::from_pairs(pairs).missing()
 }
 
 t!(trace_valid {
     let i = classify(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-parentspanid", S2), ("x-b3-sampled", "1"), ("x-request-id", "r1")]);
     assert_eq!(i.class, TraceContext::Valid, "{i:?}");
-    assert_eq!((i.trace_id.as_str(), i.span_id.as_str(), i.parent_span_id.as_str()), (T128, S1, S2));
+    assert_eq!((&*i.trace_id, &*i.span_id, &*i.parent_span_id), (T128, S1, S2));
     assert_eq!(i.sampled, Sampled::Yes);
     assert_eq!(i.request_id, "r1");
-    assert_eq!(i.missing, vec!["b3".to_string(), "traceparent".to_string()]);
+    assert_eq!(missing(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-parentspanid", S2), ("x-b3-sampled", "1"), ("x-request-id", "r1")]), vec!["b3".to_string(), "traceparent".to_string()]);
 
     let i = classify(&[("x-b3-traceid", T64), ("x-b3-spanid", S1), ("x-b3-flags", "1")]);
     assert_eq!(i.class, TraceContext::Valid);
@@ -336,12 +351,12 @@ t!(trace_valid {
 
     let i = classify(&[("b3", &format!("{T128}-{S1}-d-{S2}"))]);
     assert_eq!(i.class, TraceContext::Valid);
-    assert_eq!((i.trace_id.as_str(), i.span_id.as_str(), i.parent_span_id.as_str()), (T128, S1, S2));
+    assert_eq!((&*i.trace_id, &*i.span_id, &*i.parent_span_id), (T128, S1, S2));
     assert_eq!(i.sampled, Sampled::Debug);
 
     let i = classify(&[("traceparent", &format!("00-{T128}-{S1}-01"))]);
     assert_eq!(i.class, TraceContext::Valid);
-    assert_eq!((i.trace_id.as_str(), i.w3c_trace_id.as_str(), i.span_id.as_str()), (T128, T128, S1));
+    assert_eq!((&*i.trace_id, &*i.w3c_trace_id, &*i.span_id), (T128, T128, S1));
     assert_eq!(i.b3_trace_id, "");
     assert_eq!(i.sampled, Sampled::Yes);
     let i = classify(&[("traceparent", &format!("00-{T128}-{S1}-00"))]);
@@ -351,7 +366,7 @@ t!(trace_valid {
     assert_eq!(i.class, TraceContext::Valid);
     // Uppercase hex is accepted and normalised.
     let i = classify(&[("x-b3-traceid", &T128.to_uppercase()), ("x-b3-spanid", S1)]);
-    assert_eq!((i.class, i.trace_id.as_str()), (TraceContext::Valid, T128));
+    assert_eq!((i.class, &*i.trace_id), (TraceContext::Valid, T128));
     // B3 (64-bit) and traceparent agree when the W3C id is the B3 id widened.
     let i = classify(&[("x-b3-traceid", T64), ("x-b3-spanid", S1), ("traceparent", &format!("00-0000000000000000{T64}-{S1}-01"))]);
     assert_eq!(i.class, TraceContext::Valid, "{i:?}");
@@ -363,10 +378,10 @@ t!(trace_valid {
 t!(trace_missing {
     let i = classify(&[]);
     assert_eq!(i.class, TraceContext::Missing);
-    assert_eq!(i.missing.len(), 6);
+    assert_eq!(missing(&[]).len(), 6);
     let i = classify(&[("x-request-id", "abc")]);
     assert_eq!(i.class, TraceContext::Missing);
-    assert_eq!(i.missing.len(), 5);
+    assert_eq!(missing(&[("x-request-id", "abc")]).len(), 5);
 });
 
 t!(trace_partial {
@@ -453,6 +468,11 @@ t!(flag_decoding {
     assert_eq!(flags::decode(u64::MAX).len(), 64);
     assert_eq!(flags::FLAG_NAMES.len(), 30);
     assert_eq!(flags::bit_of("NOPE"), None);
+    assert_eq!(flags::parse_status(b"200"), 200);
+    assert_eq!(flags::parse_status(b"503"), 503);
+    for bad in [&b""[..], b"2000", b"2x0", b"-1", b"\xff"] {
+        assert_eq!(flags::parse_status(bad), 0, "{bad:?}");
+    }
 });
 
 // ------------------------------------------------------------------------------------
@@ -513,21 +533,60 @@ t!(correlation_remember_recall_ttl {
     let h = FakeHost::new();
     let sc = store_cfg();
     let now = 1_000_000u32;
-    let fails = correlation::remember(&h, &sc, &[(IdKind::B3, T128), (IdKind::W3c, ""), (IdKind::RequestId, "rid-1")], "dev.x", now);
+    let fails = correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, ""), (IdKind::RequestId, "rid-1")], "dev.x", now);
     assert_eq!(fails, 0);
-    let e = correlation::recall(&h, &sc, &[(IdKind::B3, T128)], now + 59).unwrap();
-    assert_eq!(e.tag, "dev.x");
-    let e = correlation::recall(&h, &sc, &[(IdKind::B3, "other"), (IdKind::RequestId, "rid-1")], now).unwrap();
+    // Another worker (its own empty local copy) finds it in shared data.
+    let e = correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], now + 59).unwrap();
+    assert_eq!(&*e.tag, "dev.x");
+    let e = correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, "other"), (IdKind::RequestId, "rid-1")], now).unwrap();
     assert_eq!(e.kind, IdKind::RequestId);
-    assert!(correlation::recall(&h, &sc, &[(IdKind::B3, T128)], now + 60).is_none(), "expired");
-    assert!(correlation::recall(&h, &sc, &[(IdKind::W3c, T128)], now).is_none(), "kind matters");
+    assert!(correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], now + 60).is_none(), "expired");
+    assert!(correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::W3c, T128)], now).is_none(), "kind matters");
+});
+
+t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
+    let h = FakeHost::new();
+    let sc = store_cfg();
+    let now = 1_000_000u32;
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::RequestId, "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")], "dev.x", now);
+    h.reset_calls();
+    // Same worker: answered from the local copy, no shared-data read.
+    let e = correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, T128)], now + 1).unwrap();
+    assert_eq!((e.kind, &*e.tag), (IdKind::B3, "dev.x"));
+    assert_eq!(h.calls("shared_get"), 0);
+    // Order still wins over locality: a B3 id missing locally is looked up in shared
+    // data before the request id found locally.
+    let other = LocalStore::new(64);
+    correlation::remember(&h, &other, &sc, &[(IdKind::B3, T64)], "dev.y", now);
+    h.reset_calls();
+    let e = correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, T64), (IdKind::RequestId, "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")], now).unwrap();
+    assert_eq!((e.kind, &*e.tag), (IdKind::B3, "dev.y"));
+    assert_eq!(h.calls("shared_get"), 1);
+    // Expiry applies locally too.
+    h.reset_calls();
+    assert!(correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, T128)], now + 60).is_none());
+    assert_eq!(h.calls("shared_get"), 1, "a local miss falls back to shared data");
+    // Ids too long for the local copy are still correlated through shared data.
+    let long = "r".repeat(correlation::LOCAL_ID_MAX + 1);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &long)], "dev.z", now);
+    assert!(h.local.get(IdKind::RequestId, &long, now).is_none());
+    assert_eq!(&*correlation::recall(&h, &h.local, &sc, &[(IdKind::RequestId, &long)], now).unwrap().tag, "dev.z");
+    // The table is bounded: many ids overwrite slots, every answer stays exact.
+    let small = LocalStore::new(8);
+    let tag: std::rc::Rc<str> = "t".into();
+    for i in 0..100 {
+        small.put(IdKind::B3, &format!("{i:032x}"), &tag, now + 10);
+    }
+    let kept = (0..100).filter(|i| small.get(IdKind::B3, &format!("{i:032x}"), now).is_some()).count();
+    assert!((1..=8).contains(&kept), "{kept}");
+    assert!(small.get(IdKind::W3c, &format!("{:032x}", 99), now).is_none(), "kind matters");
 });
 
 t!(correlation_memory_is_bounded {
     let h = FakeHost::new();
     let sc = store_cfg();
     for i in 0..5000u32 {
-        correlation::remember(&h, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", 1000);
+        correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", 1000);
     }
     let shared = h.shared.borrow();
     assert!(shared.len() <= sc.buckets as usize);
@@ -541,20 +600,20 @@ t!(correlation_cas_retry_and_give_up {
     let h = FakeHost::new();
     let sc = store_cfg();
     h.cas_conflicts.set(2);
-    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, T128)], "dev", 10), 0);
-    assert!(correlation::recall(&h, &sc, &[(IdKind::B3, T128)], 10).is_some());
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128)], "dev", 10), 0);
+    assert!(correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], 10).is_some());
     h.cas_conflicts.set(100);
-    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, T64)], "dev", 10), 1);
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T64)], "dev", 10), 1);
     assert_eq!(h.calls("shared_set"), 3 + correlation::CAS_ATTEMPTS);
     h.cas_conflicts.set(0);
     h.shared_broken.set(true);
-    assert_eq!(correlation::remember(&h, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", 10), 2);
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", 10), 2);
 });
 
 t!(correlation_ids_in_one_bucket_cost_one_write {
     let h = FakeHost::new();
     let sc = StoreConfig { buckets: 1, per_bucket: 8, ttl_secs: 60 };
-    correlation::remember(&h, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", 10);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", 10);
     assert_eq!(h.calls("shared_get"), 1);
     assert_eq!(h.calls("shared_set"), 1);
 });
@@ -643,40 +702,40 @@ t!(inbound_remembers_outbound_restores {
     let h = FakeHost::new();
     let inb = core("inbound", "dev");
     let outb = core("outbound", "dev");
-    let (s, edit) = Stream::on_request_headers(&inb, &h, &hdrs(&[
+    let (s, edit) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[
         (":path", "/a?q=1"), (":method", "GET"), (":authority", "reviews"),
         ("x-virtual-env", "dev.proj1"), ("x-b3-traceid", T128), ("x-b3-spanid", S1),
         ("x-request-id", "0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11"),
     ]));
     assert_eq!(edit, TagEdit::Keep);
-    assert_eq!(s.trace.class, TraceContext::Valid);
-    assert_eq!(s.path, "/a");
+    assert_eq!(s.class(), TraceContext::Valid);
+    assert_eq!(s.request(&inb).path, Some("/a?q=1"));
     assert_eq!(h.counter(metrics::tag_metric("request")), 1);
     // Outbound with the same trace id: correlated tag, PROPAGATED.
-    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
     assert_eq!(edit, TagEdit::Set("dev.proj1".into()));
-    assert_eq!(s.tag.source, TagSource::Correlated);
-    assert_eq!(s.correlated_tag, "dev.proj1");
-    assert_eq!(s.trace.class, TraceContext::Propagated);
+    assert_eq!(s.tag().source, TagSource::Correlated);
+    assert_eq!(s.correlated_tag(), "dev.proj1");
+    assert_eq!(s.class(), TraceContext::Propagated);
     // Outbound with only the request id (trace decision char differs): tag restored,
     // trace MISSING.
-    let (s, _) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-request-id", "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")]));
-    assert_eq!(s.tag.source, TagSource::Correlated);
-    assert_eq!(s.trace.class, TraceContext::Missing);
+    let (s, _) = Stream::on_request_headers(&outb, &h, &h.local, hdrs(&[("x-request-id", "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")]));
+    assert_eq!(s.tag().source, TagSource::Correlated);
+    assert_eq!(s.class(), TraceContext::Missing);
     // Outbound with a new trace id: env tag, NEW.
-    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-b3-traceid", T64), ("x-b3-spanid", S2)]));
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &h.local, hdrs(&[("x-b3-traceid", T64), ("x-b3-spanid", S2)]));
     assert_eq!(edit, TagEdit::Set("dev".into()));
-    assert_eq!(s.tag.source, TagSource::Environment);
-    assert_eq!(s.trace.class, TraceContext::New);
+    assert_eq!(s.tag().source, TagSource::Environment);
+    assert_eq!(s.class(), TraceContext::New);
     // App tag kept, correlated tag still reported.
-    let (s, edit) = Stream::on_request_headers(&outb, &h, &hdrs(&[("x-virtual-env", "dev.other"), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    let (s, edit) = Stream::on_request_headers(&outb, &h, &h.local, hdrs(&[("x-virtual-env", "dev.other"), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
     assert_eq!(edit, TagEdit::Keep);
-    assert_eq!(s.tag.source, TagSource::Request);
-    assert_eq!(s.correlated_tag, "dev.proj1");
+    assert_eq!(s.tag().source, TagSource::Request);
+    assert_eq!(s.correlated_tag(), "dev.proj1");
     // No own tag, nothing correlated: none.
     let bare = core("outbound", "");
-    let (s, edit) = Stream::on_request_headers(&bare, &h, &hdrs(&[]));
-    assert_eq!((s.tag.source, edit), (TagSource::None, TagEdit::Keep));
+    let (s, edit) = Stream::on_request_headers(&bare, &h, &h.local, hdrs(&[]));
+    assert_eq!((s.tag().source, edit), (TagSource::None, TagEdit::Keep));
     assert_eq!(h.counter(metrics::tag_metric("correlated")), 2);
     assert_eq!(h.counter(metrics::tag_metric("environment")), 1);
     assert_eq!(h.counter(metrics::tag_metric("none")), 1);
@@ -687,25 +746,25 @@ t!(inbound_remembers_outbound_restores {
 t!(fallback_instance_passes_requested_tag_on {
     // A `dev` instance serving a `dev.proj1` request sends `dev.proj1` on.
     let h = FakeHost::new();
-    let (_, _) = Stream::on_request_headers(&core("inbound", "dev"), &h, &hdrs(&[("x-virtual-env", "dev.proj1"), ("traceparent", &format!("00-{T128}-{S1}-01"))]));
-    let (s, edit) = Stream::on_request_headers(&core("outbound", "dev"), &h, &hdrs(&[("traceparent", &format!("00-{T128}-{S2}-01"))]));
+    let (_, _) = Stream::on_request_headers(&core("inbound", "dev"), &h, &h.local, hdrs(&[("x-virtual-env", "dev.proj1"), ("traceparent", &format!("00-{T128}-{S1}-01"))]));
+    let (s, edit) = Stream::on_request_headers(&core("outbound", "dev"), &h, &h.local, hdrs(&[("traceparent", &format!("00-{T128}-{S2}-01"))]));
     assert_eq!(edit, TagEdit::Set("dev.proj1".into()));
-    assert_eq!(s.trace.class, TraceContext::Propagated);
+    assert_eq!(s.class(), TraceContext::Propagated);
 });
 
 t!(correlation_entries_expire_in_the_flow {
     let h = FakeHost::new();
-    Stream::on_request_headers(&core("inbound", "dev"), &h, &hdrs(&[("x-virtual-env", "dev.p"), ("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    Stream::on_request_headers(&core("inbound", "dev"), &h, &h.local, hdrs(&[("x-virtual-env", "dev.p"), ("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     h.advance_secs(61);
-    let (s, _) = Stream::on_request_headers(&core("outbound", "dev"), &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
-    assert_eq!(s.tag.source, TagSource::Environment);
-    assert_eq!(s.trace.class, TraceContext::New);
+    let (s, _) = Stream::on_request_headers(&core("outbound", "dev"), &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.tag().source, TagSource::Environment);
+    assert_eq!(s.class(), TraceContext::New);
 });
 
 t!(annotation_modes {
     let h = FakeHost::new();
     let mut c = core("outbound", "dev");
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[]));
     h.prop_u64("response.flags", 32);
     h.prop("response.code_details", b"upstream_reset_before_response_started{remote_connection_failure}");
     let a = s.annotation(&c, &h, 503).unwrap();
@@ -722,7 +781,7 @@ t!(annotation_modes {
     assert_eq!(h.calls("property"), 0);
     c.config.annotate_response = Annotate::Debug;
     assert_eq!(s.annotation(&c, &h, 200), None);
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-hopwatch-debug", "1")]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-hopwatch-debug", "1")]));
     assert!(s.annotation(&c, &h, 200).is_some());
 });
 
@@ -731,7 +790,7 @@ t!(response_path_reads_only_what_it_needs {
     // response headers, and on_log reuses the :status seen there instead of response.code.
     let h = FakeHost::new();
     let c = core("outbound", "dev");
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     h.prop_u64("response.flags", 0);
     h.prop_u64("response.code", 200);
     h.reset_calls();
@@ -743,7 +802,7 @@ t!(response_path_reads_only_what_it_needs {
 
     // A 4xx that Envoy produced itself (NR) is still annotated with its flag, and the
     // report carries the status seen at response headers.
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     h.prop_u64("response.flags", 1 << 8);
     h.prop_u64("response.code", 404);
     assert!(s.annotation(&c, &h, 404).unwrap().contains("flags=NR"));
@@ -753,7 +812,7 @@ t!(response_path_reads_only_what_it_needs {
     assert_eq!(h.calls_exactly("property response.code"), 0);
 
     // Reset before any response headers: on_log asks the host for the code.
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     h.prop_u64("response.code", 503);
     h.reset_calls();
     let hop = s.on_log(&c, &h).unwrap();
@@ -761,10 +820,48 @@ t!(response_path_reads_only_what_it_needs {
     assert_eq!(h.calls_exactly("property response.code"), 1);
 });
 
+t!(complete_healthy_response_costs_no_property_read {
+    // A 2xx that reached its end of stream: Envoy set no flags on it, nothing to read.
+    let h = FakeHost::new();
+    let mut c = core("outbound", "dev");
+    c.config.report_sample_rate = 0.0;
+    h.local.put(IdKind::B3, T128, &"dev.p".into(), u32::MAX);
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    assert_eq!(s.class(), TraceContext::Propagated);
+    h.prop_u64("response.flags", 1 << 4);
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    s.response_complete();
+    assert!(s.on_log(&c, &h).is_none());
+    assert_eq!(h.calls("property"), 0);
+    assert_eq!(h.calls("now"), 0, "no clock read for a hop that is not reported");
+    // The same response cut short after its headers (no end of stream): flags read,
+    // and the hop reported with them.
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(h.calls_exactly("property response.flags"), 1);
+    assert_eq!(hop.response_flag_names, vec!["UR".to_string()]);
+    assert_eq!(hop.response_code, 200);
+    assert_eq!(hop.upstream_cluster, "", "no cluster set in this fake host");
+    assert_eq!(h.calls_exactly("property xds.cluster_name"), 1);
+    // A sampled healthy inbound hop is reported without a single property read: the
+    // collector joins it by its ids and workload.
+    let inb = core("inbound", "dev");
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    s.annotation(&inb, &h, 200);
+    s.response_complete();
+    h.reset_calls();
+    let hop = s.on_log(&inb, &h).unwrap();
+    assert!(hop.sampled_report);
+    assert_eq!(h.calls("property"), 0);
+});
+
 t!(on_log_builds_the_hop {
     let h = FakeHost::new();
     let c = core("outbound", "dev");
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[
         (":path", "/api/v1?x=1"), (":method", "POST"), (":authority", "ratings:9080"),
         ("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-sampled", "1"), ("x-request-id", "rid"),
     ]));
@@ -780,6 +877,7 @@ t!(on_log_builds_the_hop {
     h.prop_u64("response.code", 200);
     h.prop_u64("response.flags", 0);
     h.req_headers.borrow_mut().insert("x-b3-spanid".into(), "1111111111111111".into());
+    h.reset_calls();
     let hop = s.on_log(&c, &h).unwrap();
     assert_eq!(hop.trace_id, T128);
     assert_eq!(hop.span_id, S1);
@@ -793,24 +891,36 @@ t!(on_log_builds_the_hop {
     assert_eq!(hop.trace_context, TraceContext::New as i32);
     assert_eq!((hop.method.as_str(), hop.path.as_str(), hop.authority.as_str()), ("POST", "/api/v1", "ratings:9080"));
     assert_eq!(hop.response_code, 200);
-    assert_eq!(hop.response_code_details, "via_upstream");
     assert_eq!(hop.upstream_cluster, "outbound|9080||ratings");
     assert_eq!(hop.upstream_host, "10.0.0.2:9080");
-    assert_eq!(hop.downstream_remote_address, "10.0.0.1:5000");
+    // A healthy hop carries only what joins it to its neighbours: each property is a
+    // host call.
+    assert_eq!((hop.response_code_details.as_str(), hop.downstream_local_address.as_str(), hop.route_name.as_str()), ("", "", ""));
+    assert_eq!(h.calls("property"), 2 + 2, "flags + code (no response headers seen), cluster, upstream host");
+    // A failed one also what explains it; source.address and upstream.local_address
+    // are never read (the collector does not use them).
+    h.prop_u64("response.code", 503);
+    h.prop_u64("response.flags", 32);
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.response_code_details, "via_upstream");
     assert_eq!(hop.downstream_local_address, "10.0.0.9:9080");
-    assert_eq!(hop.upstream_local_address, "10.0.0.1:6000");
     assert_eq!(hop.route_name, "default");
+    assert_eq!((hop.downstream_remote_address.as_str(), hop.upstream_local_address.as_str()), ("", ""));
+    assert_eq!(h.calls("property"), 2 + 2 + 3);
+    h.prop_u64("response.code", 200);
+    h.prop_u64("response.flags", 0);
     assert_eq!(hop.start_time_unix_micros, 1_700_000_000_000_000);
     assert_eq!(hop.duration_micros, 1_000_000);
     assert!(hop.sampled_report);
-    assert_eq!(h.counter(metrics::HOPS_SEEN), 1);
+    assert_eq!(h.counter(metrics::HOPS_SEEN), 2, "one per on_log");
 });
 
 t!(unsampled_healthy_hops_cost_two_properties {
     let h = FakeHost::new();
     let mut c = core("inbound", "dev");
     c.config.report_sample_rate = 0.0;
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     h.prop_u64("response.code", 200);
     h.reset_calls();
     assert!(s.on_log(&c, &h).is_none());
@@ -826,22 +936,22 @@ t!(unsampled_healthy_hops_cost_two_properties {
     h.prop_u64("response.code", 503);
     assert!(s.on_log(&c, &h).is_some());
     h.prop_u64("response.code", 200);
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", "zz"), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", "zz"), ("x-b3-spanid", S1)]));
     assert!(s.on_log(&c, &h).is_some(), "malformed trace context is an anomaly");
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[("x-virtual-env", "b@d")]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-virtual-env", "b@d")]));
     assert!(s.on_log(&c, &h).is_some(), "malformed tag is an anomaly");
-    let (s, _) = Stream::on_request_headers(&c, &h, &hdrs(&[]));
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[]));
     assert!(s.on_log(&c, &h).is_none(), "inbound without trace headers: edge traffic, not an anomaly");
     let mut o = core("outbound", "dev");
     o.config.report_sample_rate = 0.0;
-    let (s, _) = Stream::on_request_headers(&o, &h, &hdrs(&[]));
+    let (s, _) = Stream::on_request_headers(&o, &h, &h.local, hdrs(&[]));
     assert!(s.on_log(&o, &h).is_some(), "outbound without trace headers: not propagated");
 });
 
 t!(request_headers_host_calls {
     let h = FakeHost::new();
     let c = core("inbound", "dev");
-    Stream::on_request_headers(&c, &h, &hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-request-id", "r")]));
+    Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-request-id", "r")]));
     assert_eq!(h.calls("now"), 1);
     assert!(h.calls("shared_get") <= 3);
     assert!(h.calls("shared_set") <= 3);
@@ -922,8 +1032,8 @@ t!(grpc_service_encoding {
     assert_eq!(b.len(), 206);
 });
 
-t!(header_map_deserialization_never_panics {
-    use hopwatch_filter::host::deserialize_map;
+t!(header_map_read_in_place_never_panics {
+    use hopwatch_filter::headers::{pairs, RequestView};
     let mut b = Vec::new();
     b.extend_from_slice(&2u32.to_le_bytes());
     for (k, v) in [("a", "1"), (":path", "/x")] {
@@ -936,10 +1046,37 @@ t!(header_map_deserialization_never_panics {
         b.extend_from_slice(v.as_bytes());
         b.push(0);
     }
-    assert_eq!(deserialize_map(&b), hdrs(&[("a", "1"), (":path", "/x")]));
+    assert_eq!(b, hdrs(&[("a", "1"), (":path", "/x")]), "serialize matches the host format");
+    let got: Vec<(&[u8], &[u8])> = pairs(&b).collect();
+    assert_eq!(got, vec![(&b"a"[..], &b"1"[..]), (&b":path"[..], &b"/x"[..])]);
     for cut in 0..b.len() {
-        assert!(deserialize_map(&b[..cut]).len() <= 2);
+        assert!(pairs(&b[..cut]).count() <= 2);
+        let _ = RequestView::parse(&b[..cut], "x-virtual-env", "x-hopwatch-debug");
     }
-    assert!(deserialize_map(&u32::MAX.to_le_bytes()).is_empty());
-    assert!(deserialize_map(&[]).is_empty());
+    assert_eq!(pairs(&u32::MAX.to_le_bytes()).count(), 0);
+    assert_eq!(pairs(&[]).count(), 0);
+    // Any byte string is read without panicking.
+    let mut x: u64 = 3;
+    for len in 0..200 {
+        let mut r = vec![(len % 7) as u8, 0, 0, 0];
+        for _ in 0..len {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            r.push((x >> 59) as u8);
+        }
+        let _ = RequestView::parse(&r, "x-virtual-env", "x-hopwatch-debug");
+    }
+    // The view: first occurrence wins, configured names, a value that is not UTF-8 is
+    // present but unreadable.
+    let mut m = hdrs(&[
+        (":authority", "a"), (":method", "GET"), (":path", "/p"), ("x-virtual-env", "dev"),
+        ("x-virtual-env", "second"), ("x-hopwatch-debug", ""), ("x-b3-traceid", "ZZ"),
+    ]);
+    let v = RequestView::parse(&m, "x-virtual-env", "x-hopwatch-debug");
+    assert_eq!((v.authority, v.method, v.path, v.tag), (Some("a"), Some("GET"), Some("/p"), Some("dev")));
+    assert!(v.debug);
+    assert_eq!(v.trace.b3_trace_id, Some("ZZ"));
+    let at = m.len() - 3; // "Z" of the b3 trace id value
+    m[at] = 0xff;
+    let v = RequestView::parse(&m, "x-virtual-env", "x-hopwatch-debug");
+    assert_eq!(v.trace.b3_trace_id, Some("\u{fffd}"));
 });

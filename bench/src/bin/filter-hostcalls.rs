@@ -18,6 +18,7 @@ use anyhow::Result;
 use hopwatch_bench::wrk::{request_pool, PoolEntry};
 use hopwatch_bench::{proc_cpu_seconds, Table};
 use hopwatch_filter::config::PluginConfig;
+use hopwatch_filter::correlation::LocalStore;
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::host::{Host, SetStatus};
 use hopwatch_filter::metrics::{self, Metric};
@@ -44,7 +45,7 @@ impl Calls {
 
 struct CountingHost {
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    headers: RefCell<Vec<(String, String)>>,
+    headers: RefCell<std::rc::Rc<Vec<(String, String)>>>,
     calls: RefCell<Calls>,
     names: Vec<String>,
     counting: bool,
@@ -130,7 +131,8 @@ impl Host for CountingHost {
         1_795_000_000_000_000_000
     }
     fn count(&self, metric: Metric, _by: u64) {
-        self.note("increment_metric", 0);
+        // No host call: the glue sums counts in the VM and gives them to Envoy
+        // (`increment_metric`) on the root context's tick, not per request.
         if self.counting {
             let name = self
                 .names
@@ -167,12 +169,10 @@ fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
     h
 }
 
-/// The serialized size of a proxy-wasm header map (what `get_header_map_pairs` copies).
-fn map_bytes(h: &[(String, String)]) -> usize {
-    4 + h
-        .iter()
-        .map(|(k, v)| 8 + k.len() + v.len() + 2)
-        .sum::<usize>()
+/// The serialized proxy-wasm header map (what `get_header_map_pairs` copies).
+fn map_bytes(h: &[(String, String)]) -> Vec<u8> {
+    let pairs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    hopwatch_filter::headers::serialize(&pairs)
 }
 
 fn core(inbound: bool, rate: f64, overrides: &[(&str, serde_json::Value)]) -> Result<Core> {
@@ -196,11 +196,18 @@ fn core(inbound: bool, rate: f64, overrides: &[(&str, serde_json::Value)]) -> Re
 }
 
 /// One request through the glue's sequence; returns the encoded report, if any.
-fn one(core: &Core, host: &CountingHost, h: &[(String, String)]) -> Option<Vec<u8>> {
+fn one(
+    core: &Core,
+    host: &CountingHost,
+    local: &LocalStore,
+    h: &std::rc::Rc<Vec<(String, String)>>,
+    map: &[u8],
+) -> Option<Vec<u8>> {
     // proxy_on_request_headers: get_header_map_pairs, then the logic, then the tag edit.
-    host.note("get_header_map_pairs", map_bytes(h));
-    *host.headers.borrow_mut() = h.to_vec();
-    let (st, edit) = Stream::on_request_headers(core, host, h);
+    host.note("get_header_map_pairs", map.len());
+    *host.headers.borrow_mut() = h.clone();
+    // The host copies the map into memory the module allocates: one copy per request.
+    let (st, edit) = Stream::on_request_headers(core, host, local, map.to_vec());
     match edit {
         TagEdit::Keep => {}
         TagEdit::Set(v) => host.note("replace_header_map_value", v.len()),
@@ -213,6 +220,8 @@ fn one(core: &Core, host: &CountingHost, h: &[(String, String)]) -> Option<Vec<u
             host.note("add_header_map_value", v.len());
         }
     }
+    // The response ends (end_of_stream at headers or its body): no host call.
+    st.response_complete();
     // proxy_on_log: the hop, queued (encoded when the batch is sent).
     st.on_log(core, host).map(|hop| hop.encode_to_vec())
 }
@@ -222,6 +231,9 @@ struct Case {
     inbound: bool,
     rate: f64,
     overrides: Vec<(&'static str, serde_json::Value)>,
+    /// The outbound calls run on another worker than their inbound requests (another
+    /// VM: its local correlation copy is empty, shared data answers).
+    other_worker: bool,
 }
 
 fn main() -> Result<()> {
@@ -233,19 +245,29 @@ fn main() -> Result<()> {
             inbound,
             rate,
             overrides: vec![],
+            other_worker: false,
         });
     }
+    cases.push(Case {
+        name: "hopwatch-out@0.01, call on another worker".into(),
+        inbound: false,
+        rate: 0.01,
+        overrides: vec![],
+        other_worker: true,
+    });
     cases.push(Case {
         name: "hopwatch-out@0.01+annotate_response=never".into(),
         inbound: false,
         rate: 0.01,
         overrides: vec![("annotate_response", serde_json::json!("never"))],
+        other_worker: false,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+correlation_buckets=256".into(),
         inbound: false,
         rate: 0.01,
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
+        other_worker: true,
     });
 
     println!(
@@ -269,9 +291,12 @@ fn main() -> Result<()> {
         let core_ = core(c.inbound, c.rate, &c.overrides)?;
         let dir = if c.inbound { "inbound" } else { "outbound" };
         let host = CountingHost::new(dir, false);
+        // The VM of the worker that served the inbound requests.
+        let vm_local = LocalStore::new(4096);
         // Warm the correlation store as the sidecar's inbound side does.
         for e in &pool {
-            one(&inb_core, &host, &headers(e, true));
+            let h = std::rc::Rc::new(headers(e, true));
+            one(&inb_core, &host, &vm_local, &h, &map_bytes(&h));
         }
         // Count over one pass of the pool.
         let counting = CountingHost {
@@ -280,9 +305,15 @@ fn main() -> Result<()> {
         };
         *counting.shared.borrow_mut() = host.shared.borrow().clone();
         let mut reported = 0usize;
-        let reqs: Vec<Vec<(String, String)>> = pool.iter().map(|e| headers(e, c.inbound)).collect();
-        for h in &reqs {
-            if one(&core_, &counting, h).is_some() {
+        let reqs: Vec<std::rc::Rc<Vec<(String, String)>>> = pool
+            .iter()
+            .map(|e| std::rc::Rc::new(headers(e, c.inbound)))
+            .collect();
+        let maps: Vec<Vec<u8>> = reqs.iter().map(|h| map_bytes(h)).collect();
+        let other = LocalStore::new(4096);
+        let local = if c.other_worker { &other } else { &vm_local };
+        for (h, m) in reqs.iter().zip(&maps) {
+            if one(&core_, &counting, local, h, m).is_some() {
                 reported += 1;
             }
         }
@@ -306,8 +337,10 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let mut sink = 0usize;
         for _ in 0..passes {
-            for h in &reqs {
-                sink += one(&core_, &host, h).map(|v| v.len()).unwrap_or(0);
+            for (h, m) in reqs.iter().zip(&maps) {
+                sink += one(&core_, &host, local, h, m)
+                    .map(|v| v.len())
+                    .unwrap_or(0);
             }
         }
         let cpu = proc_cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
