@@ -203,37 +203,29 @@ pub fn remember<H: Host + ?Sized>(
             local.put(kind, id, &shared_tag, expires_at);
         }
     }
-    // Group ids by bucket so each bucket is read and written once.
-    let mut groups: Vec<(u32, Vec<Entry>)> = Vec::new();
+    if tag.len() > 255 {
+        return 0;
+    }
+    // Group ids by bucket so each bucket is read and written once (at most 3 ids).
+    let mut groups: Vec<(u32, Vec<(IdKind, &str)>)> = Vec::with_capacity(ids.len());
     for &(kind, id) in ids {
-        if id.is_empty() || id.len() > 255 || tag.len() > 255 {
+        if id.is_empty() || id.len() > 255 {
             continue;
         }
         let b = bucket_of(cfg, kind, id);
-        let e = Entry {
-            expires_at,
-            kind,
-            id: id.to_string(),
-            tag: tag.to_string(),
-        };
         match groups.iter_mut().find(|(gb, _)| *gb == b) {
-            Some((_, v)) => v.push(e),
-            None => groups.push((b, vec![e])),
+            Some((_, v)) => v.push((kind, id)),
+            None => groups.push((b, vec![(kind, id)])),
         }
     }
     let mut failures = 0;
-    for (b, new_entries) in groups {
+    for (b, new_ids) in groups {
         let key = bucket_key(b);
         let mut done = false;
         for _ in 0..CAS_ATTEMPTS {
-            let (mut entries, cas) = match host.shared_get(&key) {
-                Some((bytes, cas)) => (decode(&bytes), cas),
-                None => (Vec::new(), 0),
-            };
-            for e in &new_entries {
-                upsert(&mut entries, e.clone(), now, cfg.per_bucket);
-            }
-            match host.shared_set(&key, &encode(&entries), cas) {
+            let (old, cas) = host.shared_get(&key).unwrap_or_default();
+            let value = upsert_encoded(&old, &new_ids, tag, expires_at, now, cfg.per_bucket);
+            match host.shared_set(&key, &value, cas) {
                 SetStatus::Ok => {
                     done = true;
                     break;
@@ -247,6 +239,114 @@ pub fn remember<H: Host + ?Sized>(
         }
     }
     failures
+}
+
+/// One entry of an encoded bucket, borrowed.
+struct RawEntry<'b> {
+    expires_at: u32,
+    kind: u8,
+    id: &'b [u8],
+    /// The whole encoded entry (header, id, tag), copied as is when kept.
+    bytes: &'b [u8],
+}
+
+fn raw_entries(bytes: &[u8]) -> Vec<RawEntry<'_>> {
+    let mut out = Vec::new();
+    let Some((&VERSION, mut rest)) = bytes.split_first() else {
+        return out;
+    };
+    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
+        let [a, b, c, d, kind, _flags, id_len, tag_len] = *head;
+        let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
+        let (Some(id), Some(whole)) = (tail.get(..id_len), rest.get(..8 + id_len + tag_len)) else {
+            break;
+        };
+        let tag = tail.get(id_len..id_len + tag_len).unwrap_or_default();
+        // Stop where `decode` stops: an unknown kind, or an id or tag that is not UTF-8.
+        if IdKind::from_u8(kind).is_none()
+            || std::str::from_utf8(id).is_err()
+            || std::str::from_utf8(tag).is_err()
+        {
+            break;
+        }
+        out.push(RawEntry {
+            expires_at: u32::from_le_bytes([a, b, c, d]),
+            kind,
+            id,
+            bytes: whole,
+        });
+        rest = rest.get(8 + id_len + tag_len..).unwrap_or_default();
+    }
+    out
+}
+
+/// The new value of an encoded bucket after remembering `ids` with `tag`: expired
+/// entries and the entries of the same ids dropped, the new entries appended, then the
+/// entries closest to expiry evicted beyond `cap` (the earliest first among equals).
+/// Computed on the bytes: the kept entries are copied as they are, nothing is decoded
+/// into owned strings; this runs on every inbound request, for every bucket its ids
+/// fall in.
+pub fn upsert_encoded(
+    old: &[u8],
+    ids: &[(IdKind, &str)],
+    tag: &str,
+    expires_at: u32,
+    now: u32,
+    cap: usize,
+) -> Vec<u8> {
+    let cap = cap.max(1);
+    let mut kept: Vec<RawEntry<'_>> = raw_entries(old);
+    kept.retain(|e| {
+        e.expires_at > now
+            && !ids
+                .iter()
+                .any(|&(k, id)| k as u8 == e.kind && id.as_bytes() == e.id)
+    });
+    // The bucket in order: the kept entries, then the new ones (`None`: new).
+    let mut all: Vec<(u32, Option<&RawEntry<'_>>, Option<(IdKind, &str)>)> = kept
+        .iter()
+        .map(|e| (e.expires_at, Some(e), None))
+        .chain(ids.iter().map(|&n| (expires_at, None, Some(n))))
+        .collect();
+    // Over capacity: drop the entries closest to expiry, the earliest first among equals.
+    while all.len() > cap {
+        let oldest = all
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (exp, _, _))| *exp)
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                all.remove(i);
+            }
+            None => break,
+        }
+    }
+    let size: usize = kept.iter().map(|e| e.bytes.len()).sum::<usize>()
+        + ids
+            .iter()
+            .map(|(_, id)| 8 + id.len() + tag.len())
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(VERSION);
+    for (_, old_entry, new_id) in &all {
+        if let Some(e) = old_entry {
+            out.extend_from_slice(e.bytes);
+        }
+        if let Some((kind, id)) = new_id {
+            if id.len() > 255 || tag.len() > 255 {
+                continue;
+            }
+            out.extend_from_slice(&expires_at.to_le_bytes());
+            out.push(*kind as u8);
+            out.push(FLAG_SERVING);
+            out.push(id.len() as u8);
+            out.push(tag.len() as u8);
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(tag.as_bytes());
+        }
+    }
+    out
 }
 
 /// The live entry for (kind, id) in an encoded bucket, read in place: the tag is

@@ -36,6 +36,14 @@ use crate::metrics::{self, Metric};
 use crate::report;
 use crate::tag::TagEdit;
 
+/// A profiling build, chosen at compile time with the environment variable
+/// `HOPWATCH_PROFILE_VARIANT` (unset: the real filter, and these branches are compiled
+/// out). `headers`: fetch the request headers and stop there; `calls`: make the host
+/// calls of a healthy outbound request (headers, clock, tag write, `:status`) without
+/// any of the logic. `docs/BENCHMARKS.md` measures them next to the real filter to split
+/// its cost into "what Envoy charges for the calls" and "what the filter's code costs".
+const PROFILE_VARIANT: Option<&str> = option_env!("HOPWATCH_PROFILE_VARIANT");
+
 const SERVICE: &str = "hopwatch.v1.Collector";
 const METHOD: &str = "Report";
 
@@ -372,6 +380,16 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _n: usize, _eos: u32
         return 0;
     };
     let headers = abi::get_map_bytes(MapType::RequestHeaders);
+    if let Some(variant) = PROFILE_VARIANT {
+        // Profiling builds only (see `PROFILE_VARIANT`): the host calls without the logic.
+        drop(headers);
+        if variant == "calls" {
+            abi::now_nanos();
+            let own = &sh.core.identity.own_tag;
+            abi::replace_map_value(MapType::RequestHeaders, &sh.core.config.tag_header, own);
+        }
+        return 0;
+    }
     let (st, edit) = Stream::on_request_headers(&sh.core, &sh.host, &sh.local, headers);
     let name = &sh.core.config.tag_header;
     match edit {
@@ -394,6 +412,10 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, eos: u32
         return 0;
     };
     let h = h.borrow();
+    if PROFILE_VARIANT == Some("calls") {
+        abi::get_map_value_bytes(MapType::ResponseHeaders, ":status");
+        return 0;
+    }
     let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
         return 0;
     };

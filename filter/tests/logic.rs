@@ -582,6 +582,56 @@ t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
     assert!(small.get(IdKind::W3c, &format!("{:032x}", 99), now).is_none(), "kind matters");
 });
 
+t!(correlation_upsert_in_place_matches_decode_upsert_encode {
+    // The inbound path rewrites buckets on the bytes; it must give exactly what the
+    // decoded entries would give, for any bucket.
+    let mut x: u64 = 11;
+    let mut rnd = |n: u64| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    let ids = ["a1", "b2", "c3", "d4", "e5", "f6", T128, T64];
+    let kinds = [IdKind::B3, IdKind::W3c, IdKind::RequestId];
+    for round in 0..2000 {
+        let cap = 1 + rnd(8) as usize;
+        let now = 1000u32;
+        let mut old = Vec::new();
+        for _ in 0..rnd(10) {
+            old.push(Entry {
+                expires_at: 990 + rnd(80) as u32,
+                kind: kinds[rnd(3) as usize],
+                id: ids[rnd(8) as usize].to_string(),
+                tag: if rnd(2) == 0 { String::new() } else { format!("dev.t{}", rnd(3)) },
+            });
+        }
+        let mut old_bytes = correlation::encode(&old);
+        if round % 7 == 0 {
+            old_bytes.extend_from_slice(&[0, 0, 0, 0, 9, 1, 0, 0]); // unreadable tail
+        }
+        let mut new_ids: Vec<(IdKind, &str)> = Vec::new();
+        for _ in 0..1 + rnd(3) {
+            let id = (kinds[rnd(3) as usize], ids[rnd(8) as usize]);
+            if !new_ids.contains(&id) {
+                new_ids.push(id);
+            }
+        }
+        let expires_at = now + 60;
+        // Reference: decode, drop expired and replaced entries, append the new ones,
+        // evict the ones closest to expiry (earliest first) beyond the capacity.
+        let mut want = correlation::decode(&old_bytes);
+        want.retain(|e| e.expires_at > now && !new_ids.iter().any(|&(k, id)| e.kind == k && e.id == id));
+        for &(kind, id) in &new_ids {
+            want.push(Entry { expires_at, kind, id: id.into(), tag: "dev.new".into() });
+        }
+        while want.len() > cap {
+            let i = want.iter().enumerate().min_by_key(|(_, e)| e.expires_at).unwrap().0;
+            want.remove(i);
+        }
+        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", expires_at, now, cap);
+        assert_eq!(got, correlation::encode(&want), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
+    }
+});
+
 t!(correlation_memory_is_bounded {
     let h = FakeHost::new();
     let sc = store_cfg();
