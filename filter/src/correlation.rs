@@ -280,6 +280,9 @@ fn raw_entries(bytes: &[u8]) -> Vec<RawEntry<'_>> {
     out
 }
 
+/// One entry of the rewritten bucket: (expiry, a kept entry, or a new id).
+type BucketSlot<'e, 'b> = (u32, Option<&'e RawEntry<'b>>, Option<(IdKind, &'e str)>);
+
 /// The new value of an encoded bucket after remembering `ids` with `tag`: expired
 /// entries and the entries of the same ids dropped, the new entries appended, then the
 /// entries closest to expiry evicted beyond `cap` (the earliest first among equals).
@@ -302,8 +305,8 @@ pub fn upsert_encoded(
                 .iter()
                 .any(|&(k, id)| k as u8 == e.kind && id.as_bytes() == e.id)
     });
-    // The bucket in order: the kept entries, then the new ones (`None`: new).
-    let mut all: Vec<(u32, Option<&RawEntry<'_>>, Option<(IdKind, &str)>)> = kept
+    // The bucket in order: the kept entries, then the new ones.
+    let mut all: Vec<BucketSlot<'_, '_>> = kept
         .iter()
         .map(|e| (e.expires_at, Some(e), None))
         .chain(ids.iter().map(|&n| (expires_at, None, Some(n))))
