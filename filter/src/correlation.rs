@@ -130,32 +130,16 @@ pub fn encode(entries: &[Entry]) -> Vec<u8> {
 
 /// Parses a bucket; tolerant: anything unreadable ends the list (never panics).
 pub fn decode(bytes: &[u8]) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let Some((&VERSION, mut rest)) = bytes.split_first() else {
-        return out;
-    };
-    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
-        let [a, b, c, d, kind, _flags, id_len, tag_len] = *head;
-        let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
-        let (Some(id), Some(tag)) = (tail.get(..id_len), tail.get(id_len..id_len + tag_len)) else {
-            break;
-        };
-        let (Some(kind), Ok(id), Ok(tag)) = (
-            IdKind::from_u8(kind),
-            std::str::from_utf8(id),
-            std::str::from_utf8(tag),
-        ) else {
-            break;
-        };
-        out.push(Entry {
-            expires_at: u32::from_le_bytes([a, b, c, d]),
-            kind,
-            id: id.to_string(),
-            tag: tag.to_string(),
-        });
-        rest = tail.get(id_len + tag_len..).unwrap_or_default();
-    }
-    out
+    readable_entries(bytes)
+        .filter_map(|e| {
+            Some(Entry {
+                expires_at: e.expires_at,
+                kind: IdKind::from_u8(e.kind)?,
+                id: std::str::from_utf8(e.id).ok()?.to_string(),
+                tag: std::str::from_utf8(e.tag).ok()?.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Inserts or refreshes `new` in a bucket's entries: drops expired ones, replaces the
@@ -246,38 +230,63 @@ struct RawEntry<'b> {
     expires_at: u32,
     kind: u8,
     id: &'b [u8],
+    tag: &'b [u8],
     /// The whole encoded entry (header, id, tag), copied as is when kept.
     bytes: &'b [u8],
 }
 
-fn raw_entries(bytes: &[u8]) -> Vec<RawEntry<'_>> {
-    let mut out = Vec::new();
-    let Some((&VERSION, mut rest)) = bytes.split_first() else {
-        return out;
-    };
-    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
+impl RawEntry<'_> {
+    /// A known kind and UTF-8 id and tag: what [`decode`] accepts.
+    fn readable(&self) -> bool {
+        IdKind::from_u8(self.kind).is_some()
+            && std::str::from_utf8(self.id).is_ok()
+            && std::str::from_utf8(self.tag).is_ok()
+    }
+}
+
+/// The entries of an encoded bucket, in order, read in place; ends at the first entry
+/// that does not fit the bytes (a bucket of another format, or a truncated one).
+struct RawEntries<'b> {
+    rest: &'b [u8],
+}
+
+fn raw_entries(bytes: &[u8]) -> RawEntries<'_> {
+    match bytes.split_first() {
+        Some((&VERSION, rest)) => RawEntries { rest },
+        _ => RawEntries { rest: &[] },
+    }
+}
+
+/// The entries up to the first unreadable one (where [`decode`] stops).
+fn readable_entries(bytes: &[u8]) -> impl Iterator<Item = RawEntry<'_>> {
+    raw_entries(bytes).take_while(RawEntry::readable)
+}
+
+impl<'b> Iterator for RawEntries<'b> {
+    type Item = RawEntry<'b>;
+
+    fn next(&mut self) -> Option<RawEntry<'b>> {
+        let (head, tail) = self.rest.split_first_chunk::<8>()?;
         let [a, b, c, d, kind, _flags, id_len, tag_len] = *head;
         let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
-        let (Some(id), Some(whole)) = (tail.get(..id_len), rest.get(..8 + id_len + tag_len)) else {
-            break;
+        let len = 8 + id_len + tag_len;
+        let (Some(id), Some(tag), Some(bytes)) = (
+            tail.get(..id_len),
+            tail.get(id_len..id_len + tag_len),
+            self.rest.get(..len),
+        ) else {
+            self.rest = &[];
+            return None;
         };
-        let tag = tail.get(id_len..id_len + tag_len).unwrap_or_default();
-        // Stop where `decode` stops: an unknown kind, or an id or tag that is not UTF-8.
-        if IdKind::from_u8(kind).is_none()
-            || std::str::from_utf8(id).is_err()
-            || std::str::from_utf8(tag).is_err()
-        {
-            break;
-        }
-        out.push(RawEntry {
+        self.rest = self.rest.get(len..).unwrap_or_default();
+        Some(RawEntry {
             expires_at: u32::from_le_bytes([a, b, c, d]),
             kind,
             id,
-            bytes: whole,
-        });
-        rest = rest.get(8 + id_len + tag_len..).unwrap_or_default();
+            tag,
+            bytes,
+        })
     }
-    out
 }
 
 /// One entry of the rewritten bucket: (expiry, a kept entry, or a new id).
@@ -298,7 +307,7 @@ pub fn upsert_encoded(
     cap: usize,
 ) -> Vec<u8> {
     let cap = cap.max(1);
-    let mut kept: Vec<RawEntry<'_>> = raw_entries(old);
+    let mut kept: Vec<RawEntry<'_>> = readable_entries(old).collect();
     kept.retain(|e| {
         e.expires_at > now
             && !ids
@@ -355,22 +364,9 @@ pub fn upsert_encoded(
 /// The live entry for (kind, id) in an encoded bucket, read in place: the tag is
 /// borrowed from `bytes` (no entry is decoded into owned strings on the lookup path).
 pub fn find_encoded<'b>(bytes: &'b [u8], kind: IdKind, id: &str, now: u32) -> Option<&'b str> {
-    let Some((&VERSION, mut rest)) = bytes.split_first() else {
-        return None;
-    };
-    while let Some((head, tail)) = rest.split_first_chunk::<8>() {
-        let [a, b, c, d, k, _flags, id_len, tag_len] = *head;
-        let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
-        let (Some(eid), Some(tag)) = (tail.get(..id_len), tail.get(id_len..id_len + tag_len))
-        else {
-            return None;
-        };
-        if k == kind as u8 && eid == id.as_bytes() && u32::from_le_bytes([a, b, c, d]) > now {
-            return std::str::from_utf8(tag).ok();
-        }
-        rest = tail.get(id_len + tag_len..).unwrap_or_default();
-    }
-    None
+    raw_entries(bytes)
+        .find(|e| e.kind == kind as u8 && e.id == id.as_bytes() && e.expires_at > now)
+        .and_then(|e| std::str::from_utf8(e.tag).ok())
 }
 
 /// A correlation hit: the tag the inbound request carried (empty: none) and which id
