@@ -10,8 +10,9 @@
 //! `response.code` only when no response headers were seen), and the remaining
 //! properties only for hops that are reported. `response_body` and `response_trailers`
 //! only note the end of stream. Counters are summed here and given to Envoy on the tick.
-//! There is no `proxy_on_done` export: Envoy treats a missing one as "done", and every
-//! export a stream reaches costs a VM entry. Node metadata and the env var are read
+//! There is no `proxy_on_done` export (Envoy treats a missing one as "done") and no
+//! `proxy_on_delete` (the stream is freed in `proxy_on_log`, see the note above
+//! `ROOT_STALE_MS`): every export a stream reaches costs a VM entry. Node metadata and the env var are read
 //! once per plugin instance in `proxy_on_configure`. Reports are queued per root context
 //! (per worker) and sent from the root context on its tick; a full batch shortens the
 //! tick to 1 ms instead of dispatching from the HTTP context (whose answer would come
