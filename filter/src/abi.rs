@@ -210,17 +210,9 @@ pub fn get_map_value_bytes(map: MapType, key: &str) -> Option<Vec<u8>> {
     Some(take(p, n))
 }
 
-/// One header value.
+/// One header value (lossy UTF-8).
 pub fn get_map_value(map: MapType, key: &str) -> Option<String> {
-    let (mut p, mut n) = (null_mut(), 0usize);
-    // SAFETY: valid pointers.
-    let st = unsafe {
-        ffi::proxy_get_header_map_value(map as u32, key.as_ptr(), key.len(), &mut p, &mut n)
-    };
-    if st != OK {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&take(p, n)).into_owned())
+    get_map_value_bytes(map, key).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Sets (replaces) a header.

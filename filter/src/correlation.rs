@@ -107,23 +107,27 @@ pub fn bucket_key(bucket: u32) -> String {
     k
 }
 
+/// Appends one encoded entry; skips it when the id or tag is longer than 255 bytes.
+fn push_entry(out: &mut Vec<u8>, expires_at: u32, kind: IdKind, id: &str, tag: &str) {
+    let (id, tag) = (id.as_bytes(), tag.as_bytes());
+    if id.len() > 255 || tag.len() > 255 {
+        return;
+    }
+    out.extend_from_slice(&expires_at.to_le_bytes());
+    out.push(kind as u8);
+    out.push(FLAG_SERVING);
+    out.push(id.len() as u8);
+    out.push(tag.len() as u8);
+    out.extend_from_slice(id);
+    out.extend_from_slice(tag);
+}
+
 /// Serialises a bucket.
 pub fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + entries.len() * 48);
     out.push(VERSION);
     for e in entries {
-        let id = e.id.as_bytes();
-        let tag = e.tag.as_bytes();
-        if id.len() > 255 || tag.len() > 255 {
-            continue;
-        }
-        out.extend_from_slice(&e.expires_at.to_le_bytes());
-        out.push(e.kind as u8);
-        out.push(FLAG_SERVING);
-        out.push(id.len() as u8);
-        out.push(tag.len() as u8);
-        out.extend_from_slice(id);
-        out.extend_from_slice(tag);
+        push_entry(&mut out, e.expires_at, e.kind, &e.id, &e.tag);
     }
     out
 }
@@ -140,33 +144,6 @@ pub fn decode(bytes: &[u8]) -> Vec<Entry> {
             })
         })
         .collect()
-}
-
-/// Inserts or refreshes `new` in a bucket's entries: drops expired ones, replaces the
-/// same (kind, id), evicts the entries closest to expiry beyond `cap`.
-pub fn upsert(entries: &mut Vec<Entry>, new: Entry, now: u32, cap: usize) {
-    entries.retain(|e| e.expires_at > now && !(e.kind == new.kind && e.id == new.id));
-    entries.push(new);
-    while entries.len() > cap.max(1) {
-        let oldest = entries
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, e)| e.expires_at)
-            .map(|(i, _)| i);
-        match oldest {
-            Some(i) => {
-                entries.remove(i);
-            }
-            None => break,
-        }
-    }
-}
-
-/// The live entry for (kind, id), if any.
-pub fn find<'a>(entries: &'a [Entry], kind: IdKind, id: &str, now: u32) -> Option<&'a Entry> {
-    entries
-        .iter()
-        .find(|e| e.kind == kind && e.id == id && e.expires_at > now)
 }
 
 /// Remembers ids with `tag` (inbound side), in this VM's `local` copy and in shared
@@ -346,16 +323,7 @@ pub fn upsert_encoded(
             out.extend_from_slice(e.bytes);
         }
         if let Some((kind, id)) = new_id {
-            if id.len() > 255 || tag.len() > 255 {
-                continue;
-            }
-            out.extend_from_slice(&expires_at.to_le_bytes());
-            out.push(*kind as u8);
-            out.push(FLAG_SERVING);
-            out.push(id.len() as u8);
-            out.push(tag.len() as u8);
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(tag.as_bytes());
+            push_entry(&mut out, expires_at, *kind, id, tag);
         }
     }
     out

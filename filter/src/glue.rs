@@ -470,15 +470,20 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
     }
 }
 
+/// The response of `context_id` reached its end of stream.
+fn response_ended(context_id: u32) {
+    if let Some(h) = stream(context_id) {
+        if let Some(st) = &h.borrow().stream {
+            st.response_complete();
+        }
+    }
+}
+
 /// A response body chunk: only its end of stream matters (no host call).
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(context_id: u32, _size: usize, eos: u32) -> u32 {
     if eos != 0 {
-        if let Some(h) = stream(context_id) {
-            if let Some(st) = &h.borrow().stream {
-                st.response_complete();
-            }
-        }
+        response_ended(context_id);
     }
     0
 }
@@ -486,11 +491,7 @@ pub extern "C" fn proxy_on_response_body(context_id: u32, _size: usize, eos: u32
 /// Response trailers end the response.
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _n: usize) -> u32 {
-    if let Some(h) = stream(context_id) {
-        if let Some(st) = &h.borrow().stream {
-            st.response_complete();
-        }
-    }
+    response_ended(context_id);
     0
 }
 

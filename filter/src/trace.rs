@@ -8,7 +8,8 @@ use std::borrow::Cow;
 
 use hopwatch_proto::v1::{Sampled, TraceContext};
 
-/// Trace headers of a request, borrowed from its header list.
+/// Trace headers of a request, borrowed from its serialized header map (filled by
+/// [`crate::headers::RequestView::parse`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TraceHeaders<'a> {
     /// `x-b3-traceid`
@@ -30,29 +31,6 @@ pub struct TraceHeaders<'a> {
 }
 
 impl<'a> TraceHeaders<'a> {
-    /// Picks the trace headers out of a header list (names lowercase, as Envoy gives
-    /// them). The first occurrence of a name wins.
-    pub fn from_pairs<S: AsRef<str>>(pairs: &'a [(S, S)]) -> Self {
-        let mut h = TraceHeaders::default();
-        for (k, v) in pairs {
-            let slot = match k.as_ref() {
-                "x-b3-traceid" => &mut h.b3_trace_id,
-                "x-b3-spanid" => &mut h.b3_span_id,
-                "x-b3-parentspanid" => &mut h.b3_parent_span_id,
-                "x-b3-sampled" => &mut h.b3_sampled,
-                "x-b3-flags" => &mut h.b3_flags,
-                "b3" => &mut h.b3_single,
-                "traceparent" => &mut h.traceparent,
-                "x-request-id" => &mut h.request_id,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(v.as_ref());
-            }
-        }
-        h
-    }
-
     /// Names of the checked trace headers absent from the request.
     pub fn missing(&self) -> Vec<String> {
         [

@@ -14,6 +14,7 @@ use hopwatch_filter::batch::{Batcher, Push};
 use hopwatch_filter::config::{Annotate, ConfigError, Direction, PluginConfig};
 use hopwatch_filter::correlation::{self, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
+use hopwatch_filter::headers::RequestView;
 use hopwatch_filter::host::{Host, SetStatus};
 use hopwatch_filter::metrics::{self, Metric};
 use hopwatch_filter::tag::{self, TagEdit};
@@ -328,12 +329,17 @@ fn l(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
+/// The trace headers of a request, read as the filter reads them.
+fn trace_headers<'a>(map: &'a [u8]) -> TraceHeaders<'a> {
+    RequestView::parse(map, "x-virtual-env", "x-hopwatch-debug").trace
+}
+
 fn classify(pairs: &[(&str, &str)]) -> trace::TraceInfo<'static> {
-    trace::classify(&TraceHeaders::from_pairs(pairs)).into_owned()
+    trace::classify(&trace_headers(&hdrs(pairs))).into_owned()
 }
 
 fn missing(pairs: &[(&str, &str)]) -> Vec<String> {
-    TraceHeaders::from_pairs(pairs).missing()
+    trace_headers(&hdrs(pairs)).missing()
 }
 
 t!(trace_valid {
@@ -510,23 +516,24 @@ t!(correlation_encoding_roundtrip_and_garbage {
 });
 
 t!(correlation_upsert_bounded_and_expiring {
-    let mut v = Vec::new();
+    let mut b = correlation::encode(&[]);
     for i in 0..20u32 {
-        correlation::upsert(&mut v, Entry { expires_at: 100 + i, kind: IdKind::B3, id: format!("id{i}"), tag: String::new() }, 50, 8);
+        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", 100 + i, 50, 8);
     }
+    let v = correlation::decode(&b);
     assert_eq!(v.len(), 8);
     assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
     // Replace same id.
-    correlation::upsert(&mut v, Entry { expires_at: 500, kind: IdKind::B3, id: "id19".into(), tag: "t".into() }, 50, 8);
-    assert_eq!(v.iter().filter(|e| e.id == "id19").count(), 1);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", 500, 50, 8);
+    assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 1);
     // Same id, other kind: distinct.
-    correlation::upsert(&mut v, Entry { expires_at: 500, kind: IdKind::W3c, id: "id19".into(), tag: "t".into() }, 50, 8);
-    assert_eq!(v.iter().filter(|e| e.id == "id19").count(), 2);
+    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", 500, 50, 8);
+    assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 2);
     // Expired entries go on the next write.
-    correlation::upsert(&mut v, Entry { expires_at: 1000, kind: IdKind::B3, id: "new".into(), tag: String::new() }, 400, 8);
-    assert!(v.iter().all(|e| e.expires_at > 400));
-    assert!(correlation::find(&v, IdKind::B3, "new", 999).is_some());
-    assert!(correlation::find(&v, IdKind::B3, "new", 1000).is_none());
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", 1000, 400, 8);
+    assert!(correlation::decode(&b).iter().all(|e| e.expires_at > 400));
+    assert_eq!(correlation::find_encoded(&b, IdKind::B3, "new", 999), Some(""));
+    assert!(correlation::find_encoded(&b, IdKind::B3, "new", 1000).is_none());
 });
 
 t!(correlation_remember_recall_ttl {
@@ -1083,7 +1090,7 @@ t!(grpc_service_encoding {
 });
 
 t!(header_map_read_in_place_never_panics {
-    use hopwatch_filter::headers::{pairs, RequestView};
+    use hopwatch_filter::headers::pairs;
     let mut b = Vec::new();
     b.extend_from_slice(&2u32.to_le_bytes());
     for (k, v) in [("a", "1"), (":path", "/x")] {
