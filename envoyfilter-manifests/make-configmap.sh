@@ -8,7 +8,7 @@
 # The ConfigMap must exist in every namespace whose pods mount it (volumes only reference
 # ConfigMaps of their own namespace): run it once per namespace. The YAML goes to stdout,
 # the sha256 and size to stderr (as YAML comments), so `| kubectl apply -f -` works.
-# A ConfigMap is limited to 1 MiB (etcd object size); hopwatch_filter.wasm is <= 150 KB,
+# A ConfigMap is limited to 1 MiB (etcd object size); hopwatch_filter.wasm is <= 256 KB,
 # the script refuses anything larger than 900 KiB to leave room for the object's overhead.
 set -eu
 

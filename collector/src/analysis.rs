@@ -555,7 +555,7 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 received
             };
             match oh.tag_source() {
-                TagSource::Correlated => out.push((
+                src if crate::other_ids::restored_through(src).is_some() => out.push((
                     nid,
                     mk(
                         BreakKind::TagNotPropagated,
@@ -563,10 +563,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                         peer.clone(),
                         vec![],
                         format!(
-                            "{} called {} without the tag {:?}; hopwatch restored it from the trace ids or x-request-id the app did copy",
+                            "{} called {} without the tag {:?}; hopwatch restored it from {} the app did copy",
                             r(oh.workload),
                             peer,
-                            it.resolve(oh.tag_sent)
+                            it.resolve(oh.tag_sent),
+                            crate::other_ids::restored_through(src).unwrap_or_default()
                         ),
                         format!(
                             "The chain held, but fix the app of {}: copy the {} header from the request it serves onto its outgoing calls.",
@@ -575,7 +576,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                         ),
                     ),
                 )),
-                TagSource::Request if !reference.is_empty() && oh.tag_sent != reference => out.push((
+                src if crate::other_ids::carried_by_request(src)
+                    && !reference.is_empty()
+                    && oh.tag_sent != reference =>
+                {
+                    out.push((
                     nid,
                     mk(
                         BreakKind::TagChanged,
@@ -594,7 +599,8 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                             r(oh.workload)
                         ),
                     ),
-                )),
+                    ));
+                }
                 TagSource::Environment | TagSource::None | TagSource::Unspecified
                     if !reference.is_empty() && oh.tag_sent != reference =>
                 {

@@ -225,7 +225,7 @@ impl Core {
         let s = &mut *guard;
         hops.iter()
             .map(|h| {
-                let key = group_key(&h.trace_id, &h.request_id);
+                let key = group_key(crate::other_ids::group_id(h), &h.request_id);
                 let c = CHop::from_proto(h, &mut s.it);
                 s.registry
                     .record(c.namespace, c.service, c.own_tag, c.start_us);
@@ -277,11 +277,8 @@ impl Core {
                         None => break,
                     }
                 }
-                let tid: &str = if h.trace_id.is_empty() {
-                    &h.request_id
-                } else {
-                    &h.trace_id
-                };
+                let gid = crate::other_ids::group_id(h);
+                let tid: &str = if gid.is_empty() { &h.request_id } else { gid };
                 self.open.insert(
                     key,
                     Group {

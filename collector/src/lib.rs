@@ -4,6 +4,7 @@
 //!
 //! Layout:
 //! - [`model`]: the compact hop ([`model::CHop`]) and string interning.
+//! - [`other_ids`]: grouping by other tracers' trace ids and custom correlation ids.
 //! - [`analysis`]: joining hops into a call tree and the eight break detectors (pure).
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
@@ -15,6 +16,7 @@ pub mod analysis;
 pub mod cli;
 pub mod core;
 pub mod model;
+pub mod other_ids;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -274,7 +274,7 @@ impl CHop {
             sampled: h.sampled.clamp(0, 255) as u8,
             missing_headers: missing,
             bits,
-            has_trace_id: !h.trace_id.is_empty(),
+            has_trace_id: crate::other_ids::has_trace_id(h),
         }
     }
 

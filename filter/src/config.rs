@@ -5,6 +5,10 @@
 //! store, tick period) are added with safe defaults. Unknown keys are refused
 //! (`deny_unknown_fields`) and every validation error names the offending field, so a
 //! typo in a manifest shows up as one log line in Envoy and a refused configuration.
+//!
+//! Parsed with `serde_json` (lists such as `tag_aliases` and strings with escapes need a
+//! real JSON parser); `serde_path_to_error` tells which key a type error is about, since
+//! serde_json's own messages only give a line and column.
 
 use serde::Deserialize;
 
@@ -40,6 +44,76 @@ pub enum Annotate {
     Always,
     /// Only when the request carried `debug_header`.
     Debug,
+}
+
+/// One more place a request may carry the tag (`tag_aliases`), parsed from
+/// `"header:NAME"`, `"cookie:NAME"` or `"baggage:KEY"` when the configuration is read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum TagAlias {
+    /// Another request header (lowercase name).
+    Header(String),
+    /// A cookie of the `cookie` request headers.
+    Cookie(String),
+    /// A member of the W3C `baggage` request headers.
+    Baggage(String),
+}
+
+/// Most entries accepted in `tag_aliases` and `correlation_headers` (each one is looked
+/// for on every request).
+pub const MAX_ALIASES: usize = 8;
+
+/// An RFC 7230 token (cookie names, baggage keys): visible ASCII without separators.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+impl TryFrom<String> for TagAlias {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let (kind, name) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?}: expected \"header:NAME\", \"cookie:NAME\" or \"baggage:KEY\"")
+        })?;
+        match kind {
+            "header" if is_valid_header_name(name) => Ok(TagAlias::Header(name.into())),
+            "header" => Err(format!(
+                "{s:?}: the header name must be a non-empty lowercase HTTP header name"
+            )),
+            "cookie" if is_token(name) => Ok(TagAlias::Cookie(name.into())),
+            "cookie" => Err(format!(
+                "{s:?}: the cookie name must be a non-empty token (no spaces, `=`, `;`, quotes)"
+            )),
+            "baggage" if is_token(name) => Ok(TagAlias::Baggage(name.into())),
+            "baggage" => Err(format!(
+                "{s:?}: the baggage key must be a non-empty token (no spaces, `=`, `,`, `;`)"
+            )),
+            _ => Err(format!(
+                "{s:?}: unknown alias kind {kind:?} (expected header, cookie or baggage)"
+            )),
+        }
+    }
 }
 
 /// The parsed and validated plugin configuration.
@@ -105,6 +179,21 @@ pub struct PluginConfig {
     /// Entries per bucket (oldest evicted first).
     #[serde(default = "d_bucket_entries")]
     pub correlation_bucket_entries: u32,
+    /// A W3C `baggage` member carrying the tag, read when the tag header is absent and
+    /// written with every tag the filter stamps or restores; empty: off.
+    #[serde(default)]
+    pub tag_baggage_key: String,
+    /// More places the tag may be, tried in order when the tag header is absent.
+    #[serde(default)]
+    pub tag_aliases: Vec<TagAlias>,
+    /// Request headers whose exact value identifies one call chain, used as
+    /// correlation ids like `x-request-id`.
+    #[serde(default)]
+    pub correlation_headers: Vec<String>,
+    /// Whether responses to callers outside the mesh may be annotated (behaviour: not
+    /// implemented here yet; parsed so that manifests may set it).
+    #[serde(default)]
+    pub annotate_external: bool,
 }
 
 fn d_tag_header() -> String {
@@ -185,6 +274,22 @@ impl ConfigError {
     }
 }
 
+/// A serde_json error, with the key it is about in front when serde's message does not
+/// already name it (type errors only give a line and column).
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let key = match e.path().iter().next() {
+        Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+        _ => None,
+    };
+    let inner = e.into_inner().to_string();
+    match key {
+        Some(k) if !inner.contains(&format!("`{k}`")) => {
+            ConfigError::Json(format!("field `{k}`: {inner}"))
+        }
+        _ => ConfigError::Json(inner),
+    }
+}
+
 fn invalid(field: &'static str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -255,8 +360,10 @@ impl PluginConfig {
 
     /// Parses and validates the plugin configuration (JSON bytes).
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
-        let cfg: PluginConfig =
-            crate::json::from_slice(bytes).map_err(|e| ConfigError::Json(e.0))?;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let cfg: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+        // Trailing characters after the object.
+        de.end().map_err(|e| ConfigError::Json(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -335,6 +442,40 @@ impl PluginConfig {
                 "correlation_bucket_entries",
                 "must be within [1, 1024]",
             ));
+        }
+        if !self.tag_baggage_key.is_empty() && !is_token(&self.tag_baggage_key) {
+            return Err(invalid(
+                "tag_baggage_key",
+                "must be empty (off) or a W3C baggage key (a token: no spaces, `=`, `,`, `;`)",
+            ));
+        }
+        if self.tag_aliases.len() > MAX_ALIASES {
+            return Err(invalid("tag_aliases", "at most 8 entries"));
+        }
+        for a in &self.tag_aliases {
+            if *a == TagAlias::Header(self.tag_header.clone()) {
+                return Err(invalid(
+                    "tag_aliases",
+                    "an alias \"header:NAME\" must name another header than tag_header",
+                ));
+            }
+        }
+        if self.correlation_headers.len() > MAX_ALIASES {
+            return Err(invalid("correlation_headers", "at most 8 entries"));
+        }
+        for h in &self.correlation_headers {
+            if !is_valid_header_name(h) {
+                return Err(invalid(
+                    "correlation_headers",
+                    "every entry must be a non-empty lowercase HTTP header name",
+                ));
+            }
+            if *h == self.tag_header {
+                return Err(invalid(
+                    "correlation_headers",
+                    "must not contain tag_header (the tag is not a call-chain id)",
+                ));
+            }
         }
         Ok(())
     }

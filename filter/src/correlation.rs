@@ -1,7 +1,8 @@
 //! The correlation store: what the inbound side remembers for the outbound side.
 //!
 //! For every inbound request, each of its correlation ids (B3 trace id, W3C trace id,
-//! `x-request-id`) is remembered with the tag the request carried (possibly none) and a
+//! `x-request-id`; the other tracers' trace ids and the `correlation_headers` values
+//! when the request carries them) is remembered with the tag the request carried (possibly none) and a
 //! "serving" marker: an entry exists exactly when this workload is serving that trace.
 //! The outbound side looks its own ids up to restore the tag (`correlated`) and to tell
 //! PROPAGATED from NEW.
@@ -46,6 +47,14 @@ pub enum IdKind {
     W3c = 2,
     /// `x-request-id`.
     RequestId = 3,
+    /// SkyWalking trace id (decoded from `sw8`).
+    Sw8 = 4,
+    /// Jaeger trace id (`uber-trace-id`).
+    Uber = 5,
+    /// Datadog trace id (`x-datadog-trace-id`).
+    Datadog = 6,
+    /// The exact value of one of the `correlation_headers`.
+    Header = 7,
 }
 
 impl IdKind {
@@ -54,13 +63,21 @@ impl IdKind {
             1 => Some(IdKind::B3),
             2 => Some(IdKind::W3c),
             3 => Some(IdKind::RequestId),
+            4 => Some(IdKind::Sw8),
+            5 => Some(IdKind::Uber),
+            6 => Some(IdKind::Datadog),
+            7 => Some(IdKind::Header),
             _ => None,
         }
     }
 
-    /// True for trace ids (B3 / W3C), which mark "serving this trace".
+    /// True for trace ids (B3 / W3C / the other tracers'), which mark "serving this
+    /// trace".
     pub fn is_trace(self) -> bool {
-        matches!(self, IdKind::B3 | IdKind::W3c)
+        matches!(
+            self,
+            IdKind::B3 | IdKind::W3c | IdKind::Sw8 | IdKind::Uber | IdKind::Datadog
+        )
     }
 }
 
@@ -167,7 +184,7 @@ pub fn remember<H: Host + ?Sized>(
     if tag.len() > 255 {
         return 0;
     }
-    // Group ids by bucket so each bucket is read and written once (at most 3 ids).
+    // Group ids by bucket so each bucket is read and written once.
     let mut groups: Vec<(u32, Vec<(IdKind, &str)>)> = Vec::with_capacity(ids.len());
     for &(kind, id) in ids {
         if id.is_empty() || id.len() > 255 {

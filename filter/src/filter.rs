@@ -10,16 +10,18 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use hopwatch_proto::v1::{Hop, TraceContext};
+use hopwatch_proto::v1::{Hop, TagSource, TraceContext};
 
-use crate::config::{Annotate, Direction, PluginConfig};
+use crate::baggage;
+use crate::config::{Annotate, Direction, PluginConfig, TagAlias};
+use crate::cookie;
 use crate::correlation::{self, IdKind, LocalStore, StoreConfig};
-use crate::headers::RequestView;
+use crate::headers::{self, RequestView};
 use crate::host::{prop_string, prop_u64, Host};
 use crate::metrics;
 use crate::report;
 use crate::sampling;
-use crate::tag::{self, TagDecision, TagEdit};
+use crate::tag::{self, Found, FoundIn, TagDecision, TagEdit};
 use crate::trace;
 
 /// Who this sidecar is (read once per VM).
@@ -139,6 +141,107 @@ pub struct Stream {
     /// end_of_stream): nothing after its headers went wrong, so a success needs no
     /// `response.flags` read at the end.
     response_complete: Cell<bool>,
+    /// The new `baggage` header value (outbound, `tag_baggage_key` set, a tag stamped or
+    /// restored): one header write, and only then.
+    baggage_edit: Option<String>,
+}
+
+/// Longest `correlation_headers` value used as an id (longer ones are ignored: a cut id
+/// could join unrelated chains).
+pub const MAX_CORRELATION_VALUE: usize = 128;
+
+/// The values of the configured `correlation_headers` present on the request (first
+/// occurrence of each), with their names: non-empty, at most
+/// [`MAX_CORRELATION_VALUE`] bytes, exact (not trimmed, not lowercased).
+pub fn correlation_values<'a>(cfg: &'a PluginConfig, map: &'a [u8]) -> Vec<(&'a str, &'a str)> {
+    cfg.correlation_headers
+        .iter()
+        .filter_map(|name| {
+            headers::first(map, name)
+                .filter(|v| !v.is_empty() && v.len() <= MAX_CORRELATION_VALUE)
+                .map(|v| (name.as_str(), v))
+        })
+        .collect()
+}
+
+/// A tag carried elsewhere than the tag header: the `tag_baggage_key` member, then the
+/// `tag_aliases` in order. Looked for only when the tag header is absent and only in
+/// the places configured; no host call (the headers are already here).
+pub fn find_tag(cfg: &PluginConfig, map: &[u8], view: &RequestView<'_>) -> Option<Found> {
+    if view.tag.is_some() {
+        return None;
+    }
+    let baggage_member = |key: &str| -> Option<String> {
+        if !view.baggage {
+            return None;
+        }
+        let values = headers::values(map, "baggage");
+        baggage::get(&values, key)
+            .ok()
+            .flatten()
+            .map(|v| v.into_owned())
+    };
+    if !cfg.tag_baggage_key.is_empty() {
+        if let Some(value) = baggage_member(&cfg.tag_baggage_key) {
+            return Some(Found {
+                value,
+                source: TagSource::Baggage,
+                found_in: FoundIn::Baggage,
+            });
+        }
+    }
+    for (i, alias) in cfg.tag_aliases.iter().enumerate() {
+        let (value, source) = match alias {
+            TagAlias::Header(name) => (
+                headers::first(map, name).map(str::to_string),
+                TagSource::AliasHeader,
+            ),
+            TagAlias::Cookie(name) => (
+                view.cookie
+                    .then(|| cookie::get(&headers::values(map, "cookie"), name))
+                    .flatten()
+                    .map(str::to_string),
+                TagSource::AliasCookie,
+            ),
+            TagAlias::Baggage(key) => (baggage_member(key), TagSource::AliasBaggage),
+        };
+        if let Some(value) = value {
+            return Some(Found {
+                value,
+                source,
+                found_in: FoundIn::Alias(i),
+            });
+        }
+    }
+    None
+}
+
+/// The source a tag restored through an id of `kind` is reported with.
+pub fn correlated_source(kind: IdKind) -> TagSource {
+    match kind {
+        IdKind::B3 | IdKind::W3c | IdKind::RequestId => TagSource::Correlated,
+        IdKind::Sw8 => TagSource::CorrelatedSw8,
+        IdKind::Uber => TagSource::CorrelatedUber,
+        IdKind::Datadog => TagSource::CorrelatedDatadog,
+        IdKind::Header => TagSource::CorrelatedHeader,
+    }
+}
+
+/// `"baggage:KEY"`, `"header:NAME"`, `"cookie:NAME"`: where a found tag was (reports).
+pub fn found_in_name(cfg: &PluginConfig, f: FoundIn) -> String {
+    let (kind, name) = match f {
+        FoundIn::Baggage => ("baggage:", cfg.tag_baggage_key.as_str()),
+        FoundIn::Alias(i) => match cfg.tag_aliases.get(i) {
+            Some(TagAlias::Header(n)) => ("header:", n.as_str()),
+            Some(TagAlias::Cookie(n)) => ("cookie:", n.as_str()),
+            Some(TagAlias::Baggage(n)) => ("baggage:", n.as_str()),
+            None => ("", ""),
+        },
+    };
+    let mut s = String::with_capacity(kind.len() + name.len());
+    s.push_str(kind);
+    s.push_str(name);
+    s
 }
 
 fn secs(nanos: u64) -> u32 {
@@ -170,17 +273,33 @@ impl Stream {
         let view = RequestView::parse(&headers, &cfg.tag_header, &cfg.debug_header);
         let trace = trace::classify(&view.trace);
         let rid_key = trace::request_id_key(&trace.request_id);
-        let ids = [
+        // The trace ids first (a hit on one of them means PROPAGATED), then the pass-through
+        // ids; empty ones are skipped by the store.
+        let mut ids = Vec::with_capacity(6 + cfg.correlation_headers.len());
+        ids.extend([
             (IdKind::B3, &*trace.b3_trace_id),
             (IdKind::W3c, &*trace.w3c_trace_id),
+            (IdKind::Sw8, trace.other.sw8.as_str()),
+            (IdKind::Uber, trace.other.uber.as_str()),
+            (IdKind::Datadog, trace.other.datadog.as_str()),
             (IdKind::RequestId, &*rid_key),
-        ];
+        ]);
+        if !cfg.correlation_headers.is_empty() {
+            for (_, v) in correlation_values(cfg, &headers) {
+                ids.push((IdKind::Header, v));
+            }
+        }
+        let found = if cfg.tag_baggage_key.is_empty() && cfg.tag_aliases.is_empty() {
+            None
+        } else {
+            find_tag(cfg, &headers, &view)
+        };
         let store = core.store();
         let mut class = trace.class;
         let mut correlated = None;
         let tag = match cfg.direction {
             Direction::Inbound => {
-                let d = tag::resolve_inbound(view.tag);
+                let d = tag::resolve_inbound_found(view.tag, found);
                 let failed = correlation::remember(host, local, &store, &ids, &d.sent, now);
                 if failed > 0 {
                     host.count(metrics::CORRELATION_WRITE_FAILURES, u64::from(failed));
@@ -196,9 +315,34 @@ impl Stream {
                         TraceContext::New
                     };
                 }
+                let source = hit.as_ref().map(|h| correlated_source(h.kind));
                 correlated = hit.map(|h| h.tag).filter(|t| !t.is_empty());
-                tag::resolve_outbound(view.tag, correlated.as_ref(), core.own_tag.as_ref())
+                tag::resolve_outbound_found(
+                    view.tag,
+                    found,
+                    correlated.as_ref().zip(source),
+                    core.own_tag.as_ref(),
+                )
             }
+        };
+        // A stamped or restored tag also goes into the baggage member (unless it is
+        // already there, or the baggage list is malformed or full: then it is left as it
+        // came).
+        let baggage_edit = match (&tag.edit, tag.source) {
+            (TagEdit::Set(t), s)
+                if !cfg.tag_baggage_key.is_empty()
+                    && s != TagSource::Baggage
+                    && s != TagSource::AliasBaggage
+                    && cfg.direction == Direction::Outbound =>
+            {
+                let values = headers::values(&headers, "baggage");
+                match baggage::get(&values, &cfg.tag_baggage_key) {
+                    Ok(Some(v)) if *v == **t => None,
+                    Ok(_) => baggage::with_member(&values, &cfg.tag_baggage_key, t),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
         };
         host.count(metrics::tag_metric(tag::source_name(tag.source)), 1);
         if tag.malformed {
@@ -207,7 +351,12 @@ impl Stream {
         if let Some(m) = metrics::trace_metric(trace::class_name(class)) {
             host.count(m, 1);
         }
-        let sampled = sampling::sampled(cfg.report_sample_rate, &trace.trace_id, &trace.request_id);
+        let sample_id = if trace.trace_id.is_empty() {
+            trace.other.first()
+        } else {
+            &trace.trace_id
+        };
+        let sampled = sampling::sampled(cfg.report_sample_rate, sample_id, &trace.request_id);
         let debug = view.debug;
         let edit = tag.edit.clone();
         let s = Stream {
@@ -220,8 +369,14 @@ impl Stream {
             debug,
             response_status: Cell::new(0),
             response_complete: Cell::new(false),
+            baggage_edit,
         };
         (s, edit)
+    }
+
+    /// The new `baggage` header value to write, if any (see `tag_baggage_key`).
+    pub fn baggage_edit(&self) -> Option<&str> {
+        self.baggage_edit.as_deref()
     }
 
     /// The trace classification (outbound: PROPAGATED / NEW instead of VALID).
@@ -377,6 +532,24 @@ impl Stream {
             start_time_unix_micros: self.start_nanos / 1000,
             duration_micros: end_nanos.saturating_sub(self.start_nanos) / 1000,
             sampled_report: self.sampled,
+            sw8_trace_id: t.other.sw8,
+            uber_trace_id: t.other.uber,
+            datadog_trace_id: t.other.datadog,
+            correlation_id: correlation_values(cfg, &self.headers)
+                .first()
+                .map(|(n, v)| {
+                    let mut s = String::with_capacity(n.len() + 1 + v.len());
+                    s.push_str(n);
+                    s.push('=');
+                    s.push_str(v);
+                    s
+                })
+                .unwrap_or_default(),
+            tag_alias: self
+                .tag
+                .found_in
+                .map(|f| found_in_name(cfg, f))
+                .unwrap_or_default(),
             ..Hop::default()
         };
         // Each property is a host call (~2 us): a healthy hop gets only what joins it to

@@ -402,6 +402,10 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _n: usize, _eos: u32
             abi::remove_map_value(MapType::RequestHeaders, name);
         }
     }
+    if let Some(b) = st.baggage_edit() {
+        // Replaces every `baggage` header: the new value is the whole list.
+        abi::replace_map_value(MapType::RequestHeaders, "baggage", b);
+    }
     h.borrow_mut().stream = Some(st);
     0
 }

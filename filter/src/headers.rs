@@ -115,6 +115,27 @@ pub struct RequestView<'a> {
     pub method: Option<&'a str>,
     /// `:path`
     pub path: Option<&'a str>,
+    /// A `baggage` header was present (all of them are read again with [`values`] only
+    /// when the configuration uses baggage).
+    pub baggage: bool,
+    /// A `cookie` header was present (as `baggage`).
+    pub cookie: bool,
+}
+
+/// Every value of header `name` in a serialized map, in order (for the headers a request
+/// may repeat: `baggage`, `cookie`). Names are compared as Envoy gives them (lowercase).
+pub fn values<'a>(map: &'a [u8], name: &str) -> Vec<&'a str> {
+    pairs(map)
+        .filter(|(k, _)| *k == name.as_bytes())
+        .map(|(_, v)| text(v))
+        .collect()
+}
+
+/// The first value of header `name` in a serialized map.
+pub fn first<'a>(map: &'a [u8], name: &str) -> Option<&'a str> {
+    pairs(map)
+        .find(|(k, _)| *k == name.as_bytes())
+        .map(|(_, v)| text(v))
 }
 
 impl<'a> RequestView<'a> {
@@ -129,6 +150,17 @@ impl<'a> RequestView<'a> {
             // comparisons, for every header of every request.
             let slot = match (k.len(), k) {
                 (2, b"b3") => &mut t.b3_single,
+                (3, b"sw8") => &mut t.sw8,
+                (6, b"cookie") => {
+                    v.cookie = true;
+                    continue;
+                }
+                (7, b"baggage") => {
+                    v.baggage = true;
+                    continue;
+                }
+                (13, b"uber-trace-id") => &mut t.uber_trace_id,
+                (18, b"x-datadog-trace-id") => &mut t.datadog_trace_id,
                 (5, b":path") => &mut v.path,
                 (7, b":method") => &mut v.method,
                 (10, b":authority") => &mut v.authority,

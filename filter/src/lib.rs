@@ -3,7 +3,8 @@
 //! annotates responses with Envoy's response flags and reports every hop to the
 //! hopwatch collector.
 //!
-//! The logic is pure Rust ([`config`], [`tag`], [`trace`], [`flags`], [`correlation`],
+//! The logic is pure Rust ([`config`], [`tag`], [`trace`], [`tracers`], [`baggage`],
+//! [`cookie`], [`flags`], [`correlation`],
 //! [`sampling`], [`report`], [`batch`], [`filter`]) and reaches the proxy only through
 //! the [`host::Host`] trait; the proxy-wasm glue (`abi` + `glue`, compiled for
 //! `target_os = "wasi"` only) is a thin layer over it.
@@ -18,19 +19,21 @@
 )]
 #![warn(missing_docs)]
 
+pub mod baggage;
 pub mod batch;
 pub mod config;
+pub mod cookie;
 pub mod correlation;
 pub mod filter;
 pub mod flags;
 pub mod headers;
 pub mod host;
-pub mod json;
 pub mod metrics;
 pub mod report;
 pub mod sampling;
 pub mod tag;
 pub mod trace;
+pub mod tracers;
 
 #[cfg(target_os = "wasi")]
 pub mod abi;

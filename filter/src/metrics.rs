@@ -24,9 +24,18 @@ pub const CORRELATION_WRITE_FAILURES: Metric = Metric(4);
 pub const HOPS_SEEN: Metric = Metric(5);
 /// First tag-source counter; see [`tag_metric`].
 const TAG_BASE: u16 = 6;
-/// Tag sources: request, correlated, environment, none, then malformed.
-const TAG_NAMES: [&str; 5] = ["request", "correlated", "environment", "none", "malformed"];
-const TRACE_BASE: u16 = TAG_BASE + 5;
+/// Tag sources: request, correlated, environment, none, then malformed, then the
+/// sources besides the tag header (baggage member, aliases).
+const TAG_NAMES: [&str; 7] = [
+    "request",
+    "correlated",
+    "environment",
+    "none",
+    "malformed",
+    "baggage",
+    "alias",
+];
+const TRACE_BASE: u16 = TAG_BASE + TAG_NAMES.len() as u16;
 const TRACE_NAMES: [&str; 7] = [
     "valid",
     "propagated",

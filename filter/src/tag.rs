@@ -3,6 +3,9 @@
 //! A tag is at most [`MAX_TAG_LEN`] bytes of `[A-Za-z0-9._-]`. Resolution on the
 //! outbound side, in order: the request's own valid tag (kept, never overwritten), the
 //! tag of the inbound request this one is correlated with, the workload's own tag, none.
+//! When the tag header is absent, a tag found elsewhere on the request (the
+//! `tag_baggage_key` baggage member, a `tag_aliases` entry: [`Found`]) takes the
+//! header's place, on both sides, and is set as the tag header.
 
 use std::rc::Rc;
 
@@ -48,6 +51,104 @@ pub struct TagDecision {
     pub source: TagSource,
     /// What the filter must do to the request's tag header.
     pub edit: TagEdit,
+    /// Where the tag was found when not in the tag header (`BAGGAGE` / `ALIAS_*`).
+    pub found_in: Option<FoundIn>,
+}
+
+/// Where on the request a [`Found`] tag was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoundIn {
+    /// The `tag_baggage_key` member of `baggage`.
+    Baggage,
+    /// Entry `i` of `tag_aliases`.
+    Alias(usize),
+}
+
+/// A tag value found elsewhere than the tag header, with its source
+/// (`BAGGAGE` / `ALIAS_*`). Not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The value as found (decoded).
+    pub value: String,
+    /// How it will be reported.
+    pub source: TagSource,
+    /// Where it was.
+    pub found_in: FoundIn,
+}
+
+/// The tag header when present, else a valid `found` tag (`Ok`), else whether a found
+/// value was invalid (`Err(Some(value))`).
+fn header_or_found(
+    received: Option<&str>,
+    found: Option<Found>,
+) -> Result<Option<(Rc<str>, TagSource, Option<FoundIn>)>, Option<String>> {
+    match (received, found) {
+        (Some(r), _) if is_valid(r) => Ok(Some((Rc::from(r), TagSource::Request, None))),
+        (Some(_), _) => Err(None),
+        (None, Some(f)) if is_valid(&f.value) => Ok(Some((
+            Rc::from(f.value.as_str()),
+            f.source,
+            Some(f.found_in),
+        ))),
+        (None, Some(f)) => Err(Some(truncate(&f.value))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Outbound resolution with the places besides the tag header: `found` (baggage
+/// member or alias, looked for only when the header is absent), and the source of the
+/// correlated tag (`CORRELATED`, or `CORRELATED_*` for the other tracers' ids).
+pub fn resolve_outbound_found(
+    received: Option<&str>,
+    found: Option<Found>,
+    correlated: Option<(&Rc<str>, TagSource)>,
+    own: Option<&Rc<str>>,
+) -> TagDecision {
+    let from_found = received.is_none();
+    match header_or_found(received, found) {
+        Ok(Some((t, source, found_in))) if from_found => TagDecision {
+            received: String::new(),
+            malformed: false,
+            edit: TagEdit::Set(t.clone()),
+            sent: t,
+            source,
+            found_in,
+        },
+        Err(Some(bad)) => {
+            let mut d = resolve_outbound_source(None, correlated, own);
+            d.received = bad;
+            d.malformed = true;
+            d
+        }
+        _ => resolve_outbound_source(received, correlated, own),
+    }
+}
+
+/// Inbound resolution with the places besides the tag header (see
+/// [`resolve_outbound_found`]); the inbound side still never stamps.
+pub fn resolve_inbound_found(received: Option<&str>, found: Option<Found>) -> TagDecision {
+    if received.is_some() {
+        return resolve_inbound(received);
+    }
+    match header_or_found(None, found) {
+        Ok(Some((t, source, found_in))) => TagDecision {
+            received: String::new(),
+            malformed: false,
+            edit: TagEdit::Set(t.clone()),
+            sent: t,
+            source,
+            found_in,
+        },
+        Err(Some(bad)) => TagDecision {
+            received: bad,
+            malformed: true,
+            sent: Rc::from(""),
+            source: TagSource::None,
+            edit: TagEdit::Keep,
+            found_in: None,
+        },
+        _ => resolve_inbound(None),
+    }
 }
 
 /// The header change resolution asks for.
@@ -69,6 +170,19 @@ pub fn resolve_outbound(
     correlated: Option<&Rc<str>>,
     own: Option<&Rc<str>>,
 ) -> TagDecision {
+    resolve_outbound_source(
+        received,
+        correlated.map(|c| (c, TagSource::Correlated)),
+        own,
+    )
+}
+
+/// [`resolve_outbound`] with the source a correlated tag is reported with.
+pub fn resolve_outbound_source(
+    received: Option<&str>,
+    correlated: Option<(&Rc<str>, TagSource)>,
+    own: Option<&Rc<str>>,
+) -> TagDecision {
     let (received_s, malformed) = match received {
         Some(r) => (truncate(r), !is_valid(r)),
         None => (String::new(), false),
@@ -81,6 +195,7 @@ pub fn resolve_outbound(
                 sent: Rc::from(r),
                 source: TagSource::Request,
                 edit: TagEdit::Keep,
+                found_in: None,
             };
         }
     }
@@ -90,9 +205,10 @@ pub fn resolve_outbound(
         sent: t.clone(),
         source,
         edit: TagEdit::Set(t.clone()),
+        found_in: None,
     };
-    if let Some(c) = correlated.filter(|c| is_valid(c)) {
-        return pick(c, TagSource::Correlated);
+    if let Some((c, source)) = correlated.filter(|(c, _)| is_valid(c)) {
+        return pick(c, source);
     }
     if let Some(o) = own.filter(|o| is_valid(o)) {
         return pick(o, TagSource::Environment);
@@ -107,6 +223,7 @@ pub fn resolve_outbound(
         } else {
             TagEdit::Keep
         },
+        found_in: None,
     }
 }
 
@@ -120,6 +237,7 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
             sent: Rc::from(r),
             source: TagSource::Request,
             edit: TagEdit::Keep,
+            found_in: None,
         },
         Some(r) => TagDecision {
             received: truncate(r),
@@ -127,6 +245,7 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
             sent: Rc::from(""),
             source: TagSource::None,
             edit: TagEdit::Remove,
+            found_in: None,
         },
         None => TagDecision {
             received: String::new(),
@@ -134,6 +253,7 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
             sent: Rc::from(""),
             source: TagSource::None,
             edit: TagEdit::Keep,
+            found_in: None,
         },
     }
 }
@@ -142,8 +262,14 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
 pub fn source_name(s: TagSource) -> &'static str {
     match s {
         TagSource::Request => "request",
-        TagSource::Correlated => "correlated",
+        TagSource::Correlated
+        | TagSource::CorrelatedSw8
+        | TagSource::CorrelatedUber
+        | TagSource::CorrelatedDatadog
+        | TagSource::CorrelatedHeader => "correlated",
         TagSource::Environment => "environment",
+        TagSource::Baggage => "baggage",
+        TagSource::AliasHeader | TagSource::AliasCookie | TagSource::AliasBaggage => "alias",
         TagSource::None | TagSource::Unspecified => "none",
     }
 }

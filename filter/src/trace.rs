@@ -28,6 +28,12 @@ pub struct TraceHeaders<'a> {
     pub traceparent: Option<&'a str>,
     /// `x-request-id`
     pub request_id: Option<&'a str>,
+    /// `sw8` (SkyWalking)
+    pub sw8: Option<&'a str>,
+    /// `uber-trace-id` (Jaeger)
+    pub uber_trace_id: Option<&'a str>,
+    /// `x-datadog-trace-id` (Datadog)
+    pub datadog_trace_id: Option<&'a str>,
 }
 
 impl<'a> TraceHeaders<'a> {
@@ -76,6 +82,33 @@ pub struct TraceInfo<'a> {
     pub class: TraceContext,
     /// Reason for MALFORMED / INCONSISTENT / PARTIAL.
     pub detail: Cow<'static, str>,
+    /// Other tracers' trace ids (see [`crate::tracers`]), empty when absent or
+    /// malformed: the decoded `sw8` trace id, the `uber-trace-id` one (padded hex), the
+    /// `x-datadog-trace-id` one (decimal).
+    pub other: OtherIds,
+}
+
+/// Trace ids of other tracers' headers, each empty when absent or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OtherIds {
+    /// SkyWalking trace id (decoded from `sw8`).
+    pub sw8: String,
+    /// Jaeger trace id (from `uber-trace-id`, padded to 16 or 32 hex digits).
+    pub uber: String,
+    /// Datadog trace id (`x-datadog-trace-id`, decimal).
+    pub datadog: String,
+}
+
+impl OtherIds {
+    /// The first present id (sw8, uber, datadog), for sampling when the request has no
+    /// B3 / W3C trace id.
+    pub fn first(&self) -> &str {
+        [&self.sw8, &self.uber, &self.datadog]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
 }
 
 impl TraceInfo<'_> {
@@ -91,6 +124,7 @@ impl TraceInfo<'_> {
             request_id: Cow::Owned(self.request_id.into_owned()),
             class: self.class,
             detail: self.detail,
+            other: self.other,
         }
     }
 }
@@ -455,7 +489,38 @@ pub fn classify<'a>(h: &TraceHeaders<'a>) -> TraceInfo<'a> {
         }
     }
 
+    // Other tracers: extra correlation ids; they decide the class only when there is no
+    // B3 / W3C context (an app that propagates nothing else).
+    let mut other_bad: Option<&'static str> = None;
+    let mut keep = |r: Result<String, &'static str>| match r {
+        Ok(id) => id,
+        Err(why) => {
+            other_bad.get_or_insert(why);
+            String::new()
+        }
+    };
+    if let Some(v) = h.sw8 {
+        info.other.sw8 = keep(crate::tracers::sw8_trace_id(v));
+    }
+    if let Some(v) = h.uber_trace_id {
+        info.other.uber = keep(crate::tracers::uber_trace_id(v));
+    }
+    if let Some(v) = h.datadog_trace_id {
+        info.other.datadog = keep(crate::tracers::datadog_trace_id(v));
+    }
+
     let has_ids = !info.trace_id.is_empty();
+    if !has_ids && single.is_none() && h.b3_sampled.is_none() && h.b3_flags.is_none() {
+        if !info.other.first().is_empty() {
+            info.class = TraceContext::Valid;
+            return info;
+        }
+        if let Some(why) = other_bad {
+            info.class = TraceContext::Malformed;
+            info.detail = Cow::Borrowed(why);
+            return info;
+        }
+    }
     if !has_ids {
         if single.is_some() {
             info.class = TraceContext::Partial;

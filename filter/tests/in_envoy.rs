@@ -1014,3 +1014,240 @@ fn response_cut_short_after_its_headers_is_reported() {
         rx.hops()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// routing keys in every form (tag_baggage_key, tag_aliases, correlation_headers, the
+// other tracers' ids): each source inside a real Envoy, with the manifest's filter
+
+/// Every value of a header the echo upstream received (several `baggage` headers stay
+/// several lines).
+fn echoed_all(r: &Resp, name: &str) -> Vec<String> {
+    r.body
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn baggage_key_read_inbound_and_restored_outbound_into_header_and_baggage() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["tag_baggage_key"] = json!("sd-routing-key");
+    });
+    // Inbound: the tag only in baggage (two headers, other members and properties): the
+    // app receives it as the tag header, baggage untouched.
+    let rid = "7a4c2e9b-1f0d-4c3b-8e6a-5d9f1b2c3a41";
+    let r = get(
+        envoy.inbound,
+        "/in/baggage",
+        &[
+            ("baggage", "userid=42;p=1"),
+            ("baggage", "sd-routing-key=dev.proj1.alice;ttl=60"),
+            ("x-request-id", rid),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.echoed(TAG).as_deref(),
+        Some("dev.proj1.alice"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        echoed_all(&r, "baggage"),
+        ["userid=42;p=1", "sd-routing-key=dev.proj1.alice;ttl=60"]
+    );
+    let h = rx.wait_hop("inbound /in/baggage", |h| h.path == "/in/baggage");
+    assert_eq!(h.tag_source, TagSource::Baggage as i32, "{h:?}");
+    assert_eq!(
+        (h.tag_sent.as_str(), h.tag_alias.as_str()),
+        ("dev.proj1.alice", "baggage:sd-routing-key")
+    );
+    // Outbound: the app copied x-request-id and its own baggage without our member: the
+    // tag is restored into the header and into one rewritten baggage header.
+    let r = get(
+        envoy.outbound,
+        "/app/baggage",
+        &[
+            ("x-request-id", rid),
+            ("baggage", "userid=42;p=1"),
+            ("baggage", "lang=fr"),
+        ],
+    );
+    assert_eq!(
+        r.echoed(TAG).as_deref(),
+        Some("dev.proj1.alice"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        echoed_all(&r, "baggage"),
+        ["userid=42;p=1,lang=fr,sd-routing-key=dev.proj1.alice"],
+        "{}",
+        r.body
+    );
+    // Stamped with the own tag: a new baggage header.
+    let r = get(envoy.outbound, "/app/baggage-stamped", &[]);
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG), "{}", r.body);
+    assert_eq!(
+        echoed_all(&r, "baggage"),
+        [format!("sd-routing-key={ENV_TAG}")]
+    );
+    // A malformed baggage header is left as it came.
+    let r = get(
+        envoy.outbound,
+        "/app/baggage-bad",
+        &[("baggage", "a=1,broken")],
+    );
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG), "{}", r.body);
+    assert_eq!(echoed_all(&r, "baggage"), ["a=1,broken"]);
+}
+
+#[test]
+fn aliases_header_and_cookie_set_the_tag_header() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["tag_aliases"] = json!(["header:x-env-alias", "cookie:virtual-env"]);
+    });
+    let r = get(
+        envoy.inbound,
+        "/in/cookie",
+        &[(
+            "cookie",
+            "session=abc; virtual-env=\"dev.proj1.carol\"; theme=dark",
+        )],
+    );
+    assert_eq!(
+        r.echoed(TAG).as_deref(),
+        Some("dev.proj1.carol"),
+        "{}",
+        r.body
+    );
+    let h = rx.wait_hop("inbound /in/cookie", |h| h.path == "/in/cookie");
+    assert_eq!(h.tag_source, TagSource::AliasCookie as i32, "{h:?}");
+    assert_eq!(h.tag_alias, "cookie:virtual-env");
+    // The header alias comes first in the list.
+    let r = get(
+        envoy.outbound,
+        "/app/alias-header",
+        &[
+            ("x-env-alias", "dev.proj2"),
+            ("cookie", "virtual-env=dev.proj1.carol"),
+        ],
+    );
+    assert_eq!(r.echoed(TAG).as_deref(), Some("dev.proj2"), "{}", r.body);
+    let h = rx.wait_hop("outbound /app/alias-header", |h| {
+        h.path == "/app/alias-header"
+    });
+    assert_eq!(h.tag_source, TagSource::AliasHeader as i32, "{h:?}");
+    assert_eq!(h.tag_alias, "header:x-env-alias");
+    // An invalid value in an alias is malformed, not used: the own tag is stamped.
+    let r = get(
+        envoy.outbound,
+        "/app/alias-bad",
+        &[("x-env-alias", "dev proj")],
+    );
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG), "{}", r.body);
+}
+
+#[test]
+fn custom_correlation_header_restores_the_tag() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["correlation_headers"] = json!(["my-trace-id"]);
+    });
+    get(
+        envoy.inbound,
+        "/in/custom",
+        &[(TAG, "dev.proj5"), ("my-trace-id", "Order-7781")],
+    );
+    // Envoy generates a fresh x-request-id for the outbound call; only my-trace-id
+    // follows the chain.
+    let r = get(
+        envoy.outbound,
+        "/app/custom",
+        &[("my-trace-id", "Order-7781")],
+    );
+    assert_eq!(r.echoed(TAG).as_deref(), Some("dev.proj5"), "{}", r.body);
+    let h = rx.wait_hop("outbound /app/custom", |h| h.path == "/app/custom");
+    assert_eq!(h.tag_source, TagSource::CorrelatedHeader as i32, "{h:?}");
+    assert_eq!(h.correlation_id, "my-trace-id=Order-7781");
+    // Exact value: another value is another chain.
+    let r = get(
+        envoy.outbound,
+        "/app/custom-other",
+        &[("my-trace-id", "order-7781")],
+    );
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG), "{}", r.body);
+}
+
+#[test]
+fn sw8_uber_and_datadog_ids_restore_the_tag() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy(&echo, Some(rx.port), &|_| {});
+    // sw8: "5be8bc61.1.16859" base64 in the trace id field.
+    let sw8 = "1-NWJlOGJjNjEuMS4xNjg1OQ==-NWJlOGJjNjEuMS4x-0-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTI3LjAuMC4xOjgwODA=";
+    let cases = [
+        (
+            "sw8",
+            sw8.to_string(),
+            sw8.to_string(),
+            TagSource::CorrelatedSw8,
+            "dev.sw",
+        ),
+        // A short Jaeger id inbound, the padded form outbound: the same trace.
+        (
+            "uber-trace-id",
+            "abc123:1:0:1".into(),
+            "0000000000abc123:2:1:1".into(),
+            TagSource::CorrelatedUber,
+            "dev.jaeger",
+        ),
+        (
+            "x-datadog-trace-id",
+            "8394218813201287436".into(),
+            "8394218813201287436".into(),
+            TagSource::CorrelatedDatadog,
+            "dev.dd",
+        ),
+    ];
+    for (name, inbound, outbound, source, tag) in cases {
+        let path_in = format!("/in/{name}");
+        let r = get(envoy.inbound, &path_in, &[(TAG, tag), (name, &inbound)]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let path_out = format!("/app/{name}");
+        let r = get(envoy.outbound, &path_out, &[(name, &outbound)]);
+        assert_eq!(r.echoed(TAG).as_deref(), Some(tag), "{name}: {}", r.body);
+        let h = rx.wait_hop(&path_out, |h| h.path == path_out);
+        assert_eq!(h.tag_source, source as i32, "{h:?}");
+        assert_eq!(h.trace_context, TraceContext::Propagated as i32, "{h:?}");
+        let ids = [
+            h.sw8_trace_id.as_str(),
+            h.uber_trace_id.as_str(),
+            h.datadog_trace_id.as_str(),
+        ];
+        assert!(
+            ids.contains(&"5be8bc61.1.16859")
+                || ids.contains(&"0000000000abc123")
+                || ids.contains(&"8394218813201287436"),
+            "{h:?}"
+        );
+    }
+    // Malformed sw8 is data: the request goes on, the hop says why.
+    let r = get(
+        envoy.outbound,
+        "/app/sw8-bad",
+        &[("sw8", "1-***-x-0-a-b-c-d")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = rx.wait_hop("/app/sw8-bad", |h| h.path == "/app/sw8-bad");
+    assert_eq!(h.trace_context, TraceContext::Malformed as i32, "{h:?}");
+    assert_eq!(h.trace_detail, "sw8: trace id not base64");
+}

@@ -19,7 +19,7 @@ use hopwatch_filter::host::{Host, SetStatus};
 use hopwatch_filter::metrics::{self, Metric};
 use hopwatch_filter::tag::{self, TagEdit};
 use hopwatch_filter::trace::{self, TraceHeaders};
-use hopwatch_filter::{flags, json, report, sampling};
+use hopwatch_filter::{flags, report, sampling};
 use hopwatch_proto::v1::{Hop, ReportRequest, Sampled, TagSource, TraceContext};
 use prost::Message;
 
@@ -256,24 +256,6 @@ t!(config_syntax_errors {
         assert!(matches!(e, ConfigError::Json(_)), "{bad:?}: {e}");
         assert!(e.to_string().starts_with("invalid hopwatch plugin configuration"));
     }
-});
-
-t!(json_reader_scalars {
-    let v = json::parse_object(br#" { "a" : "x\"\\\/\n\u00e9\ud83d\ude00", "b": -12, "c": 1.5e2, "d": true, "e": null, "f": [1,{"g":2}], "h": 0.25 } "#).unwrap();
-    assert_eq!(v[0].1, json::Value::Str("x\"\\/\n\u{e9}\u{1F600}".into()));
-    assert_eq!(v[1].1, json::Value::Int(-12));
-    assert_eq!(v[2].1, json::Value::Float(150.0));
-    assert_eq!(v[3].1, json::Value::Bool(true));
-    assert_eq!(v[4].1, json::Value::Null);
-    assert_eq!(v[5].1, json::Value::Nested);
-    assert_eq!(v[6].1, json::Value::Float(0.25));
-    for (text, want) in [("0.1", 0.1), ("0.3", 0.3), ("1.0", 1.0), ("0.001", 0.001), ("2.5e-3", 0.0025), ("1e3", 1000.0), ("0.7", 0.7)] {
-        let v = json::parse_object(format!(r#"{{"x":{text}}}"#).as_bytes()).unwrap();
-        assert_eq!(v[0].1, json::Value::Float(want), "{text}");
-    }
-    assert!(json::parse_object(br#"{"a":"\ud83d"}"#).is_err());
-    assert!(json::parse_object(b"{\"a\":\"\x01\"}").is_err());
-    assert!(json::parse_object(br#"{"a":01.}"#).is_err());
 });
 
 // ------------------------------------------------------------------------------------

@@ -144,7 +144,47 @@ impl Host for CountingHost {
     }
 }
 
-fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
+/// How the requests carry the tag and their correlation ids: the routing-key forms of
+/// `tag_baggage_key`, `tag_aliases`, `correlation_headers` and the other tracers'
+/// headers. `Plain` is the B3 + `x-request-id` + tag header traffic of `filter-bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    Plain,
+    /// The tag only in a baggage member (`sd-routing-key`), which the app propagates.
+    Baggage,
+    /// The tag only in a cookie of the inbound request; the app copies B3.
+    Cookie,
+    /// No B3; the app copies only `my-trace-id` (Envoy gives each outbound request a
+    /// fresh `x-request-id`).
+    CustomId,
+    /// No B3; the app copies only `sw8`.
+    Sw8,
+    /// No B3; the app copies only `uber-trace-id`.
+    Uber,
+    /// No B3; the app copies only `x-datadog-trace-id`.
+    Datadog,
+}
+
+fn base64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &x)| n | u32::from(x) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn headers(e: &PoolEntry, inbound: bool, form: Form) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = vec![
         (
             ":authority".into(),
@@ -154,17 +194,66 @@ fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
         (":method".into(), "GET".into()),
         (":scheme".into(), "http".into()),
         ("user-agent".into(), "bench-app/1.0".into()),
-        ("x-request-id".into(), e.request_id.clone()),
-        ("x-b3-traceid".into(), e.trace_id.clone()),
-        ("x-b3-sampled".into(), "1".into()),
         ("x-forwarded-proto".into(), "http".into()),
     ];
-    if inbound {
-        h.push(("x-b3-spanid".into(), e.inbound_span.clone()));
-        h.push(("x-virtual-env".into(), "dev.proj1.alice".into()));
+    let b3 = matches!(form, Form::Plain | Form::Baggage | Form::Cookie);
+    let rid = if b3 || inbound {
+        e.request_id.clone()
     } else {
-        h.push(("x-b3-spanid".into(), e.outbound_span.clone()));
-        h.push(("x-b3-parentspanid".into(), e.inbound_span.clone()));
+        // The app did not copy it: Envoy made a new one.
+        e.request_id.chars().rev().collect()
+    };
+    h.push(("x-request-id".into(), rid));
+    if b3 {
+        h.push(("x-b3-traceid".into(), e.trace_id.clone()));
+        h.push(("x-b3-sampled".into(), "1".into()));
+        if inbound {
+            h.push(("x-b3-spanid".into(), e.inbound_span.clone()));
+        } else {
+            h.push(("x-b3-spanid".into(), e.outbound_span.clone()));
+            h.push(("x-b3-parentspanid".into(), e.inbound_span.clone()));
+        }
+    }
+    let tag = ("x-virtual-env".to_string(), "dev.proj1.alice".to_string());
+    match form {
+        Form::Plain | Form::CustomId | Form::Sw8 | Form::Uber | Form::Datadog if inbound => {
+            h.push(tag)
+        }
+        Form::Baggage => h.push((
+            "baggage".into(),
+            "sd-routing-key=dev.proj1.alice,userid=42;p".into(),
+        )),
+        Form::Cookie if inbound => h.push((
+            "cookie".into(),
+            "session=s1; virtual-env=dev.proj1.alice".into(),
+        )),
+        _ => {}
+    }
+    match form {
+        Form::CustomId => h.push(("my-trace-id".into(), e.trace_id.clone())),
+        Form::Sw8 => h.push((
+            "sw8".into(),
+            format!(
+                "1-{}-{}-0-{}-{}-{}-{}",
+                base64(e.trace_id.as_bytes()),
+                base64(b"seg.1.1"),
+                base64(b"bench-app"),
+                base64(b"pod-1"),
+                base64(b"/api/v1/items"),
+                base64(b"upstream:8080")
+            ),
+        )),
+        Form::Uber => h.push((
+            "uber-trace-id".into(),
+            format!("{}:{}:0:1", e.trace_id, e.inbound_span),
+        )),
+        Form::Datadog => h.push((
+            "x-datadog-trace-id".into(),
+            u64::from_str_radix(e.trace_id.get(..15).unwrap_or("1"), 16)
+                .unwrap_or(1)
+                .to_string(),
+        )),
+        _ => {}
     }
     h
 }
@@ -213,6 +302,9 @@ fn one(
         TagEdit::Set(v) => host.note("replace_header_map_value", v.len()),
         TagEdit::Remove => host.note("remove_header_map_value", 0),
     }
+    if let Some(b) = st.baggage_edit() {
+        host.note("replace_header_map_value", b.len());
+    }
     // proxy_on_response_headers: `:status` only when annotation is possible.
     if st.may_annotate(core) {
         host.note("get_header_map_value", 3);
@@ -234,6 +326,8 @@ struct Case {
     /// The outbound calls run on another worker than their inbound requests (another
     /// VM: its local correlation copy is empty, shared data answers).
     other_worker: bool,
+    /// How the requests carry the tag and ids.
+    form: Form,
 }
 
 fn main() -> Result<()> {
@@ -246,6 +340,7 @@ fn main() -> Result<()> {
             rate,
             overrides: vec![],
             other_worker: false,
+            form: Form::Plain,
         });
     }
     cases.push(Case {
@@ -254,6 +349,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![],
         other_worker: true,
+        form: Form::Plain,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+annotate_response=never".into(),
@@ -261,6 +357,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("annotate_response", serde_json::json!("never"))],
         other_worker: false,
+        form: Form::Plain,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+correlation_buckets=256".into(),
@@ -268,6 +365,67 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
         other_worker: true,
+        form: Form::Plain,
+    });
+    // The routing-key options (issue 13): aliases and custom ids on but unused by the
+    // traffic (must cost what the plain path costs), then each form of traffic with its
+    // option.
+    let all_on = vec![
+        ("tag_baggage_key", serde_json::json!("sd-routing-key")),
+        (
+            "tag_aliases",
+            serde_json::json!(["cookie:virtual-env", "header:x-env-alias"]),
+        ),
+        ("correlation_headers", serde_json::json!(["my-trace-id"])),
+    ];
+    for inbound in [false, true] {
+        let side = if inbound { "in" } else { "out" };
+        cases.push(Case {
+            name: format!("hopwatch-{side}@0.01+tag_aliases+correlation_headers, plain traffic"),
+            inbound,
+            rate: 0.01,
+            overrides: vec![all_on[1].clone(), all_on[2].clone()],
+            other_worker: false,
+            form: Form::Plain,
+        });
+        let forms: [(&str, Form, Vec<(&'static str, serde_json::Value)>); 6] = [
+            (
+                "tag_baggage_key, tag in baggage",
+                Form::Baggage,
+                vec![all_on[0].clone()],
+            ),
+            (
+                "tag_aliases cookie, tag in a cookie",
+                Form::Cookie,
+                vec![all_on[1].clone()],
+            ),
+            (
+                "correlation_headers, only my-trace-id copied",
+                Form::CustomId,
+                vec![all_on[2].clone()],
+            ),
+            ("only sw8 copied", Form::Sw8, vec![]),
+            ("only uber-trace-id copied", Form::Uber, vec![]),
+            ("only x-datadog-trace-id copied", Form::Datadog, vec![]),
+        ];
+        for (what, form, overrides) in forms {
+            cases.push(Case {
+                name: format!("hopwatch-{side}@0.01+{what}"),
+                inbound,
+                rate: 0.01,
+                overrides,
+                other_worker: false,
+                form,
+            });
+        }
+    }
+    cases.push(Case {
+        name: "hopwatch-out@0.01+tag_baggage_key, tag restored into baggage".into(),
+        inbound: false,
+        rate: 0.01,
+        overrides: vec![all_on[0].clone()],
+        other_worker: false,
+        form: Form::Plain,
     });
 
     println!(
@@ -295,7 +453,7 @@ fn main() -> Result<()> {
         let vm_local = LocalStore::new(4096);
         // Warm the correlation store as the sidecar's inbound side does.
         for e in &pool {
-            let h = std::rc::Rc::new(headers(e, true));
+            let h = std::rc::Rc::new(headers(e, true, c.form));
             one(&inb_core, &host, &vm_local, &h, &map_bytes(&h));
         }
         // Count over one pass of the pool.
@@ -307,7 +465,7 @@ fn main() -> Result<()> {
         let mut reported = 0usize;
         let reqs: Vec<std::rc::Rc<Vec<(String, String)>>> = pool
             .iter()
-            .map(|e| std::rc::Rc::new(headers(e, c.inbound)))
+            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.form)))
             .collect();
         let maps: Vec<Vec<u8>> = reqs.iter().map(|h| map_bytes(h)).collect();
         let other = LocalStore::new(4096);
