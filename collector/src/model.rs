@@ -332,6 +332,9 @@ impl CHop {
             start_time_unix_micros: self.start_us,
             duration_micros: self.duration_us as u64,
             sampled_report: self.sampled_report(),
+            // Not kept either: the other tracers' ids and the custom correlation id
+            // (they only key the trace group), and where an aliased tag was found.
+            ..Hop::default()
         }
     }
 }

@@ -274,7 +274,8 @@ impl Stream {
         let trace = trace::classify(&view.trace);
         let rid_key = trace::request_id_key(&trace.request_id);
         // The trace ids first (a hit on one of them means PROPAGATED), then the pass-through
-        // ids; empty ones are skipped by the store.
+        // ids; empty ones are skipped by the store. Looked up in this order, the first
+        // live entry wins.
         let mut ids = Vec::with_capacity(6 + cfg.correlation_headers.len());
         ids.extend([
             (IdKind::B3, &*trace.b3_trace_id),
@@ -282,13 +283,16 @@ impl Stream {
             (IdKind::Sw8, trace.other.sw8.as_str()),
             (IdKind::Uber, trace.other.uber.as_str()),
             (IdKind::Datadog, trace.other.datadog.as_str()),
-            (IdKind::RequestId, &*rid_key),
         ]);
+        // The custom ids before x-request-id: an app that copies only its own id gets a
+        // fresh x-request-id from Envoy on every call, whose lookup always misses (and,
+        // missing the local copy, costs a shared-data read).
         if !cfg.correlation_headers.is_empty() {
             for (_, v) in correlation_values(cfg, &headers) {
                 ids.push((IdKind::Header, v));
             }
         }
+        ids.push((IdKind::RequestId, &*rid_key));
         let found = if cfg.tag_baggage_key.is_empty() && cfg.tag_aliases.is_empty() {
             None
         } else {

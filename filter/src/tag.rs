@@ -76,12 +76,15 @@ pub struct Found {
     pub found_in: FoundIn,
 }
 
+/// A valid tag, its source and where it was found (`None`: the tag header).
+type Picked = (Rc<str>, TagSource, Option<FoundIn>);
+
 /// The tag header when present, else a valid `found` tag (`Ok`), else whether a found
 /// value was invalid (`Err(Some(value))`).
 fn header_or_found(
     received: Option<&str>,
     found: Option<Found>,
-) -> Result<Option<(Rc<str>, TagSource, Option<FoundIn>)>, Option<String>> {
+) -> Result<Option<Picked>, Option<String>> {
     match (received, found) {
         (Some(r), _) if is_valid(r) => Ok(Some((Rc::from(r), TagSource::Request, None))),
         (Some(_), _) => Err(None),

@@ -30,7 +30,7 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     if s.len() - body.len() > 2 || body.len() % 4 == 1 {
         return None;
     }
-    if s.len() != body.len() && s.len() % 4 != 0 {
+    if s.len() != body.len() && !s.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(body.len() * 3 / 4);

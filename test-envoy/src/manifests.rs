@@ -103,6 +103,24 @@ pub fn with_wasm_file(filter: &Value, wasm: &Path) -> Value {
     filter
 }
 
+/// The filters with `overrides` set over their plugin configuration (both sides alike).
+pub fn with_plugin_overrides(
+    mut filters: SidecarFilters,
+    overrides: &serde_json::Map<String, Value>,
+) -> SidecarFilters {
+    if overrides.is_empty() {
+        return filters;
+    }
+    for f in [&mut filters.inbound, &mut filters.outbound] {
+        let mut cfg = plugin_configuration_json(f).unwrap_or_default();
+        for (k, v) in overrides {
+            cfg[k.as_str()] = v.clone();
+        }
+        f["typed_config"]["config"]["configuration"]["value"] = Value::String(cfg.to_string());
+    }
+    filters
+}
+
 /// The plugin configuration (the JSON string of the `StringValue`) of a filter.
 pub fn plugin_configuration(filter: &Value) -> Option<&str> {
     filter["typed_config"]["config"]["configuration"]["value"].as_str()

@@ -322,7 +322,10 @@ impl Mesh {
                 "cargo build -p hopwatch-collector",
             );
         }
-        let filters = manifests::load_sidecar_filters(&manifests::repo_root())?;
+        let filters = manifests::with_plugin_overrides(
+            manifests::load_sidecar_filters(&manifests::repo_root())?,
+            &topology.filter_config,
+        );
         let plan = Plan::new(topology, &PortSource::Free)?;
         let run_dir = options
             .run_dir

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 
 use crate::bootstrap::{sidecar_bootstrap, RenderTarget};
-use crate::manifests::{load_sidecar_filters, repo_root, ManifestError};
+use crate::manifests::{load_sidecar_filters, repo_root, with_plugin_overrides, ManifestError};
 use crate::plan::{Plan, PlanError, PortSource};
 use crate::topology::Topology;
 
@@ -92,7 +92,8 @@ pub fn render(
     base_port: u16,
 ) -> Result<Rendered, RenderError> {
     let io = |what: String| move |source| RenderError::Io { what, source };
-    let filters = load_sidecar_filters(&repo_root())?;
+    let filters =
+        with_plugin_overrides(load_sidecar_filters(&repo_root())?, &topology.filter_config);
     let plan = Plan::new(topology, &PortSource::From(base_port))?;
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
     let wasm = Path::new(WASM_IN_CONTAINER);

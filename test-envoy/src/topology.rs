@@ -6,6 +6,8 @@
 //! namespace: demo                 # default namespace of every workload
 //! tag_header: x-virtual-env       # optional (default x-virtual-env)
 //! unrouted_services: [ghost]      # hosts callers may call but have no route for (NR)
+//! filter_config:                  # keys set over the manifest's plugin configuration,
+//!   tag_baggage_key: sd-routing-key  #   on both sides of every sidecar (optional)
 //! workloads:
 //!   - name: frontend              # = the Service name and the `app` label
 //!     calls: [cart, ghost]        # in order, per request ("svc" or "svc.ns")
@@ -26,8 +28,10 @@
 //! ```
 //!
 //! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
-//! (both), `request-id` (`x-request-id`), `tag` (the tag header). A name ending in `*` is a
-//! prefix.
+//! (both), `request-id` (`x-request-id`), `tag` (the tag header), `baggage`, `sw8`
+//! (SkyWalking: `sw8`, `sw8-*`), `uber` (Jaeger: `uber-trace-id`, `uberctx-*`), `datadog`
+//! (`x-datadog-*`). `all` is every group. A name ending in `*` is a prefix; any other
+//! name is a header (e.g. a custom id `my-trace-id`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -67,6 +71,10 @@ pub struct Topology {
     /// Hosts that apps call but for which no sidecar has a route: Envoy answers 404 `NR`.
     #[serde(default)]
     pub unrouted_services: Vec<String>,
+    /// Plugin configuration keys set over the shipped manifest's, for every sidecar
+    /// (e.g. `tag_baggage_key`, `tag_aliases`, `correlation_headers`).
+    #[serde(default)]
+    pub filter_config: serde_json::Map<String, serde_json::Value>,
     pub workloads: Vec<Workload>,
 }
 
@@ -152,6 +160,11 @@ fn expand_group(item: &str, tag_header: &str) -> Vec<String> {
         ],
         "request-id" => vec!["x-request-id".into()],
         "tag" => vec![tag_header.to_ascii_lowercase()],
+        "all" => all_headers(tag_header),
+        "baggage" => vec!["baggage".into()],
+        "sw8" => vec!["sw8".into(), "sw8-*".into()],
+        "uber" => vec!["uber-trace-id".into(), "uberctx-*".into()],
+        "datadog" => vec!["x-datadog-*".into()],
         other => vec![other.to_string()],
     }
 }
@@ -161,6 +174,9 @@ fn all_headers(tag_header: &str) -> Vec<String> {
     let mut all = expand_group("trace", tag_header);
     all.push("x-request-id".into());
     all.push(tag_header.to_ascii_lowercase());
+    for other in ["baggage", "sw8", "uber", "datadog"] {
+        all.extend(expand_group(other, tag_header));
+    }
     all
 }
 

@@ -681,3 +681,137 @@ fn mesh_up_stops_every_process_on_sigterm() {
         "still listening after SIGTERM: {still_open:?}"
     );
 }
+
+// ---------------------------------------------------------------- routing keys in every form
+
+/// The apps propagate only `baggage`: the client puts the tag only there, bravo copies
+/// nothing else; the filters read the member and set the tag header at every hop.
+#[test]
+fn tag_only_in_baggage_reaches_the_tagged_instance() {
+    let s = start("keys-baggage.yaml", "keys-baggage");
+    let trace = new_trace_id();
+    let (reply, _) = send(
+        &s,
+        &gateway(&trace).header("baggage", "userid=7;p=1,sd-routing-key=dev.proj1"),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1", "{charlie}");
+    assert_eq!(charlie["baggage"], "userid=7;p=1,sd-routing-key=dev.proj1");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+    // bravo dropped the trace headers (said so), but not the tag: it was in baggage.
+    let breaks = wait_for(&s, "TRACE_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TRACE_NOT_PROPAGATED", "bravo")
+    });
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "TAG_NOT_PROPAGATED");
+    let analysed = wait_analysed(&s, &trace, 3);
+    assert!(
+        analysed.to_string().contains("\"BAGGAGE\""),
+        "alpha's inbound hop took the tag from baggage: {analysed}"
+    );
+}
+
+/// The client sends the tag only in a cookie: alpha's inbound filter finds it through
+/// the alias and sets the tag header, which the apps then copy as usual.
+#[test]
+fn tag_only_in_a_cookie_reaches_the_tagged_instance() {
+    let s = start("keys-cookie.yaml", "keys-cookie");
+    let trace = new_trace_id();
+    let (reply, _) = send(
+        &s,
+        &gateway(&trace).header("cookie", "session=s1; virtual-env=\"dev.proj1\""),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1", "{charlie}");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+    let analysed = wait_analysed(&s, &trace, 5);
+    assert!(
+        analysed.to_string().contains("\"ALIAS_COOKIE\""),
+        "the trace says where the tag came from: {analysed}"
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    for k in ["TAG_DROPPED", "TAG_NOT_PROPAGATED", "TRACE_NOT_PROPAGATED"] {
+        assert_no_finding(&breaks, k);
+    }
+}
+
+/// Runs alpha -> bravo -> charlie where bravo's app copies only one id (`copied`, sent
+/// by the client with `value`), and checks that charlie's dev.proj1 instance still gets
+/// the tag and that the finding at bravo names how it was restored.
+fn restored_through_one_id(
+    file: &str,
+    name: &str,
+    copied: &str,
+    value: &str,
+    said: &str,
+) -> Vec<Value> {
+    let s = start(file, name);
+    let trace = new_trace_id();
+    let (reply, body) = send(
+        &s,
+        &gateway(&trace)
+            .header(TAG, "dev.proj1")
+            .header(copied, value),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sent = &call(&body, &[0, 0])["sent"];
+    assert!(
+        sent.get(TAG).is_none(),
+        "bravo's app must not send the tag: {sent}"
+    );
+    assert_eq!(sent[copied], value, "bravo's app copies {copied}: {sent}");
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1", "{charlie}");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+    let breaks = wait_for(&s, "TAG_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TAG_NOT_PROPAGATED", "bravo")
+    });
+    let f = of_kind(&breaks, "TAG_NOT_PROPAGATED");
+    assert!(
+        f.iter()
+            .any(|b| b["summary"].as_str().unwrap_or("").contains(said)),
+        "the finding says how the tag was restored ({said}): {f:?}"
+    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    breaks
+}
+
+#[test]
+fn app_propagating_only_a_custom_id_keeps_the_tag_chain() {
+    let breaks = restored_through_one_id(
+        "keys-custom-id.yaml",
+        "keys-custom-id",
+        "my-trace-id",
+        "order-7781",
+        "pass-through correlation header",
+    );
+    // A custom id is not a trace: the trace headers bravo dropped are reported.
+    assert!(
+        has(&breaks, "TRACE_NOT_PROPAGATED", "bravo"),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+#[test]
+fn app_propagating_only_sw8_keeps_the_tag_and_trace_chain() {
+    // "5be8bc61.1.16859" base64 as the trace id field.
+    let sw8 = "1-NWJlOGJjNjEuMS4xNjg1OQ==-NWJlOGJjNjEuMS4x-0-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTI3LjAuMC4xOjgwODA=";
+    let breaks = restored_through_one_id("keys-sw8.yaml", "keys-sw8", "sw8", sw8, "SkyWalking sw8");
+    // sw8 carried the trace: bravo propagated it.
+    assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "bravo");
+}
+
+#[test]
+fn app_propagating_only_uber_trace_id_keeps_the_tag_and_trace_chain() {
+    let breaks = restored_through_one_id(
+        "keys-uber.yaml",
+        "keys-uber",
+        "uber-trace-id",
+        "5be8bc61a2f3:5be8bc61a2f3:0:1",
+        "Jaeger uber-trace-id",
+    );
+    assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "bravo");
+}

@@ -2066,3 +2066,71 @@ fn envoy_hands_the_tag_to_the_filter_from_env_or_labels() {
         v.output
     );
 }
+
+/// The commented examples of the routing-key forms (a baggage key, a cookie alias, a
+/// custom correlation id) in the sidecar EnvoyFilter and the WasmPlugins: each one, put
+/// into each carried configuration of its file as its comment says, is accepted by the
+/// filter's parser with the value the comment shows.
+#[test]
+fn commented_routing_key_examples_are_valid_configurations() {
+    let keys = ["tag_baggage_key", "tag_aliases", "correlation_headers"];
+    for (file, json_form) in [(SIDECAR_ENVOYFILTER, true), (WASMPLUGIN, false)] {
+        let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        // Comment lines that are a key and its value: `#   "key": value,` (JSON, inside
+        // the EnvoyFilter's StringValue) or `#   key: value` (WasmPlugin YAML).
+        let mut examples: Vec<(String, Value)> = Vec::new();
+        for line in text.lines() {
+            let Some(c) = line.trim_start().strip_prefix('#') else {
+                continue;
+            };
+            let c = c.trim();
+            let parsed: Option<(String, Value)> = if json_form {
+                serde_json::from_str::<serde_json::Map<String, Value>>(&format!(
+                    "{{{}}}",
+                    c.trim_end_matches(',')
+                ))
+                .ok()
+                .and_then(|m| m.into_iter().next())
+            } else {
+                serde_yaml_ng::from_str::<BTreeMap<String, Value>>(c)
+                    .ok()
+                    .and_then(|m| m.into_iter().next())
+            };
+            if let Some((k, v)) = parsed.filter(|(k, _)| keys.contains(&k.as_str())) {
+                examples.push((k, v));
+            }
+        }
+        for k in keys {
+            let n = examples.iter().filter(|(e, _)| e == k).count();
+            assert!(
+                n >= 2,
+                "{file}: expected a commented `{k}` example for each direction, found {n}"
+            );
+        }
+        let carried: Vec<Carried> = carried_configs()
+            .into_iter()
+            .filter(|c| c.at.starts_with(file))
+            .collect();
+        assert_eq!(carried.len(), 2, "{file}: one configuration per direction");
+        for c in &carried {
+            for (k, v) in &examples {
+                let mut cfg: Value = serde_json::from_slice(&c.json).unwrap();
+                cfg[k.as_str()] = v.clone();
+                let parsed = PluginConfig::parse(&serde_json::to_vec(&cfg).unwrap())
+                    .unwrap_or_else(|e| {
+                        panic!("{}: the commented {k} example is refused: {e}", c.at)
+                    });
+                let got = match k.as_str() {
+                    "tag_baggage_key" => json!(parsed.tag_baggage_key),
+                    "tag_aliases" => json!(parsed.tag_aliases.len()),
+                    _ => json!(parsed.correlation_headers),
+                };
+                let want = match k.as_str() {
+                    "tag_aliases" => json!(v.as_array().map(Vec::len)),
+                    _ => v.clone(),
+                };
+                assert_eq!(got, want, "{}: {k}", c.at);
+            }
+        }
+    }
+}

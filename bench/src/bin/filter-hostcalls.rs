@@ -318,11 +318,14 @@ fn one(
     st.on_log(core, host).map(|hop| hop.encode_to_vec())
 }
 
+/// Plugin configuration keys set over the manifest's.
+type Overrides = Vec<(&'static str, serde_json::Value)>;
+
 struct Case {
     name: String,
     inbound: bool,
     rate: f64,
-    overrides: Vec<(&'static str, serde_json::Value)>,
+    overrides: Overrides,
     /// The outbound calls run on another worker than their inbound requests (another
     /// VM: its local correlation copy is empty, shared data answers).
     other_worker: bool,
@@ -370,7 +373,7 @@ fn main() -> Result<()> {
     // The routing-key options (issue 13): aliases and custom ids on but unused by the
     // traffic (must cost what the plain path costs), then each form of traffic with its
     // option.
-    let all_on = vec![
+    let all_on = [
         ("tag_baggage_key", serde_json::json!("sd-routing-key")),
         (
             "tag_aliases",
@@ -388,7 +391,7 @@ fn main() -> Result<()> {
             other_worker: false,
             form: Form::Plain,
         });
-        let forms: [(&str, Form, Vec<(&'static str, serde_json::Value)>); 6] = [
+        let forms: [(&str, Form, Overrides); 6] = [
             (
                 "tag_baggage_key, tag in baggage",
                 Form::Baggage,
