@@ -383,6 +383,11 @@ fn node_line(n: &CallNode) -> String {
                 dash(&o.tag_sent),
                 tag_source_name(o.tag_source)
             ),
+            // An inbound hop whose tag came from baggage or an alias: say so (its tag
+            // header was empty).
+            (None, Some(i)) if !i.tag_sent.is_empty() && i.tag_received.is_empty() => {
+                format!("tag={} ({})", i.tag_sent, tag_source_name(i.tag_source))
+            }
             (None, Some(i)) => format!("tag={}", dash(&i.tag_received)),
             _ => String::new(),
         };
@@ -463,4 +468,45 @@ pub fn watch_line(b: &Break) -> String {
         b.count,
         b.summary
     )
+}
+
+#[cfg(test)]
+mod routing_key_tests {
+    use super::*;
+    use hopwatch_proto::v1::{CallNode, Hop};
+
+    #[test]
+    fn inbound_tag_found_in_an_alias_is_shown_with_its_source() {
+        let inbound = Hop {
+            workload: "alpha".into(),
+            tag_sent: "dev.proj1".into(),
+            tag_source: TagSource::AliasCookie as i32,
+            ..Hop::default()
+        };
+        let n = CallNode {
+            inbound: Some(inbound.clone()),
+            ..CallNode::default()
+        };
+        assert!(
+            node_line(&n).contains("tag=dev.proj1 (ALIAS_COOKIE)"),
+            "{}",
+            node_line(&n)
+        );
+        // A tag that came in the header is shown as before.
+        let header = Hop {
+            tag_received: "dev.proj1".into(),
+            tag_source: TagSource::Request as i32,
+            ..inbound
+        };
+        let n = CallNode {
+            inbound: Some(header),
+            ..CallNode::default()
+        };
+        assert!(
+            node_line(&n).contains("tag=dev.proj1 "),
+            "{}",
+            node_line(&n)
+        );
+        assert!(!node_line(&n).contains("REQUEST"), "{}", node_line(&n));
+    }
 }
