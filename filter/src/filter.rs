@@ -276,23 +276,34 @@ impl Stream {
         // The trace ids first (a hit on one of them means PROPAGATED), then the pass-through
         // ids; empty ones are skipped by the store. Looked up in this order, the first
         // live entry wins.
-        let mut ids = Vec::with_capacity(6 + cfg.correlation_headers.len());
-        ids.extend([
+        let fixed = [
             (IdKind::B3, &*trace.b3_trace_id),
             (IdKind::W3c, &*trace.w3c_trace_id),
             (IdKind::Sw8, trace.other.sw8.as_str()),
             (IdKind::Uber, trace.other.uber.as_str()),
             (IdKind::Datadog, trace.other.datadog.as_str()),
-        ]);
+            (IdKind::RequestId, &*rid_key),
+        ];
         // The custom ids before x-request-id: an app that copies only its own id gets a
         // fresh x-request-id from Envoy on every call, whose lookup always misses (and,
-        // missing the local copy, costs a shared-data read).
-        if !cfg.correlation_headers.is_empty() {
-            for (_, v) in correlation_values(cfg, &headers) {
-                ids.push((IdKind::Header, v));
-            }
-        }
-        ids.push((IdKind::RequestId, &*rid_key));
+        // missing the local copy, costs a shared-data read). Without them, no allocation.
+        let with_custom: Vec<(IdKind, &str)>;
+        let ids: &[(IdKind, &str)] = if cfg.correlation_headers.is_empty() {
+            &fixed
+        } else {
+            let (traces, rid) = fixed.split_at(5);
+            with_custom = traces
+                .iter()
+                .copied()
+                .chain(
+                    correlation_values(cfg, &headers)
+                        .into_iter()
+                        .map(|(_, v)| (IdKind::Header, v)),
+                )
+                .chain(rid.iter().copied())
+                .collect();
+            &with_custom
+        };
         let found = if cfg.tag_baggage_key.is_empty() && cfg.tag_aliases.is_empty() {
             None
         } else {
@@ -304,14 +315,14 @@ impl Stream {
         let tag = match cfg.direction {
             Direction::Inbound => {
                 let d = tag::resolve_inbound_found(view.tag, found);
-                let failed = correlation::remember(host, local, &store, &ids, &d.sent, now);
+                let failed = correlation::remember(host, local, &store, ids, &d.sent, now);
                 if failed > 0 {
                     host.count(metrics::CORRELATION_WRITE_FAILURES, u64::from(failed));
                 }
                 d
             }
             Direction::Outbound => {
-                let hit = correlation::recall(host, local, &store, &ids, now);
+                let hit = correlation::recall(host, local, &store, ids, now);
                 if class == TraceContext::Valid {
                     class = if hit.as_ref().is_some_and(|h| h.kind.is_trace()) {
                         TraceContext::Propagated

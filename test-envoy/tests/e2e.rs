@@ -815,3 +815,15 @@ fn app_propagating_only_uber_trace_id_keeps_the_tag_and_trace_chain() {
     );
     assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "bravo");
 }
+
+#[test]
+fn app_propagating_only_datadog_ids_keeps_the_tag_and_trace_chain() {
+    let breaks = restored_through_one_id(
+        "keys-datadog.yaml",
+        "keys-datadog",
+        "x-datadog-trace-id",
+        "8394218813201287436",
+        "Datadog x-datadog-trace-id",
+    );
+    assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "bravo");
+}
