@@ -37,9 +37,12 @@ fn chain_by(set: impl Fn(&mut Hop, &str)) -> Vec<Hop> {
     hops
 }
 
+/// Sets one id field of a hop (given the chain's trace id).
+type SetId = Box<dyn Fn(&mut Hop, &str)>;
+
 #[test]
 fn other_tracers_ids_and_custom_ids_keep_a_chain_in_one_trace() {
-    let cases: [(&str, Box<dyn Fn(&mut Hop, &str)>); 4] = [
+    let cases: [(&str, SetId); 4] = [
         (
             "sw8",
             Box::new(|h: &mut Hop, t: &str| h.sw8_trace_id = format!("{t}.1.1")),
