@@ -4,7 +4,7 @@
 //! Why not the proxy-wasm Rust SDK: Cargo never applies LTO to a library whose crate
 //! types include `rlib` (and this crate must be an `rlib` too, for native users of
 //! [`crate::config`]); without LTO the SDK alone (its context dispatcher, ~30 exports,
-//! hashbrown tables) costs ~68 KB of the 150 KB budget. The SDK also panics on host
+//! hashbrown tables) cost ~68 KB (the budget was 150 KB then). The SDK also panics on host
 //! statuses it does not expect (BadArgument from `dispatch_grpc_call`, map access
 //! outside the phases it anticipates), and a panic kills the VM of a worker. This layer
 //! implements only the callbacks the filter needs and turns every status into a value.
