@@ -355,11 +355,34 @@ mod tests {
         .unwrap();
         assert_eq!(
             t.workloads[0].copied_headers("x-virtual-env"),
-            vec!["x-request-id", "x-virtual-env"]
+            vec![
+                "x-request-id",
+                "x-virtual-env",
+                "baggage",
+                "sw8",
+                "sw8-*",
+                "uber-trace-id",
+                "uberctx-*",
+                "x-datadog-*"
+            ]
         );
         assert_eq!(
             t.workloads[1].copied_headers("x-virtual-env"),
             vec!["x-virtual-env", "x-request-id"]
+        );
+        // The other tracers' groups, `all` inside a list, custom names.
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    copy: [uber, datadog, my-trace-id]\n  - name: b\n    copy: [all, my-trace-id]\n    drop: [trace, baggage, sw8, uber, datadog]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            t.workloads[0].copied_headers("x-virtual-env"),
+            vec!["uber-trace-id", "uberctx-*", "x-datadog-*", "my-trace-id"]
+        );
+        assert_eq!(
+            t.workloads[1].copied_headers("x-virtual-env"),
+            vec!["x-request-id", "x-virtual-env", "my-trace-id"]
         );
         assert!(header_matches("x-b3-*", "x-b3-traceid"));
         assert!(!header_matches("b3", "x-b3-traceid"));
