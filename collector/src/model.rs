@@ -130,6 +130,9 @@ pub const BIT_SAMPLED_REPORT: u8 = 2;
 pub const BIT_DEST_IN_MESH: u8 = 4;
 /// The destination is outside the mesh (PassthroughCluster, BlackHoleCluster, external host).
 pub const BIT_DEST_EXTERNAL: u8 = 8;
+/// Only `on_log` saw the request: a filter before hopwatch answered it (Hop field
+/// `answered_before_filter`).
+pub const BIT_ANSWERED_BEFORE_FILTER: u8 = 16;
 
 /// One hop, compactly.
 #[derive(Clone, Debug, Default)]
@@ -170,6 +173,12 @@ pub struct CHop {
     pub sampled: u8,
     pub missing_headers: u8,
     pub bits: u8,
+    /// `hopwatch.v1.Protocol`.
+    pub protocol: u8,
+    /// The gRPC status plus one (0: the hop carried none, so a default hop is not
+    /// gRPC); codes above 253 are clamped. Read it through [`CHop::grpc`].
+    pub grpc_status_plus_one: u8,
+    pub grpc_message: Sym,
     /// The hop carried a trace id (else it is grouped by request id).
     pub has_trace_id: bool,
 }
@@ -189,6 +198,13 @@ impl CHop {
     }
     pub fn tag_malformed(&self) -> bool {
         self.bits & BIT_TAG_MALFORMED != 0
+    }
+    pub fn answered_before_filter(&self) -> bool {
+        self.bits & BIT_ANSWERED_BEFORE_FILTER != 0
+    }
+    /// The gRPC status, if the hop carried one.
+    pub fn grpc(&self) -> Option<u32> {
+        self.grpc_status_plus_one.checked_sub(1).map(u32::from)
     }
     pub fn tag_source(&self) -> TagSource {
         TagSource::try_from(self.tag_source as i32).unwrap_or(TagSource::Unspecified)
@@ -239,6 +255,9 @@ impl CHop {
         if h.sampled_report {
             bits |= BIT_SAMPLED_REPORT;
         }
+        if h.answered_before_filter {
+            bits |= BIT_ANSWERED_BEFORE_FILTER;
+        }
         CHop {
             span_id: span_u64(&h.span_id),
             parent_span_id: span_u64(&h.parent_span_id),
@@ -274,6 +293,9 @@ impl CHop {
             sampled: h.sampled.clamp(0, 255) as u8,
             missing_headers: missing,
             bits,
+            protocol: h.protocol.clamp(0, 255) as u8,
+            grpc_status_plus_one: h.grpc_status.map(|g| g.min(253) as u8 + 1).unwrap_or(0),
+            grpc_message: it.intern(&h.grpc_message),
             has_trace_id: !h.trace_id.is_empty(),
         }
     }
@@ -332,6 +354,10 @@ impl CHop {
             start_time_unix_micros: self.start_us,
             duration_micros: self.duration_us as u64,
             sampled_report: self.sampled_report(),
+            protocol: self.protocol as i32,
+            grpc_status: self.grpc(),
+            grpc_message: r(self.grpc_message),
+            answered_before_filter: self.answered_before_filter(),
         }
     }
 }
