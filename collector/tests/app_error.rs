@@ -195,6 +195,13 @@ fn the_cli_shows_protocol_and_grpc_status_per_hop_and_takes_the_new_kinds() {
     core.ingest(&hops, NOW);
     core.flush_all(NOW);
     let v = core.trace(&t, NOW).expect("trace");
+    // gRPC server errors count as errors of their workload (HTTP 200 on the wire).
+    let stats = core.workload_stats();
+    let ratings = stats
+        .iter()
+        .find(|((_, w), _)| w == "ratings-v1")
+        .expect("ratings stats");
+    assert_eq!(ratings.1.errors, 1);
     let tree = cli::trace_tree(&GetTraceResponse {
         trace_id: t.clone(),
         roots: v.roots.clone(),
