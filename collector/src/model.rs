@@ -35,7 +35,17 @@ pub struct Interner {
     dest_cache: FxHashMap<(Sym, Sym), (Sym, Sym, u8)>,
     /// authority -> first DNS label of its host.
     authority_cache: FxHashMap<Sym, Sym>,
+    /// Strings interned through [`Interner::intern_capped`] (free text such as gRPC
+    /// messages).
+    capped: usize,
 }
+
+/// At most this many distinct free-text strings (gRPC messages) are interned: apps put ids
+/// in their error messages, and the interner never forgets, so without a cap they would
+/// fill it and push out the names (workloads, pods) everything else needs.
+pub const MAX_FREE_TEXT_STRINGS: usize = 10_000;
+/// Free text is kept up to this many bytes.
+pub const MAX_FREE_TEXT_LEN: usize = 128;
 
 impl Interner {
     pub fn new(max: usize) -> Self {
@@ -46,6 +56,7 @@ impl Interner {
             overflowed: 0,
             dest_cache: FxHashMap::default(),
             authority_cache: FxHashMap::default(),
+            capped: 0,
         };
         i.force("");
         i.force("<overflow>");
@@ -71,6 +82,25 @@ impl Interner {
         }
         self.force(s)
     }
+    /// Interns free text (truncated to [`MAX_FREE_TEXT_LEN`] bytes) while fewer than `cap`
+    /// such strings were interned; past that, known strings still resolve and new ones
+    /// become [`Sym::EMPTY`] (dropped, not an overflow of the names).
+    pub fn intern_capped(&mut self, s: &str, cap: usize) -> Sym {
+        let mut end = s.len().min(MAX_FREE_TEXT_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &s[..end];
+        if let Some(sym) = self.get(s) {
+            return sym;
+        }
+        if self.capped >= cap {
+            return Sym::EMPTY;
+        }
+        self.capped += 1;
+        self.intern(s)
+    }
+
     /// Looks a string up without interning it.
     pub fn get(&self, s: &str) -> Option<Sym> {
         if s.is_empty() {
@@ -295,7 +325,7 @@ impl CHop {
             bits,
             protocol: h.protocol.clamp(0, 255) as u8,
             grpc_status_plus_one: h.grpc_status.map(|g| g.min(253) as u8 + 1).unwrap_or(0),
-            grpc_message: it.intern(&h.grpc_message),
+            grpc_message: it.intern_capped(&h.grpc_message, MAX_FREE_TEXT_STRINGS),
             has_trace_id: !h.trace_id.is_empty(),
         }
     }
@@ -526,6 +556,31 @@ pub fn match_level(env: &str, tag: &str) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_text_is_capped_and_truncated() {
+        let mut it = Interner::new(1000);
+        let a = it.intern_capped("db down", 2);
+        assert_eq!(it.resolve(a), "db down");
+        assert_eq!(
+            it.intern_capped("db down", 2),
+            a,
+            "known strings always resolve"
+        );
+        let long = "x".repeat(300);
+        let b = it.intern_capped(&long, 2);
+        assert_eq!(it.resolve(b).len(), MAX_FREE_TEXT_LEN);
+        assert_eq!(
+            it.intern_capped("id 42 not found", 2),
+            Sym::EMPTY,
+            "cap reached"
+        );
+        assert_eq!(
+            it.overflowed, 0,
+            "dropping free text is not an overflow of names"
+        );
+        assert!(!it.intern("workload-a").is_empty(), "names still intern");
+    }
 
     #[test]
     fn compact_hop_is_small() {
