@@ -58,10 +58,33 @@ pub fn parse_status(v: &[u8]) -> Option<u32> {
     s.parse().ok()
 }
 
-/// `grpc-message` bounded to [`MAX_MESSAGE_LEN`] bytes (on a character boundary), with
-/// control characters replaced by spaces (it may be copied into a header value).
+/// `grpc-message` percent-decoded (gRPC sends it percent-encoded: `app%20error`),
+/// bounded to [`MAX_MESSAGE_LEN`] bytes (on a character boundary), with control
+/// characters replaced by spaces (it may be copied into a header value). A `%` not
+/// followed by two hex digits is kept as is.
 pub fn bound_message(v: &[u8]) -> String {
-    let s = String::from_utf8_lossy(v);
+    let mut decoded = Vec::with_capacity(v.len().min(4 * MAX_MESSAGE_LEN));
+    let mut bytes = v.iter().copied().take(4 * MAX_MESSAGE_LEN);
+    let hex = |b: u8| char::from(b).to_digit(16);
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            decoded.push(b);
+            continue;
+        }
+        let rest: Vec<u8> = bytes.clone().take(2).collect();
+        match rest.as_slice() {
+            [h, l] => match (hex(*h), hex(*l)) {
+                (Some(h), Some(l)) => {
+                    decoded.push((h * 16 + l) as u8);
+                    bytes.next();
+                    bytes.next();
+                }
+                _ => decoded.push(b),
+            },
+            _ => decoded.push(b),
+        }
+    }
+    let s = String::from_utf8_lossy(&decoded);
     let mut out = String::with_capacity(s.len().min(MAX_MESSAGE_LEN));
     for c in s.chars() {
         if out.len() + c.len_utf8() > MAX_MESSAGE_LEN {

@@ -1170,6 +1170,9 @@ t!(grpc_reply_is_read_from_one_map {
     assert!(r.message.len() <= MAX_MESSAGE_LEN && r.message.starts_with('é'));
     let r = read_reply(&hdrs(&[("grpc-status", "13"), ("grpc-message", "a\nb")]));
     assert_eq!(r.message, "a b");
+    // Percent-decoded (as gRPC sends it), lone or bad escapes kept.
+    let r = read_reply(&hdrs(&[("grpc-status", "13"), ("grpc-message", "app%20error%3A%20caf%C3%A9 100%% %zz %4")]));
+    assert_eq!(r.message, "app error: café 100%% %zz %4");
     assert_eq!(parse_status(b" 2 "), Some(2));
     for bad in [&b"x"[..], b"", b"-1", b"99999999999"] {
         assert_eq!(parse_status(bad), None);

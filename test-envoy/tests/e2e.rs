@@ -767,6 +767,34 @@ fn app_answering_500_through_two_callers_is_app_error_at_the_origin_only() {
 }
 
 #[test]
+fn grpc_app_error_through_a_grpc_caller_is_app_error_at_the_origin_only() {
+    let s = start("grpc-app-error.yaml", "grpc-app-error");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["grpc_status"], 13, "{body}");
+    let breaks = wait_for(&s, "APP_ERROR at charlie", |b| {
+        has(b, "APP_ERROR", "charlie")
+    });
+    let f = finding_at(&breaks, "APP_ERROR", "charlie");
+    assert_eq!(
+        (text(f, "peer"), text(f, "severity")),
+        ("bravo", "ERROR"),
+        "{f}"
+    );
+    assert!(
+        text(f, "summary").contains("answered gRPC INTERNAL (13, HTTP 200) \"app error\""),
+        "{f}"
+    );
+    assert_eq!(
+        of_kind(&breaks, "APP_ERROR").len(),
+        1,
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
 fn rbac_deny_before_the_filter_is_policy_denied_not_hop_missing() {
     let s = start("policy-rbac-deny.yaml", "policy-rbac-deny");
     let trace = new_trace_id();
