@@ -7,8 +7,10 @@
 //! typo in a manifest shows up as one log line in Envoy and a refused configuration.
 //!
 //! Parsed with `serde_json` (lists such as `tag_aliases` and strings with escapes need a
-//! real JSON parser); `serde_path_to_error` tells which key a type error is about, since
-//! serde_json's own messages only give a line and column.
+//! real JSON parser). serde_json's messages for a wrong type or value give only a line
+//! and column, so [`key_at`] finds the top-level key whose value holds that position
+//! (a few lines of scanning, where a path-tracking deserializer wrapper cost ~12 KB of
+//! the module).
 
 use serde::Deserialize;
 
@@ -276,18 +278,66 @@ impl ConfigError {
 
 /// A serde_json error, with the key it is about in front when serde's message does not
 /// already name it (type errors only give a line and column).
-fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    let key = match e.path().iter().next() {
-        Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+fn json_error(bytes: &[u8], e: serde_json::Error) -> ConfigError {
+    let key = match e.classify() {
+        // A wrong type or value, or bad JSON inside a value (`"direction":1` on an enum
+        // is reported as "expected value"): name the key whose value it is.
+        serde_json::error::Category::Data | serde_json::error::Category::Syntax => {
+            key_at(bytes, e.line(), e.column())
+        }
         _ => None,
     };
-    let inner = e.into_inner().to_string();
+    let inner = e.to_string();
     match key {
         Some(k) if !inner.contains(&format!("`{k}`")) => {
             ConfigError::Json(format!("field `{k}`: {inner}"))
         }
         _ => ConfigError::Json(inner),
     }
+}
+
+/// The top-level key of the JSON object in `bytes` whose value contains the position
+/// (`line`, `column`: one-based, as serde_json reports them). Strings and nesting are
+/// tracked, so a `:` or a quote inside a value or a nested list does not mislead it.
+pub fn key_at(bytes: &[u8], line: usize, column: usize) -> Option<String> {
+    let mut offset = 0usize;
+    for _ in 1..line {
+        let nl = bytes.get(offset..)?.iter().position(|&b| b == b'\n')?;
+        offset += nl + 1;
+    }
+    let end = offset.saturating_add(column).min(bytes.len());
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let (mut string_start, mut last_string, mut key) = (0usize, None, None);
+    for (i, &b) in bytes.get(..end)?.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => {
+                    in_string = false;
+                    last_string = (depth == 1).then_some((string_start, i));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                string_start = i + 1;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b':' if depth == 1 => key = last_string,
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => last_string = None,
+        }
+    }
+    let (a, z) = key?;
+    bytes
+        .get(a..z)
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .map(str::to_string)
 }
 
 fn invalid(field: &'static str, reason: &str) -> ConfigError {
@@ -361,7 +411,7 @@ impl PluginConfig {
     /// Parses and validates the plugin configuration (JSON bytes).
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let cfg: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+        let cfg = PluginConfig::deserialize(&mut de).map_err(|e| json_error(bytes, e))?;
         // Trailing characters after the object.
         de.end().map_err(|e| ConfigError::Json(e.to_string()))?;
         cfg.validate()?;

@@ -26,6 +26,7 @@ pub mod cookie;
 pub mod correlation;
 pub mod filter;
 pub mod flags;
+pub mod grpc;
 pub mod headers;
 pub mod host;
 pub mod metrics;

@@ -198,6 +198,24 @@ t!(config_new_key_errors_name_the_key {
     }
 });
 
+t!(config_key_at_finds_the_key_of_a_position {
+    use hopwatch_filter::config::key_at;
+    let j = br#"{"a": "x:\"y\"", "tag_aliases": ["header:x", {"k": 1}], "b": 2}"#;
+    let at = |needle: &str| j.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() + 1;
+    assert_eq!(key_at(j, 1, at("x:")).as_deref(), Some("a"));
+    assert_eq!(key_at(j, 1, at("{\"k\"") + 6).as_deref(), Some("tag_aliases"));
+    assert_eq!(key_at(j, 1, at("2}")).as_deref(), Some("b"));
+    assert_eq!(key_at(j, 1, 1), None);
+    // Lines count: a multi-line manifest value.
+    let m = b"{\n  \"direction\": \"inbound\",\n  \"batch_size\": -1\n}";
+    assert_eq!(key_at(m, 3, 17).as_deref(), Some("batch_size"));
+    assert_eq!(key_at(m, 2, 18).as_deref(), Some("direction"));
+    assert_eq!(key_at(m, 9, 1), None);
+    // And through the parser, multi-line as the manifests carry it.
+    let e = err("{\n  \"direction\": \"inbound\",\n  \"tag_aliases\": [\"cookie:a\", 7]\n}");
+    assert_eq!(e.field(), Some("tag_aliases"), "{e}");
+});
+
 // ------------------------------------------------------------------------------------
 // W3C baggage
 
