@@ -8,13 +8,20 @@
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
+//! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
+//!   scrape-time snapshot); [`process`]: the `process_*` figures from /proc.
 //! - [`server`]: tonic + HTTP front ends, background loops, graceful shutdown.
-//! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON).
+//! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON); [`term`]: terminal
+//!   width and colour; [`watch`]: what `hopwatch watch` prints when.
 
 pub mod analysis;
 pub mod cli;
 pub mod core;
+pub mod metrics;
 pub mod model;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod term;
+pub mod watch;

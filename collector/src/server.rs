@@ -105,6 +105,17 @@ pub struct ServerArgs {
     /// (TAG_MISROUTED compares against the instances still known).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub instance_ttl: Duration,
+    /// Log lines: `text` (ANSI colour only on a terminal, never with NO_COLOR) or `json`
+    /// (one JSON object per line, for log collectors). Level from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` of the collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl ServerArgs {
@@ -296,13 +307,16 @@ impl query_server::Query for QuerySvc {
 
 async fn metrics_handler(
     axum::extract::State(c): axum::extract::State<Arc<Collector>>,
+    headers: axum::http::HeaderMap,
 ) -> impl axum::response::IntoResponse {
+    let format = crate::metrics::Format::from_accept(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        c.render_metrics(),
+        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+        c.render_metrics_as(format),
     )
 }
 

