@@ -22,6 +22,16 @@ pub fn parse_kind(s: &str) -> Result<BreakKind, String> {
         })
 }
 
+/// A break kind's name ("UNKNOWN" for a value this build does not know).
+pub fn kind_str(k: i32) -> &'static str {
+    kind_name(k)
+}
+
+/// A severity's name.
+pub fn severity_str(s: i32) -> &'static str {
+    severity_name(s)
+}
+
 fn kind_name(k: i32) -> &'static str {
     BreakKind::try_from(k)
         .map(|k| k.as_str_name())
@@ -156,6 +166,11 @@ pub fn trace_json(t: &GetTraceResponse) -> Value {
         "hop_count": t.hop_count,
         "roots": t.roots.iter().map(node_json).collect::<Vec<_>>(),
         "breaks": breaks_json(&t.breaks),
+        "fragments": t.fragments.iter().map(|f| json!({
+            "trace_id": f.trace_id,
+            "relation": f.relation,
+            "request_id": f.request_id,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -524,6 +539,22 @@ pub fn trace_tree(t: &GetTraceResponse) -> String {
                 },
                 b.summary,
                 b.hint
+            );
+        }
+    }
+    if !t.fragments.is_empty() {
+        out.push_str("\nfragments of the same requests (hopwatch trace ID):\n");
+        for f in &t.fragments {
+            let _ = writeln!(
+                out,
+                "  {} {} (x-request-id {})",
+                if f.relation == "continued_from" {
+                    "continued from"
+                } else {
+                    "continued in"
+                },
+                f.trace_id,
+                f.request_id
             );
         }
     }

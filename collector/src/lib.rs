@@ -10,6 +10,8 @@
 //! - [`service`]: shared state, metrics, Report/Query semantics.
 //! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
 //!   scrape-time snapshot); [`process`]: the `process_*` figures from /proc.
+//! - [`web`]: the web view at `/` (embedded assets, JSON API); [`graph`]: its service
+//!   graph; [`fragments`]: request id -> trace pieces ("continued in ...").
 //! - [`server`]: tonic + HTTP front ends, background loops, graceful shutdown.
 //! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON); [`term`]: terminal
 //!   width and colour; [`watch`]: what `hopwatch watch` prints when.
@@ -17,6 +19,8 @@
 pub mod analysis;
 pub mod cli;
 pub mod core;
+pub mod fragments;
+pub mod graph;
 pub mod metrics;
 pub mod model;
 pub mod process;
@@ -25,3 +29,4 @@ pub mod service;
 pub mod store;
 pub mod term;
 pub mod watch;
+pub mod web;

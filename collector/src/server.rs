@@ -1,4 +1,5 @@
-//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz) front ends,
+//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz, the web view
+//! at `/`) front ends,
 //! the background tasks (analysis, persistence, retention) and graceful shutdown.
 
 use std::net::SocketAddr;
@@ -62,7 +63,7 @@ pub struct ServerArgs {
     /// gRPC listen address (Collector, Query, Health, reflection).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub listen: SocketAddr,
-    /// HTTP listen address (/metrics, /healthz).
+    /// HTTP listen address (/metrics, /healthz, the web view at /).
     #[arg(long, default_value = "0.0.0.0:9091")]
     pub http_listen: SocketAddr,
     /// Directory of the findings database.
@@ -379,7 +380,8 @@ pub async fn serve(
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics_handler))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .with_state(collector.clone());
+        .with_state(collector.clone())
+        .merge(crate::web::routes(collector.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, app)

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hopwatch_proto::v1::{
-    Break, BreakKind, GetTraceResponse, ReportRequest, SummaryResponse, WorkloadSummary,
+    Break, BreakKind, CallNode, GetTraceResponse, ReportRequest, SummaryResponse, TraceFragment,
+    WorkloadSummary,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
+use crate::fragments::FragmentIndex;
+use crate::graph::ServiceGraph;
 use crate::metrics::{
     build_info, process_metrics, BreakLabels, BreaksCounter, Format, LagHistogram, Snapshot,
 };
@@ -101,6 +104,10 @@ pub struct Collector {
     watch: broadcast::Sender<Break>,
     /// Serialises database flushes.
     flush_lock: Mutex<()>,
+    /// Services calling services, for the web view's graph.
+    pub graph: Mutex<ServiceGraph>,
+    /// Request id -> trace groups: links the fragments of a broken trace.
+    pub fragments: Mutex<FragmentIndex>,
 }
 
 impl Collector {
@@ -128,6 +135,10 @@ impl Collector {
             db,
             metrics: Metrics::default(),
             watch,
+            graph: Mutex::new(ServiceGraph::new(10_000)),
+            fragments: Mutex::new(FragmentIndex::new(
+                settings.limits.max_recent_hops.max(1_000),
+            )),
             settings,
             flush_lock: Mutex::new(()),
         }
@@ -177,6 +188,8 @@ impl Collector {
         }
         // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
         let converted = Core::convert(&self.shared, &req.hops);
+        self.graph.lock().observe(converted.iter().map(|(_, h)| h));
+        self.fragments.lock().observe(&req.hops);
         let (accepted, evicted) = self
             .core
             .lock()
@@ -194,10 +207,20 @@ impl Collector {
         }
         let mut updated = Vec::new();
         {
+            let fragments = self.fragments.lock();
             let mut store = self.store.write();
             for r in &results {
+                // A trace that broke apart: the piece after the break has no trace id
+                // and is keyed by the request id. Its sample is the trace id of the piece
+                // the app was serving (what `hopwatch trace` and tracing UIs know), which
+                // links on to this piece ("continued in").
+                let traced = fragments.traced_for_request_group(&r.trace_id);
                 for f in &r.findings {
-                    updated.push(store.merge(f, &r.trace_id));
+                    let sample = match (&traced, f.kind) {
+                        (Some(t), BreakKind::TraceNotPropagated) => t.as_str(),
+                        _ => r.trace_id.as_str(),
+                    };
+                    updated.push(store.merge(f, sample));
                     self.metrics
                         .breaks
                         .get_or_create(&BreakLabels {
@@ -345,13 +368,66 @@ impl Collector {
                 }
             })
             .collect();
+        let fragments = self.trace_fragments(&v.trace_id, &v.roots);
         Ok(GetTraceResponse {
             trace_id: v.trace_id,
             roots: v.roots,
             breaks,
             hop_count: v.hop_count,
             open: v.open,
+            fragments,
         })
+    }
+
+    /// The other groups holding hops of this trace's requests.
+    fn trace_fragments(&self, trace_id: &str, roots: &[CallNode]) -> Vec<TraceFragment> {
+        // Earliest start per request id in this trace.
+        let mut requests: Vec<(String, u64)> = Vec::new();
+        fn walk(n: &CallNode, out: &mut Vec<(String, u64)>) {
+            for h in [&n.outbound, &n.inbound].into_iter().flatten() {
+                if h.request_id.is_empty() {
+                    continue;
+                }
+                match out.iter_mut().find(|(r, _)| *r == h.request_id) {
+                    Some(e) => e.1 = e.1.min(h.start_time_unix_micros),
+                    None => out.push((h.request_id.clone(), h.start_time_unix_micros)),
+                }
+            }
+            for c in &n.children {
+                walk(c, out);
+            }
+        }
+        for r in roots {
+            walk(r, &mut requests);
+        }
+        let index = self.fragments.lock();
+        let mut out: Vec<TraceFragment> = Vec::new();
+        for (rid, start) in &requests {
+            for g in index.groups(rid) {
+                if g.id.eq_ignore_ascii_case(trace_id) || out.iter().any(|f| *f.trace_id == *g.id) {
+                    continue;
+                }
+                out.push(TraceFragment {
+                    trace_id: g.id.to_string(),
+                    relation: if g.first_us >= *start {
+                        "continued_in"
+                    } else {
+                        "continued_from"
+                    }
+                    .into(),
+                    request_id: rid.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The service graph with the stored findings on it (the web view's `/api/graph`).
+    pub fn graph_json(&self) -> serde_json::Value {
+        let findings = self.store.read().list(&Filter::default(), 10_000);
+        let g = self.graph.lock();
+        let s = self.shared.read();
+        g.to_json(&s.it, &findings)
     }
 
     pub fn summary(&self) -> SummaryResponse {

@@ -398,13 +398,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Trace { trace_id, output } => {
             let mut client = conn.client.clone();
             let r = conn
-                .call(
-                    "GetTrace",
-                    client.get_trace(GetTraceRequest {
-                        trace_id,
-                        ..Default::default()
-                    }),
-                )
+                .call("GetTrace", client.get_trace(GetTraceRequest { trace_id }))
                 .await?;
             match output {
                 TreeOutput::Json => print_json(&cli::trace_json(&r)),
@@ -465,7 +459,7 @@ fn print_watch(b: &Break, ev: Event, output: ListOutput, color: bool) {
             println!("{v}");
         }
         ListOutput::Yaml => {
-            print!("---\n");
+            println!("---");
             print_yaml(&cli::break_json(b));
         }
         ListOutput::Table | ListOutput::Wide => {
