@@ -104,7 +104,7 @@ impl ServiceGraph {
             w
         };
         let about = |b: &Break, ns: &str, names: &[String], svc: &str| {
-            b.namespace == ns && (names.iter().any(|w| *w == b.workload) || b.workload == svc)
+            b.namespace == ns && (names.contains(&b.workload) || b.workload == svc)
         };
         let finding = |b: &Break| {
             json!({

