@@ -920,3 +920,131 @@ async fn watch_lists_throttles_and_reconnects() {
     let _ = stop_tx.send(());
     let _ = server.await;
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (openssl CLI), in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian package openssl)");
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=hopwatch test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// https:// really is TLS: against a TLS collector the CLI works with --ca-cert, and
+/// refuses a certificate it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_collector_is_spoken_to_over_tls() {
+    use hopwatch_collector::server::QuerySvc;
+    use hopwatch_proto::v1::query_server::QueryServer;
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    let collector = std::sync::Arc::new(hopwatch_collector::service::Collector::in_memory(
+        fast_settings(),
+    ));
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(read("server.pem"), read("server.key"))),
+            )
+            .unwrap()
+            .add_service(QueryServer::new(QuerySvc {
+                collector,
+                stop: stop_rx,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let url = format!("https://{addr}");
+    let ca = dir.path().join("ca.pem");
+    let o = hopwatch(&[
+        "--collector",
+        &url,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--request-timeout",
+        "5s",
+        "summary",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["hops_received"], 0);
+    // Without the CA: the certificate is not trusted, a clear failure (exit 1).
+    let o = hopwatch(&["--collector", &url, "--request-timeout", "5s", "summary"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("TLS") || e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
+    // Plain http:// to the TLS port fails too (no silent downgrade either way).
+    let o = hopwatch(&[
+        "--collector",
+        &format!("http://{addr}"),
+        "--request-timeout",
+        "3s",
+        "summary",
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    server.abort();
+}
