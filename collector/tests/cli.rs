@@ -1048,3 +1048,73 @@ async fn https_collector_is_spoken_to_over_tls() {
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     server.abort();
 }
+
+/// The collector's logs: `--log-format json` gives one JSON object per line; text logs
+/// into a pipe carry no ANSI colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_logs_json_and_no_ansi_into_a_pipe() {
+    for format in ["json", "text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, h) = (free_port(), free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hopwatch-collector"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{g}"),
+                "--http-listen",
+                &format!("127.0.0.1:{h}"),
+                "--log-format",
+                format,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{g}");
+        let mut up = false;
+        for _ in 0..200 {
+            if CollectorClient::connect(url.clone()).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "collector did not start");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = tokio::task::spawn_blocking(move || {
+            let _ = child.wait();
+            let mut s = String::new();
+            use std::io::Read;
+            if let Some(mut o) = child.stdout.take() {
+                let _ = o.read_to_string(&mut s);
+            }
+            s
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.contains("hopwatch-collector started"),
+            "{format}: {out}"
+        );
+        assert!(
+            !out.contains('\u{1b}'),
+            "{format}: ANSI codes into a pipe: {out:?}"
+        );
+        if format == "json" {
+            for l in out.lines() {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+            }
+            assert!(
+                out.contains("\"message\":\"hopwatch-collector started\""),
+                "{out}"
+            );
+        }
+    }
+}
