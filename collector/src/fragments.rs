@@ -62,7 +62,8 @@ impl FragmentIndex {
                         }
                     }
                     self.order.push_back(k);
-                    self.map.entry(k).or_default()
+                    // Most requests live in one group: no spare capacity.
+                    self.map.entry(k).or_insert_with(|| Vec::with_capacity(1))
                 }
             };
             let same = |g: &Group| {

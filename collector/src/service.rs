@@ -136,9 +136,8 @@ impl Collector {
             metrics: Metrics::default(),
             watch,
             graph: Mutex::new(ServiceGraph::new(10_000)),
-            fragments: Mutex::new(FragmentIndex::new(
-                settings.limits.max_recent_hops.max(1_000),
-            )),
+            // ~100 bytes per request id: ~10 MB at most.
+            fragments: Mutex::new(FragmentIndex::new(100_000)),
             settings,
             flush_lock: Mutex::new(()),
         }
