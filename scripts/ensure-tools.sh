@@ -30,24 +30,26 @@ apt_install() {
   fi
 }
 
-# A virtual environment at $1. Debian/Ubuntu ship `python3 -m venv` without ensurepip
-# unless python3-venv is installed: install it (root) or say so.
+# A virtual environment at $1. Debian/Ubuntu's python3 lacks ensurepip's wheels unless
+# python3-venv is installed (`python3 -m venv` then fails): install it (root) or say so.
 ensure_venv() {
   local dir="$1"
   [ -x "$dir/bin/python" ] && return 0
   command -v python3 >/dev/null 2>&1 || { echo "error: python3 is needed (Debian: apt-get install python3)" >&2; exit 1; }
-  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-    if command -v apt-get >/dev/null 2>&1; then
-      apt_install python3-venv
-    else
-      echo "error: python3's venv module (with ensurepip) is missing; install your distribution's python3-venv package" >&2
-      exit 1
-    fi
-  fi
   log "creating the Python virtual environment $dir"
   mkdir -p "$(dirname "$dir")"
   rm -rf "$dir"
-  python3 -m venv "$dir" >&2
+  if ! python3 -m venv "$dir" >/dev/null 2>&1; then
+    rm -rf "$dir"
+    if command -v apt-get >/dev/null 2>&1; then
+      log "python3 -m venv failed (no ensurepip): installing python3-venv"
+      apt_install python3-venv
+      python3 -m venv "$dir" >&2
+    else
+      echo "error: python3 -m venv failed: install your distribution's python3-venv package" >&2
+      exit 1
+    fi
+  fi
 }
 
 need_wasm_bindgen="${HOPWATCH_NEED_WASM_BINDGEN:-1}"
