@@ -121,6 +121,77 @@ fn exported_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The rule with this alert name.
+fn rule<'a>(groups: &'a serde_json::Value, alert: &str) -> &'a serde_json::Value {
+    groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .find(|r| r["alert"] == alert)
+        .unwrap_or_else(|| panic!("no alert {alert}"))
+}
+
+/// Expands the two template forms the finding alerts use.
+fn expand(template: &str, labels: &[(&str, &str)], value: &str) -> String {
+    let mut s = template.replace("{{ $value | humanize }}", value);
+    for (k, v) in labels {
+        s = s.replace(&format!("{{{{ $labels.{k} }}}}"), v);
+    }
+    assert!(!s.contains("{{"), "unexpanded template in {s}");
+    s
+}
+
+/// A `promtool test rules` file (rules in `rules.yaml` beside it): UPSTREAM_FAILURE at
+/// shop/recommendations keeps occurring (+3 a minute), TAG_NOT_PROPAGATED at shop/cart
+/// happened once and stopped.
+fn alert_unit_test(groups: &serde_json::Value) -> String {
+    let place = [
+        ("namespace", "shop"),
+        ("workload", "recommendations"),
+        ("peer", "recommendations"),
+    ];
+    let r = rule(groups, "HopwatchUpstreamFailureError");
+    // 10 one-minute steps of +3 in the 10m window ending at 15m: increase = 30.
+    let annotations = serde_json::json!({
+        "summary": expand(r["annotations"]["summary"].as_str().unwrap(), &place, "30"),
+        "description": expand(r["annotations"]["description"].as_str().unwrap(), &place, "30"),
+    });
+    let test = serde_json::json!({
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": "hopwatch_breaks_total{kind=\"UPSTREAM_FAILURE\",severity=\"ERROR\",namespace=\"shop\",workload=\"recommendations\",peer=\"recommendations\"}",
+                    "values": "0+3x20",
+                },
+                {
+                    "series": "hopwatch_breaks_total{kind=\"TAG_NOT_PROPAGATED\",severity=\"WARNING\",namespace=\"shop\",workload=\"cart\",peer=\"pricing\"}",
+                    "values": "1x20",
+                },
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "15m",
+                    "alertname": "HopwatchUpstreamFailureError",
+                    "exp_alerts": [{
+                        "exp_labels": {
+                            "severity": "critical", "kind": "UPSTREAM_FAILURE",
+                            "namespace": "shop", "workload": "recommendations", "peer": "recommendations",
+                        },
+                        "exp_annotations": annotations,
+                    }],
+                },
+                { "eval_time": "15m", "alertname": "HopwatchUpstreamFailureWarning", "exp_alerts": [] },
+                { "eval_time": "15m", "alertname": "HopwatchTagNotPropagatedWarning", "exp_alerts": [] },
+            ],
+        }],
+    });
+    serde_json::to_string(&test).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_rules_and_dashboard_use_exported_metrics() {
     let dir = tempfile::tempdir().unwrap();
@@ -202,6 +273,16 @@ async fn metrics_pass_promtool_and_rules_and_dashboard_use_exported_metrics() {
     assert!(ok, "promtool check rules:\n{out}");
     assert!(out.contains("SUCCESS"), "{out}");
     eprintln!("promtool check rules: {}", out.trim());
+
+    // The alerts fire as meant (`promtool test rules`): a finding that keeps occurring
+    // fires its kind/severity alert with the finding's place as labels; one that stopped
+    // occurring does not.
+    let alert_test = alert_unit_test(&groups);
+    let test_file = dir.path().join("rules_test.yaml");
+    std::fs::write(&test_file, alert_test).unwrap();
+    let (ok, out) = promtool(&["test", "rules", test_file.to_str().unwrap()], None);
+    assert!(ok, "promtool test rules:\n{out}");
+    eprintln!("promtool test rules: {}", out.trim());
 
     // One alert per break kind and severity, on the occurrence counter.
     let rules: Vec<&serde_json::Value> = groups["groups"]
