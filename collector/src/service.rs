@@ -400,25 +400,33 @@ impl Collector {
             walk(r, &mut requests);
         }
         let index = self.fragments.lock();
-        let mut out: Vec<TraceFragment> = Vec::new();
+        let mut out: Vec<(u64, TraceFragment)> = Vec::new();
         for (rid, start) in &requests {
             for g in index.groups(rid) {
-                if g.id.eq_ignore_ascii_case(trace_id) || out.iter().any(|f| *f.trace_id == *g.id) {
+                if g.id.eq_ignore_ascii_case(trace_id)
+                    || out.iter().any(|(_, f)| *f.trace_id == *g.id)
+                {
                     continue;
                 }
-                out.push(TraceFragment {
-                    trace_id: g.id.to_string(),
-                    relation: if g.first_us >= *start {
-                        "continued_in"
-                    } else {
-                        "continued_from"
-                    }
-                    .into(),
-                    request_id: rid.clone(),
-                });
+                let relation = if g.first_us >= *start {
+                    "continued_in"
+                } else {
+                    "continued_from"
+                };
+                out.push((
+                    g.first_us,
+                    TraceFragment {
+                        trace_id: g.id.to_string(),
+                        relation: relation.into(),
+                        request_id: rid.clone(),
+                    },
+                ));
             }
         }
-        out
+        // In time order: where the request came from, then where it went on (the caller's
+        // piece before the callee's).
+        out.sort_by_key(|(t, _)| *t);
+        out.into_iter().map(|(_, f)| f).collect()
     }
 
     /// The service graph with the stored findings on it (the web view's `/api/graph`).
