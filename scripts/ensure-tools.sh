@@ -50,3 +50,9 @@ if [ "$need_wasm_bindgen" = 1 ]; then
     cargo install --quiet wasm-bindgen-cli --version "$wb_version" >&2
   fi
 fi
+
+# --- podman, runc, iptables and containers.conf, for the pods runtime -------------------
+if [ "${HOPWATCH_NEED_PODMAN:-1}" = 1 ]; then
+  # shellcheck source=scripts/ensure-podman.sh
+  source "$root/scripts/ensure-podman.sh"
+fi

@@ -32,11 +32,11 @@ pub fn collector_cluster_name(filters: &SidecarFilters) -> String {
         .unwrap_or_else(|| "hopwatch-collector".to_string())
 }
 
-fn socket(host: &str, port: u16) -> Value {
+pub fn socket(host: &str, port: u16) -> Value {
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
-fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
+pub fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
     let lb_endpoints: Vec<Value> = ports
         .iter()
         .map(|p| json!({"endpoint": {"address": socket(host, *p)}}))
@@ -61,7 +61,7 @@ fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
     cluster
 }
 
-fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
+pub fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
     let format = format!(
         "[%START_TIME%] {side} \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
          %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% cluster=%UPSTREAM_CLUSTER% \
@@ -105,7 +105,7 @@ fn router() -> Value {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn listener(
+pub fn listener(
     name: &str,
     direction: &str,
     host: &str,
@@ -154,7 +154,7 @@ pub fn outbound_cluster(subset: &str, fqdn: &str) -> String {
 }
 
 /// The outbound route configuration every sidecar shares: one virtual host per Service.
-fn outbound_routes(plan: &Plan) -> Value {
+pub fn outbound_routes(plan: &Plan) -> Value {
     let topology = &plan.topology;
     let mut virtual_hosts = Vec::new();
     for w in &topology.workloads {

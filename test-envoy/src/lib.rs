@@ -5,6 +5,7 @@
 //! - [`plan`]: a topology resolved to ports and Istio-style names.
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
+//! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
 //! - [`render`]: writes the configuration for the docker-compose setup.
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
@@ -14,5 +15,6 @@ pub mod httpc;
 pub mod manifests;
 pub mod mesh;
 pub mod plan;
+pub mod pods;
 pub mod render;
 pub mod topology;

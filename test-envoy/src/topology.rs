@@ -95,6 +95,20 @@ pub struct Workload {
     /// requests for them fall back to a less specific subset.
     #[serde(default)]
     pub missing_tag_routes: Vec<String>,
+    /// Pods runtime only (see [`crate::pods`]): the name of the Service port
+    /// (`http-web` by default). A `tcp-...` name makes Istio treat the port as TCP: both
+    /// sidecars run a TCP proxy for it and no HTTP filter sees the hop.
+    #[serde(default)]
+    pub port_name: Option<String>,
+    /// Pods runtime only: the app listens on 127.0.0.1 only, not on the pod address the
+    /// inbound sidecar connects to (UF, as in Istio since 1.10).
+    #[serde(default)]
+    pub listen_loopback_only: bool,
+    /// Pods runtime only: subsets the callers' routes send traffic to but whose
+    /// DestinationRule subset is not defined yet (a rollout applied in the wrong order):
+    /// the route names a cluster the sidecar does not have.
+    #[serde(default)]
+    pub undefined_subsets: Vec<String>,
 }
 
 /// One instance (Deployment) of a workload, in one virtual environment.
@@ -108,6 +122,10 @@ pub struct Instance {
     /// Overrides the workload's `app_down` for this instance.
     #[serde(default)]
     pub app_down: Option<bool>,
+    /// Pods runtime only: `false` when the pod lacks the label its subset selects
+    /// (`virtual-env`, like a missing `version` label): it runs, but no subset has it.
+    #[serde(default)]
+    pub subset_label: Option<bool>,
 }
 
 /// Which received headers an app copies onto its calls.
@@ -203,6 +221,17 @@ impl Workload {
         out
     }
 
+    /// The Service port's name (pods runtime): `http-web` unless set.
+    pub fn service_port_name(&self) -> &str {
+        self.port_name.as_deref().unwrap_or("http-web")
+    }
+
+    /// Is the Service port treated as TCP (named `tcp-...`, or `tcp`)?
+    pub fn port_is_tcp(&self) -> bool {
+        let name = self.service_port_name();
+        name == "tcp" || name.starts_with("tcp-")
+    }
+
     /// Is this instance's app down?
     pub fn instance_down(&self, instance: &Instance) -> bool {
         instance.app_down.unwrap_or(self.app_down)
@@ -235,6 +264,27 @@ impl Topology {
         self.workloads
             .iter()
             .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
+    }
+
+    /// The options of this topology that only the pods runtime models (they need pod
+    /// addresses, Service ports and capture), as `workload: option` strings.
+    pub fn pods_only_features(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in &self.workloads {
+            if w.port_name.is_some() {
+                out.push(format!("{}: port_name", w.name));
+            }
+            if w.listen_loopback_only {
+                out.push(format!("{}: listen_loopback_only", w.name));
+            }
+            if !w.undefined_subsets.is_empty() {
+                out.push(format!("{}: undefined_subsets", w.name));
+            }
+            if w.instances.iter().any(|i| i.subset_label.is_some()) {
+                out.push(format!("{}: subset_label", w.name));
+            }
+        }
+        out
     }
 
     /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
