@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`model`]: the compact hop ([`model::CHop`]) and string interning.
 //! - [`analysis`]: joining hops into a call tree and the eight break detectors (pure).
+//! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
@@ -14,6 +15,7 @@
 pub mod analysis;
 pub mod cli;
 pub mod core;
+pub mod hidden_hop;
 pub mod model;
 pub mod server;
 pub mod service;

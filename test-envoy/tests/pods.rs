@@ -83,9 +83,14 @@ fn start(file: &str, name: &str) -> Scenario {
         Err(e) => panic!("starting the pods of {file} failed: {e}"),
     };
     eprintln!(
-        "{name}: {} pods ready in {:.1}s",
+        "{name}: {} pods ready in {:.1}s ({})",
         mesh.pod_names().len(),
-        mesh.startup.as_secs_f64()
+        mesh.startup.as_secs_f64(),
+        mesh.phases
+            .iter()
+            .map(|(p, t)| format!("{p} at {:.1}s", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Scenario {
         mesh,
@@ -211,7 +216,13 @@ fn pods_healthy_chain_carries_tag_and_trace_through_captured_sidecars() {
     let s = start("healthy.yaml", "healthy");
     let trace = new_trace_id();
     let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
-    assert_eq!(reply.status, 200, "client saw {}: {}", reply.status, reply.text());
+    assert_eq!(
+        reply.status,
+        200,
+        "client saw {}: {}",
+        reply.status,
+        reply.text()
+    );
     assert!(reply.header("x-hopwatch").is_none());
 
     let charlie = last_received(&s, "charlie", "dev.proj1");
@@ -220,12 +231,19 @@ fn pods_healthy_chain_carries_tag_and_trace_through_captured_sidecars() {
     // The calls went through both sidecars: Envoy's headers arrived with them.
     assert!(charlie.get("x-forwarded-proto").is_some(), "{charlie}");
     assert_eq!(received_count(&s, "charlie", ""), 0);
-    assert_eq!(call(&body, &[0, 0])["body"]["workload"], "charlie-dev-proj1");
+    assert_eq!(
+        call(&body, &[0, 0])["body"]["workload"],
+        "charlie-dev-proj1"
+    );
 
     let analysed = wait_analysed(&s, &trace, 5);
     let breaks = s.mesh.breaks().expect("breaks");
     let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
-    assert!(errors.is_empty(), "healthy chain produced errors: {}", summary(&breaks));
+    assert!(
+        errors.is_empty(),
+        "healthy chain produced errors: {}",
+        summary(&breaks)
+    );
     for k in [
         "TRACE_NOT_PROPAGATED",
         "TAG_DROPPED",
@@ -240,4 +258,158 @@ fn pods_healthy_chain_carries_tag_and_trace_through_captured_sidecars() {
         Some(0),
         "trace view: {analysed}"
     );
+}
+
+#[test]
+fn pods_app_dropping_the_tag_is_repaired_by_the_sidecar() {
+    let s = start("tag-dropped.yaml", "tag-dropped");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sent = &call(&body, &[0, 0])["sent"];
+    assert!(
+        sent.get(TAG).is_none(),
+        "bravo's app must not send the tag: {sent}"
+    );
+    // bravo's sidecar restored it: charlie's dev.proj1 pod answered and received it.
+    assert_eq!(last_received(&s, "charlie", "dev.proj1")[TAG], "dev.proj1");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+
+    let breaks = wait_for(&s, "TAG_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TAG_NOT_PROPAGATED", "bravo")
+    });
+    assert_eq!(
+        of_kind(&breaks, "TAG_NOT_PROPAGATED")[0]["severity"],
+        "WARNING"
+    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn pods_app_listening_on_loopback_only_is_uf_at_its_inbound_sidecar() {
+    let s = start("pods-loopback-app.yaml", "loopback-app");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let to_bravo = call(&body, &[0]);
+    assert_eq!(to_bravo["status"], 503, "{to_bravo}");
+    let annotation = to_bravo["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("workload=bravo") && annotation.contains("UF"),
+        "{annotation:?}"
+    );
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UF at bravo", |b| {
+        has(b, "UPSTREAM_FAILURE", "bravo")
+    });
+    let at_bravo = of_kind(&breaks, "UPSTREAM_FAILURE")
+        .into_iter()
+        .find(|b| b["workload"] == "bravo")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        flags(&at_bravo).contains(&"UF".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        at_bravo["hint"].as_str().unwrap_or("").contains("0.0.0.0"),
+        "the hint names the listen address: {at_bravo}"
+    );
+    assert!(
+        !has(&breaks, "UPSTREAM_FAILURE", "alpha"),
+        "{}",
+        summary(&breaks)
+    );
+}
+
+/// alpha's call to bravo is answered by alpha's own sidecar with `status` and `flag`.
+fn assert_failure_at_alpha_sidecar(
+    topology: &str,
+    name: &str,
+    status: u16,
+    flag: &str,
+) -> Vec<Value> {
+    let s = start(topology, name);
+    let (reply, body) = send(&s, &gateway(&new_trace_id()).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let first = call(&body, &[0]);
+    assert_eq!(first["status"], status, "{first}");
+    let annotation = first["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains(&format!("flags={flag}")),
+        "x-hopwatch: {annotation:?}"
+    );
+    // Neither bravo pod saw the request.
+    assert_eq!(received_count(&s, "bravo", ""), 0);
+    assert_eq!(received_count(&s, "bravo", "dev.proj1"), 0);
+
+    let breaks = wait_for(&s, &format!("UPSTREAM_FAILURE {flag} at alpha"), |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE")[0];
+    assert!(flags(f).contains(&flag.to_string()), "{}", summary(&breaks));
+    assert!(
+        f["peer"].as_str().unwrap_or("").contains("bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding(&breaks, "HOP_MISSING");
+    breaks
+}
+
+#[test]
+fn pods_pod_missing_its_subset_label_is_uh() {
+    assert_failure_at_alpha_sidecar("pods-missing-label.yaml", "missing-label", 503, "UH");
+}
+
+#[test]
+fn pods_route_to_a_subset_not_defined_yet_is_nc() {
+    assert_failure_at_alpha_sidecar("pods-undefined-subset.yaml", "undefined-subset", 503, "NC");
+}
+
+#[test]
+fn pods_callee_without_sidecar_is_hop_missing() {
+    let s = start("no-sidecar.yaml", "no-sidecar");
+    let trace = new_trace_id();
+    let (reply, _) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let bravo = last_received(&s, "bravo", "");
+    assert_eq!(bravo["x-b3-traceid"], trace.as_str());
+    let breaks = wait_for(&s, "HOP_MISSING at alpha -> bravo", |b| {
+        has(b, "HOP_MISSING", "alpha")
+    });
+    assert!(
+        of_kind(&breaks, "HOP_MISSING")[0]["peer"]
+            .as_str()
+            .unwrap_or("")
+            .contains("bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn pods_tcp_named_service_port_hides_the_hop() {
+    let s = start("pods-tcp-port.yaml", "tcp-port");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // Through a TCP proxy: bravo received no header an HTTP sidecar would add.
+    let bravo = last_received(&s, "bravo", "");
+    assert!(bravo.get("x-forwarded-proto").is_none(), "{bravo}");
+    assert_eq!(call(&body, &[0, 0])["status"], 200);
+    // The finding: a HOP_MISSING at alpha whose summary and hint say why.
+    let breaks = wait_for(&s, "HOP_MISSING alpha -> bravo", |b| {
+        has(b, "HOP_MISSING", "alpha")
+    });
+    let f = of_kind(&breaks, "HOP_MISSING")[0];
+    assert_eq!(f["peer"], "bravo", "{}", summary(&breaks));
+    let summary_text = f["summary"].as_str().unwrap_or("");
+    let hint = f["hint"].as_str().unwrap_or("");
+    assert!(summary_text.contains("TCP proxy"), "{summary_text}");
+    assert!(hint.contains("tcp-*") && hint.contains("http-*"), "{hint}");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+    assert_no_finding(&breaks, "TRACE_NOT_PROPAGATED");
 }

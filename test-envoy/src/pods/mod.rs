@@ -128,6 +128,8 @@ pub struct PodMesh {
     keep_run_dir: bool,
     /// Time from `start` to every pod ready.
     pub startup: Duration,
+    /// Where the start-up time went: images, network, `kube play`, readiness.
+    pub phases: Vec<(&'static str, Duration)>,
     /// Dropped last (after the pods): fields drop in declaration order.
     network: Option<Network>,
 }
@@ -151,6 +153,7 @@ impl PodMesh {
         let cli = bins::cli_bin().ok();
         let filters = manifests::load_sidecar_filters(&manifests::repo_root())?;
         let images = podman.images(&envoy, &demo, &collector)?;
+        let mut phases = vec![("images", started.elapsed())];
 
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -166,6 +169,7 @@ impl PodMesh {
         std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
         let net_name = format!("hopwatch-{pid}-{n}");
         let network = Network::create(&podman, &net_name, &[("hopwatch.io/pid", pid.to_string())])?;
+        phases.push(("network", started.elapsed()));
         let pod_plan = PodPlan::new(topology, |i| network.address(i))?;
         let mut mesh = PodMesh {
             podman,
@@ -176,11 +180,13 @@ impl PodMesh {
             cli,
             keep_run_dir: options.keep_run_dir,
             startup: Duration::ZERO,
+            phases,
             network: Some(network),
         };
         // On error, `mesh` is dropped here: pods and network go away.
         mesh.play(options, &images, &wasm, &filters, &format!("-{pid}x{n}"))?;
         mesh.startup = started.elapsed();
+        mesh.phases.push(("ready", mesh.startup));
         Ok(mesh)
     }
 
@@ -249,12 +255,17 @@ impl PodMesh {
         }
         args.push(yaml.display().to_string());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let played_at = Instant::now();
         if let Err(e) = self.podman.run(&refs) {
             return Err(PodError::Startup {
                 what: format!("podman kube play {} failed: {e}", yaml.display()),
                 logs: self.logs_tail(20),
             });
         }
+        self.phases.push((
+            "kube play",
+            self.phases.last().map(|p| p.1).unwrap_or_default() + played_at.elapsed(),
+        ));
 
         if options.start_collector {
             let a = addr(pp.collector_ip, COLLECTOR_HTTP_PORT);

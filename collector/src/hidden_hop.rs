@@ -1,0 +1,112 @@
+//! A call no sidecar saw as HTTP: a workload made an outbound call while serving a
+//! request, but no inbound hop of that workload exists in the trace, and the span its
+//! call continues is an inbound span of *another* workload. So the call from that other
+//! workload to this one happened, but neither side's HTTP filter saw it: the hop went
+//! through a TCP proxy (a Service port named `tcp-...` or unnamed is TCP to Istio, on
+//! both sidecars) or bypassed both sidecars. Reported as `HOP_MISSING` at the caller.
+
+use crate::model::CHop;
+
+/// One hidden call: the caller's inbound hop (the request it was serving) and the
+/// callee's first outbound hop that revealed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HiddenCall {
+    pub caller_inbound: u32,
+    pub callee_outbound: u32,
+}
+
+/// The hidden calls of one trace. `has_parent[o]` tells whether outbound hop `o` was
+/// joined to an inbound hop of its own pod. One per (caller request, callee workload).
+pub fn hidden_calls(hops: &[CHop], has_parent: impl Fn(usize) -> bool) -> Vec<HiddenCall> {
+    let mut out: Vec<HiddenCall> = Vec::new();
+    for (o, oh) in hops.iter().enumerate() {
+        if !oh.is_outbound() || oh.parent_span_id == 0 || has_parent(o) {
+            continue;
+        }
+        let callee_has_inbound = hops
+            .iter()
+            .any(|h| h.is_inbound() && h.workload == oh.workload && h.namespace == oh.namespace);
+        if callee_has_inbound {
+            continue;
+        }
+        let Some(i) = hops.iter().position(|h| {
+            h.is_inbound()
+                && h.span_id == oh.parent_span_id
+                && (h.workload != oh.workload || h.namespace != oh.namespace)
+        }) else {
+            continue;
+        };
+        let seen = out.iter().any(|c| {
+            c.caller_inbound == i as u32 && hops[c.callee_outbound as usize].workload == oh.workload
+        });
+        if !seen {
+            out.push(HiddenCall {
+                caller_inbound: i as u32,
+                callee_outbound: o as u32,
+            });
+        }
+    }
+    out
+}
+
+/// Summary and hint of a hidden call from `caller` to `callee`.
+pub fn describe(caller: &str, callee: &str, next: &str) -> (String, String) {
+    (
+        format!(
+            "{caller} called {callee} (which then called {next}), but no sidecar reported an HTTP hop {caller} -> {callee}: it ran through a TCP proxy or around both sidecars"
+        ),
+        format!(
+            "Name the Service port of {callee} with its protocol (http-*, http2-*, grpc-*): a port named tcp-* or unnamed is treated as TCP, so no HTTP filter (hopwatch included) sees the call; else check that both pods have the sidecar."
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Interner;
+    use hopwatch_proto::v1::Direction;
+
+    fn hop(it: &mut Interner, workload: &str, dir: Direction, span: u64, parent: u64) -> CHop {
+        CHop {
+            workload: it.intern(workload),
+            direction: dir as u8,
+            span_id: span,
+            parent_span_id: parent,
+            ..CHop::default()
+        }
+    }
+
+    #[test]
+    fn an_outbound_hop_continuing_another_workloads_inbound_span_reveals_a_hidden_call() {
+        let mut it = Interner::new(64);
+        let hops = vec![
+            hop(&mut it, "alpha", Direction::Inbound, 10, 1),
+            // bravo's call continues alpha's inbound span: alpha -> bravo was not seen.
+            hop(&mut it, "bravo", Direction::Outbound, 20, 10),
+            hop(&mut it, "bravo", Direction::Outbound, 21, 10),
+            hop(&mut it, "charlie", Direction::Inbound, 20, 10),
+        ];
+        let calls = hidden_calls(&hops, |_| false);
+        assert_eq!(
+            calls,
+            vec![HiddenCall {
+                caller_inbound: 0,
+                callee_outbound: 1
+            }]
+        );
+        // Joined to its own inbound hop: nothing hidden.
+        assert!(hidden_calls(&hops, |_| true).is_empty());
+    }
+
+    #[test]
+    fn a_callee_with_its_own_inbound_hop_hides_nothing() {
+        let mut it = Interner::new(64);
+        let hops = vec![
+            hop(&mut it, "alpha", Direction::Inbound, 10, 1),
+            hop(&mut it, "bravo", Direction::Inbound, 11, 10),
+            hop(&mut it, "bravo", Direction::Outbound, 20, 10),
+        ];
+        assert!(hidden_calls(&hops, |_| false).is_empty());
+    }
+}
