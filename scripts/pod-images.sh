@@ -12,8 +12,8 @@
 #   collector    hopwatch-collector (/usr/local/bin/hopwatch-collector)
 #
 # Images are tagged by the sha256 of what goes into them (binaries, libraries, this
-# script), so a repeated run with the same binaries builds nothing. Prints one line per
-# image: `<name>=<image reference>`. Needs podman (see scripts/ensure-podman.sh).
+# script), so a repeated run with the same binaries builds nothing; the newest build is
+# also tagged `:latest`. Prints one line per image: `<name>=<image reference>`. Needs podman (see scripts/ensure-podman.sh).
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
@@ -67,6 +67,8 @@ build_image() {
     tar -C "$root" -c . | podman import --quiet --change 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin' - "$ref" >/dev/null
     echo "==> built image $ref" >&2
   fi
+  # The stable name `hopwatch-mesh render --runtime pods` writes into its YAML.
+  podman tag "$ref" "localhost/hopwatch/$name:latest"
   printf '%s=%s\n' "$name" "$ref"
 }
 

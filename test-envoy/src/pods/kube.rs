@@ -259,3 +259,57 @@ pub fn to_yaml(docs: &[Value]) -> String {
         .collect::<Vec<_>>()
         .join("---\n")
 }
+
+/// Everything one `podman kube play` of a mesh needs, in play order.
+#[derive(Debug, Clone, Default)]
+pub struct Played {
+    /// The Pod documents (collector first).
+    pub docs: Vec<Value>,
+    /// The static address of each document's pod (`--ip`, same order).
+    pub ips: Vec<std::net::Ipv4Addr>,
+    pub pods: Vec<String>,
+    /// `<pod>-<container>`, as podman names them.
+    pub containers: Vec<String>,
+    /// `(file name in the config dir, bootstrap)` of every sidecar.
+    pub bootstraps: Vec<(String, Value)>,
+}
+
+/// The pods of a mesh and the files they mount: what the pods runtime plays and what
+/// `hopwatch-mesh render --runtime pods` writes.
+pub fn mesh_pods(
+    pp: &PodPlan,
+    images: &Images,
+    files: HostFiles<'_>,
+    filters: &crate::manifests::SidecarFilters,
+    collector: Option<&CollectorSpec>,
+    name_suffix: &str,
+) -> Played {
+    let mut p = Played::default();
+    if let Some(spec) = collector {
+        let name = collector_pod_name(name_suffix);
+        p.docs.push(collector_pod(pp, images, spec, name_suffix));
+        p.ips.push(pp.collector_ip);
+        p.containers.push(format!("{name}-collector"));
+        p.pods.push(name);
+    }
+    for (i, inst) in pp.plan.instances.iter().enumerate() {
+        if let Some(b) = super::layout::pod_sidecar_bootstrap(pp, i, filters) {
+            p.bootstraps
+                .push((format!("{}.envoy.json", inst.file_stem()), b));
+        }
+        let Some(doc) = instance_pod(pp, i, images, files, name_suffix) else {
+            continue;
+        };
+        let name = pod_name(inst, name_suffix);
+        for c in doc["spec"]["containers"].as_array().into_iter().flatten() {
+            p.containers
+                .push(format!("{name}-{}", c["name"].as_str().unwrap_or("?")));
+        }
+        p.docs.push(doc);
+        if let Some(ip) = pp.pod_ips.get(i) {
+            p.ips.push(*ip);
+        }
+        p.pods.push(name);
+    }
+    p
+}

@@ -10,7 +10,7 @@
 //!
 //! - [`podman`]: the podman CLI, the mesh's own `--internal` network, the images.
 //! - [`plan`]: addresses and ports.
-//! - [`kube`]: the pods' YAML.
+//! - [`kube`]: the pods' YAML; [`render`]: `hopwatch-mesh render --runtime pods`.
 //!
 //! A [`PodMesh`] tears its pods and its network down when dropped, also when a test
 //! panics (the pods' logs are then copied into the run directory and printed).
@@ -21,11 +21,13 @@ pub mod kube;
 pub mod layout;
 pub mod plan;
 pub mod podman;
+pub mod render;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -114,6 +116,42 @@ impl PodMeshOptions {
 }
 
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The pods and network of every pod mesh of this process not stopped yet, for
+/// [`remove_all_pods`] (signal handlers: `Drop` does not run when a signal ends a process).
+static LIVE: Mutex<Vec<(Podman, String, Vec<String>)>> = Mutex::new(Vec::new());
+
+/// Removes the pods and networks of every pod mesh of this process.
+pub fn remove_all_pods() {
+    let live: Vec<(Podman, String, Vec<String>)> = LIVE
+        .lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default();
+    for (podman, network, pods) in live {
+        remove(&podman, &pods);
+        let _ = podman
+            .command()
+            .args(["network", "rm", "-f", &network])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `podman pod rm -f` (Envoy as PID 1 ignores SIGTERM: 1 s grace, then SIGKILL).
+fn remove(podman: &Podman, pods: &[String]) {
+    if pods.is_empty() {
+        return;
+    }
+    let mut args = vec!["pod", "rm", "-f", "-t", "1"];
+    args.extend(pods.iter().map(String::as_str));
+    let _ = podman
+        .command()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
 
 /// A running pod mesh. Dropping it removes its pods and its network.
 pub struct PodMesh {
@@ -207,39 +245,29 @@ impl PodMesh {
             config_dir: &self.run_dir,
             wasm,
         };
-        let mut docs = Vec::new();
-        let mut ips = Vec::new();
-        if options.start_collector {
-            let spec = CollectorSpec {
-                trace_quiet: options.trace_quiet.clone(),
-                rust_log: std::env::var("HOPWATCH_COLLECTOR_LOG").unwrap_or_else(|_| "info".into()),
-            };
-            docs.push(kube::collector_pod(&pp, images, &spec, suffix));
-            ips.push(pp.collector_ip);
-            self.pods.push(kube::collector_pod_name(suffix));
-            self.containers
-                .push(format!("{}-collector", kube::collector_pod_name(suffix)));
+        let spec = CollectorSpec {
+            trace_quiet: options.trace_quiet.clone(),
+            rust_log: std::env::var("HOPWATCH_COLLECTOR_LOG").unwrap_or_else(|_| "info".into()),
+        };
+        let played = kube::mesh_pods(
+            &pp,
+            images,
+            files,
+            filters,
+            options.start_collector.then_some(&spec),
+            suffix,
+        );
+        self.pods = played.pods.clone();
+        self.containers = played.containers.clone();
+        if let (Ok(mut live), Some(net)) = (LIVE.lock(), self.network.as_ref()) {
+            live.push((self.podman.clone(), net.name.clone(), self.pods.clone()));
         }
-        for (i, inst) in pp.plan.instances.iter().enumerate() {
-            if let Some(b) = layout::pod_sidecar_bootstrap(&pp, i, filters) {
-                let path = self
-                    .run_dir
-                    .join(format!("{}.envoy.json", inst.file_stem()));
-                std::fs::write(&path, serde_json::to_string_pretty(&b).unwrap_or_default())
-                    .map_err(io(format!("writing {}", path.display())))?;
-            }
-            let Some(doc) = kube::instance_pod(&pp, i, images, files, suffix) else {
-                continue;
-            };
-            let name = kube::pod_name(inst, suffix);
-            for c in doc["spec"]["containers"].as_array().into_iter().flatten() {
-                self.containers
-                    .push(format!("{name}-{}", c["name"].as_str().unwrap_or("?")));
-            }
-            docs.push(doc);
-            ips.push(pp.pod_ips[i]);
-            self.pods.push(name);
+        for (name, b) in &played.bootstraps {
+            let path = self.run_dir.join(name);
+            std::fs::write(&path, serde_json::to_string_pretty(b).unwrap_or_default())
+                .map_err(io(format!("writing {}", path.display())))?;
         }
+        let (docs, ips) = (played.docs, played.ips);
         let yaml = self.run_dir.join("pods.yaml");
         std::fs::write(&yaml, kube::to_yaml(&docs))
             .map_err(io(format!("writing {}", yaml.display())))?;
@@ -513,23 +541,17 @@ impl PodMesh {
         out
     }
 
-    /// Removes the pods (Envoy as PID 1 ignores SIGTERM: 1 s grace, then SIGKILL) and the
-    /// network. Idempotent.
+    /// Removes the pods and the network. Idempotent.
     pub fn stop(&mut self) {
         if !self.pods.is_empty() {
             if self.keep_run_dir {
                 self.save_logs();
             }
-            let mut args = vec!["pod", "rm", "-f", "-t", "1"];
-            args.extend(self.pods.iter().map(String::as_str));
-            let _ = self
-                .podman
-                .command()
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            remove(&self.podman, &self.pods);
             self.pods.clear();
+        }
+        if let (Ok(mut live), Some(net)) = (LIVE.lock(), self.network.as_ref()) {
+            live.retain(|(_, n, _)| *n != net.name);
         }
         self.network = None;
     }
