@@ -12,7 +12,7 @@
 #   collector    hopwatch-collector (/usr/local/bin/hopwatch-collector)
 #
 # Images are tagged by the sha256 of what goes into them (binaries, libraries, this
-# script), so a repeated run with the same binaries builds nothing; the newest build is
+# script; a file's sha256 is remembered per inode, size and mtime), so a repeated run with the same binaries builds nothing; the newest build is
 # also tagged `:latest`. Prints one line per image: `<name>=<image reference>`. Needs podman (see scripts/ensure-podman.sh).
 set -euo pipefail
 
@@ -41,6 +41,25 @@ libs_of() {
   ldd "$@" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/lib.*ld-linux/ { print $1 }' | sort -u
 }
 
+# The sha256 of a file, remembered per (device, inode, size, mtime) so that unchanged
+# binaries (Envoy is 100 MB) are not read again on every run.
+hash_cache="${XDG_CACHE_HOME:-$HOME/.cache}/hopwatch/pod-image-hashes"
+mkdir -p "$(dirname "$hash_cache")"
+touch "$hash_cache"
+declare -A known_sha=()
+while read -r k v; do known_sha["$k"]="$v"; done <"$hash_cache"
+file_sha() {
+  local key sum
+  key="$(stat -L -c '%d:%i:%s:%Y' "$1"):$1"
+  sum="${known_sha[$key]:-}"
+  if [ -z "$sum" ]; then
+    sum="$(sha256sum <"$1" | cut -d' ' -f1)"
+    known_sha["$key"]="$sum"
+    printf '%s %s\n' "$key" "$sum" >>"$hash_cache"
+  fi
+  printf '%s\n' "$sum"
+}
+
 # build_image NAME FILE... : FILE is `src:dest` (dest inside the image) or a library path.
 build_image() {
   local name="$1"
@@ -48,7 +67,7 @@ build_image() {
   local specs=("$@") srcs=() s
   for s in "${specs[@]}"; do srcs+=("${s%%:*}"); done
   local hash
-  hash="$( (cat "$self"; printf '%s\n' "${specs[@]}"; cat "${srcs[@]}") | sha256sum | cut -c1-16)"
+  hash="$( (cat "$self"; printf '%s\n' "${specs[@]}"; for s in "${srcs[@]}"; do file_sha "$s"; done) | sha256sum | cut -c1-16)"
   local ref="localhost/hopwatch/$name:$hash"
   if ! podman image exists "$ref"; then
     local root
@@ -66,9 +85,12 @@ build_image() {
     printf 'root:x:0:\nistio-proxy:x:1337:\n' >"$root/etc/group"
     tar -C "$root" -c . | podman import --quiet --change 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin' - "$ref" >/dev/null
     echo "==> built image $ref" >&2
+    # The stable name `hopwatch-mesh render --runtime pods` writes into its YAML.
+    podman tag "$ref" "localhost/hopwatch/$name:latest"
+    # Older builds of this image go (those still used by running pods stay).
+    podman images --format '{{.Repository}}:{{.Tag}}' "localhost/hopwatch/$name" |
+      grep -v -e ":$hash\$" -e ':latest$' | xargs -r podman rmi >/dev/null 2>&1 || true
   fi
-  # The stable name `hopwatch-mesh render --runtime pods` writes into its YAML.
-  podman tag "$ref" "localhost/hopwatch/$name:latest"
   printf '%s=%s\n' "$name" "$ref"
 }
 

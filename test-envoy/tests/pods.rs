@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use hopwatch_test_envoy::httpc::HttpResponse;
 use hopwatch_test_envoy::mesh::{new_trace_id, Ingress};
+use hopwatch_test_envoy::pods::podman::Podman;
 use hopwatch_test_envoy::pods::{PodMesh, PodMeshOptions};
 use hopwatch_test_envoy::topology::{topologies_dir, Topology};
 use serde_json::Value;
@@ -412,4 +413,59 @@ fn pods_tcp_named_service_port_hides_the_hop() {
     assert!(hint.contains("tcp-*") && hint.contains("http-*"), "{hint}");
     assert_no_finding(&breaks, "UPSTREAM_FAILURE");
     assert_no_finding(&breaks, "TRACE_NOT_PROPAGATED");
+}
+
+#[test]
+fn pods_demo_command_prints_the_report_from_pods_and_removes_them() {
+    let _permit = Permit::acquire();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
+        .args(["demo", "--runtime", "pods", "--requests", "2"])
+        .env(
+            "HOPWATCH_DEMO_SERVICE_BIN",
+            env!("CARGO_BIN_EXE_hopwatch-demo-service"),
+        )
+        .output()
+        .expect("running hopwatch-mesh demo --runtime pods");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in [
+        "in pods",
+        "$ hopwatch breaks",
+        "UPSTREAM_FAILURE",
+        "TRACE_NOT_PROPAGATED",
+        "$ hopwatch trace ",
+        "==> stopping the mesh",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{stdout}\n{stderr}"
+        );
+    }
+    // Its pods and network are gone: the run directory names the network it used.
+    let run_dir = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("done: ")
+                .and_then(|r| r.split("logs kept in ").nth(1))
+        })
+        .map(|d| d.trim().to_string())
+        .unwrap_or_default();
+    let yaml = std::fs::read_to_string(std::path::Path::new(&run_dir).join("pods.yaml"))
+        .unwrap_or_else(|e| panic!("pods.yaml in {run_dir:?}: {e}\n{stdout}"));
+    let pod_names: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.strip_prefix("  name: "))
+        .collect();
+    assert!(pod_names.len() >= 7, "{pod_names:?}");
+    let running = Podman::detect()
+        .expect("podman")
+        .run(&["pod", "ps", "--format", "{{.Name}}"])
+        .expect("podman pod ps");
+    for name in pod_names {
+        assert!(
+            !running.lines().any(|l| l == name),
+            "pod {name} still there after the demo"
+        );
+    }
 }
