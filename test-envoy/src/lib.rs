@@ -6,7 +6,7 @@
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
 //! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
-//! - [`render`]: writes the configuration for the docker-compose setup.
+//! - [`render`]: writes the configuration for a docker-compose setup (host networking).
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
 pub mod bins;
