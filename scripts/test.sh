@@ -2,8 +2,10 @@
 # Runs every hopwatch test, exactly what CI runs (`.ci/run` calls this):
 #   lints, native unit/integration tests, the filter's logic on wasm32 under
 #   wasm-bindgen-test, the filter inside a real Envoy 1.40, the collector's gRPC and CLI
-#   tests, the manifest validation (real `envoy --mode validate`), and the end-to-end
-#   local-mesh scenarios. Installs what it needs on a fresh machine.
+#   tests, the manifest validation (real `envoy --mode validate`), the end-to-end
+#   local-mesh scenarios, and the same mesh in pods (test-envoy/tests/pods.rs: podman
+#   kube play with Istio's capture; ~150 s). Installs what it needs on a fresh machine
+#   (including podman, runc, iptables and a containers.conf: scripts/ensure-podman.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -37,7 +39,7 @@ log "test: filter logic on wasm32-unknown-unknown (wasm-bindgen-test under node)
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   cargo test --locked -p hopwatch-filter --target wasm32-unknown-unknown 2>&1 | tee -a "$results"
 
-log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh)"
+log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh, pods)"
 cargo test --locked --workspace 2>&1 | tee -a "$results"
 
 # pipefail made any failing run above exit already; this sums what ran.

@@ -32,7 +32,7 @@ const FINDING_DEADLINE: Duration = Duration::from_secs(40);
 
 // ---------------------------------------------------------------- harness
 
-/// At most `HOPWATCH_PODS_JOBS` (default 1) pod meshes at once: each is several
+/// At most `HOPWATCH_PODS_JOBS` (default 2) pod meshes at once: each is several
 /// containers on a 2-core machine.
 struct Slots {
     used: Mutex<usize>,
@@ -49,7 +49,7 @@ impl Permit {
         let limit = std::env::var("HOPWATCH_PODS_JOBS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(1)
+            .unwrap_or(2)
             .max(1);
         let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
         while *used >= limit {

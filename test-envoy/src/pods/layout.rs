@@ -110,7 +110,7 @@ fn outbound_clusters(pp: &PodPlan) -> Vec<Value> {
             false,
         ));
         for i in &w.instances {
-            if i.tag.is_empty() || w.undefined_subsets.iter().any(|u| *u == i.tag) {
+            if i.tag.is_empty() || w.undefined_subsets.contains(&i.tag) {
                 continue;
             }
             out.push(endpoints_cluster(
