@@ -406,6 +406,20 @@ mod tests {
     }
 
     #[test]
+    fn pods_only_options_are_named_so_the_processes_runtime_can_refuse_them() {
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    port_name: tcp-db\n    instances: [{tag: x, subset_label: false}]\n  - name: b\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(t.pods_only_features(), vec!["a: port_name", "a: subset_label"]);
+        assert!(t.workloads[0].port_is_tcp() && !t.workloads[1].port_is_tcp());
+        assert_eq!(t.workloads[1].service_port_name(), "http-web");
+        let healthy = Topology::load(&topologies_dir().join("healthy.yaml")).unwrap();
+        assert!(healthy.pods_only_features().is_empty());
+    }
+
+    #[test]
     fn every_shipped_topology_is_valid() {
         let mut n = 0;
         for entry in std::fs::read_dir(topologies_dir()).unwrap() {

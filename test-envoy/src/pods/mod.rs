@@ -121,6 +121,53 @@ static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// [`remove_all_pods`] (signal handlers: `Drop` does not run when a signal ends a process).
 static LIVE: Mutex<Vec<(Podman, String, Vec<String>)>> = Mutex::new(Vec::new());
 
+/// Label of a mesh's pods (its network's name) and of its network (the runner's pid).
+const RUN_LABEL: &str = "hopwatch.io/run";
+const PID_LABEL: &str = "hopwatch.io/pid";
+
+/// Removes the pods and networks left by pod meshes of processes that no longer exist
+/// (a runner killed by SIGKILL cannot clean up after itself).
+fn remove_leftovers(podman: &Podman) {
+    let Ok(list) = podman.run(&[
+        "network",
+        "ls",
+        "--filter",
+        &format!("label={PID_LABEL}"),
+        "--format",
+        "{{.Name}}",
+    ]) else {
+        return;
+    };
+    for network in list.lines().map(str::trim) {
+        // The mesh names its network `hopwatch-<pid>-<n>`.
+        let Some(pid) = network
+            .strip_prefix("hopwatch-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            continue;
+        }
+        if let Ok(pods) = podman.run(&[
+            "pod",
+            "ps",
+            "--filter",
+            &format!("label={RUN_LABEL}={network}"),
+            "--format",
+            "{{.Name}}",
+        ]) {
+            let pods: Vec<String> = pods.lines().map(str::to_string).collect();
+            remove(podman, &pods);
+        }
+        let _ = podman.run(&["network", "rm", "-f", network]);
+    }
+}
+
 /// Removes the pods and networks of every pod mesh of this process.
 pub fn remove_all_pods() {
     let live: Vec<(Podman, String, Vec<String>)> = LIVE
@@ -205,8 +252,9 @@ impl PodMesh {
                 .join(format!("pods-{}-{secs}-{pid}-{n}", options.name))
         });
         std::fs::create_dir_all(&run_dir).map_err(io(format!("creating {}", run_dir.display())))?;
+        remove_leftovers(&podman);
         let net_name = format!("hopwatch-{pid}-{n}");
-        let network = Network::create(&podman, &net_name, &[("hopwatch.io/pid", pid.to_string())])?;
+        let network = Network::create(&podman, &net_name, &[(PID_LABEL, pid.to_string())])?;
         phases.push(("network", started.elapsed()));
         let pod_plan = PodPlan::new(topology, |i| network.address(i))?;
         let mut mesh = PodMesh {
@@ -267,7 +315,13 @@ impl PodMesh {
             std::fs::write(&path, serde_json::to_string_pretty(b).unwrap_or_default())
                 .map_err(io(format!("writing {}", path.display())))?;
         }
-        let (docs, ips) = (played.docs, played.ips);
+        let (mut docs, ips) = (played.docs, played.ips);
+        // Which mesh a pod belongs to, for removing what a killed run left behind.
+        if let Some(net) = self.network.as_ref() {
+            for d in &mut docs {
+                d["metadata"]["labels"][RUN_LABEL] = Value::String(net.name.clone());
+            }
+        }
         let yaml = self.run_dir.join("pods.yaml");
         std::fs::write(&yaml, kube::to_yaml(&docs))
             .map_err(io(format!("writing {}", yaml.display())))?;
