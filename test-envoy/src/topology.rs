@@ -412,7 +412,10 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(t.pods_only_features(), vec!["a: port_name", "a: subset_label"]);
+        assert_eq!(
+            t.pods_only_features(),
+            vec!["a: port_name", "a: subset_label"]
+        );
         assert!(t.workloads[0].port_is_tcp() && !t.workloads[1].port_is_tcp());
         assert_eq!(t.workloads[1].service_port_name(), "http-web");
         let healthy = Topology::load(&topologies_dir().join("healthy.yaml")).unwrap();

@@ -469,3 +469,85 @@ fn pods_demo_command_prints_the_report_from_pods_and_removes_them() {
         );
     }
 }
+
+#[test]
+fn pods_mesh_up_removes_its_pods_and_network_on_sigterm() {
+    use std::io::BufRead;
+    let _permit = Permit::acquire();
+    let topology = topologies_dir().join("no-sidecar.yaml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
+        .args(["up", "--runtime", "pods"])
+        .arg(&topology)
+        .env(
+            "HOPWATCH_DEMO_SERVICE_BIN",
+            env!("CARGO_BIN_EXE_hopwatch-demo-service"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting hopwatch-mesh up --runtime pods");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("Ctrl-C to stop") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let network = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("network     "))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string);
+    // SAFETY: kill(2) on the child we just spawned (also when the mesh did not come up).
+    let stop = || unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let Some(network) = network else {
+        stop();
+        panic!("mesh did not come up:\n{seen}");
+    };
+    let podman = Podman::detect().expect("podman");
+    let on_network = |podman: &Podman| {
+        podman
+            .run(&[
+                "ps",
+                "-a",
+                "--filter",
+                &format!("network={network}"),
+                "--format",
+                "{{.Names}}",
+            ])
+            .unwrap_or_default()
+    };
+    assert!(
+        !on_network(&podman).trim().is_empty(),
+        "no containers on {network}:\n{seen}"
+    );
+    stop();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "hopwatch-mesh ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        on_network(&podman).trim().is_empty(),
+        "containers left on {network}"
+    );
+    let networks = podman
+        .run(&["network", "ls", "--format", "{{.Name}}"])
+        .expect("network ls");
+    assert!(
+        !networks.lines().any(|n| n == network),
+        "network {network} left"
+    );
+}
