@@ -101,8 +101,9 @@ pub fn instance_pod(
             "volumeMounts": [{"name": "capture-rules", "mountPath": RULES_IN_POD, "readOnly": true}],
         }));
         let mut env = vec![];
-        if !inst.tag.is_empty() {
-            // Istio: proxyMetadata (or the webhook) turns the tag into this variable.
+        if !inst.tag.is_empty() && pp.has_subset_label(inst) {
+            // Istio: proxyMetadata (or the webhook, from the pod's label) turns the tag
+            // into this variable; a pod without the label gets none.
             env.push(json!({"name": "VIRTUAL_ENVIRONMENT_TAG", "value": inst.tag}));
         }
         containers.push(json!({
