@@ -504,7 +504,7 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     let hidden = if cx.partial {
         Vec::new()
     } else {
-        crate::hidden_hop::hidden_calls(hops, |o| parent_in[o] != NONE)
+        crate::hidden_hop::hidden_calls(hops, |o| parent_in[o] != NONE, cx.slack_us)
     };
     for (nid, node) in nodes.iter().enumerate() {
         let nid = nid as u32;

@@ -4,6 +4,10 @@
 //! workload to this one happened, but neither side's HTTP filter saw it: the hop went
 //! through a TCP proxy (a Service port named `tcp-...` or unnamed is TCP to Istio, on
 //! both sidecars) or bypassed both sidecars. Reported as `HOP_MISSING` at the caller.
+//!
+//! Without span ids (no tracer: Istio's default since 1.22, hops grouped by
+//! `x-request-id`), the caller is the other workload's inbound request that was in
+//! progress when the call started (the latest such one).
 
 use crate::model::CHop;
 
@@ -17,10 +21,14 @@ pub struct HiddenCall {
 
 /// The hidden calls of one trace. `has_parent[o]` tells whether outbound hop `o` was
 /// joined to an inbound hop of its own pod. One per (caller request, callee workload).
-pub fn hidden_calls(hops: &[CHop], has_parent: impl Fn(usize) -> bool) -> Vec<HiddenCall> {
+pub fn hidden_calls(
+    hops: &[CHop],
+    has_parent: impl Fn(usize) -> bool,
+    slack_us: u64,
+) -> Vec<HiddenCall> {
     let mut out: Vec<HiddenCall> = Vec::new();
     for (o, oh) in hops.iter().enumerate() {
-        if !oh.is_outbound() || oh.parent_span_id == 0 || has_parent(o) {
+        if !oh.is_outbound() || has_parent(o) {
             continue;
         }
         let callee_has_inbound = hops
@@ -29,11 +37,27 @@ pub fn hidden_calls(hops: &[CHop], has_parent: impl Fn(usize) -> bool) -> Vec<Hi
         if callee_has_inbound {
             continue;
         }
-        let Some(i) = hops.iter().position(|h| {
-            h.is_inbound()
-                && h.span_id == oh.parent_span_id
-                && (h.workload != oh.workload || h.namespace != oh.namespace)
-        }) else {
+        let other =
+            |h: &CHop| h.is_inbound() && (h.workload != oh.workload || h.namespace != oh.namespace);
+        let caller = if oh.parent_span_id != 0 {
+            hops.iter()
+                .position(|h| other(h) && h.span_id == oh.parent_span_id)
+        } else if oh.span_id == 0 {
+            // No tracer: the other workload's request in progress when the call started.
+            hops.iter()
+                .enumerate()
+                .filter(|(_, h)| {
+                    other(h)
+                        && h.span_id == 0
+                        && h.start_us <= oh.start_us + slack_us
+                        && oh.start_us <= h.end_us() + slack_us
+                })
+                .max_by_key(|(_, h)| h.start_us)
+                .map(|(i, _)| i)
+        } else {
+            None
+        };
+        let Some(i) = caller else {
             continue;
         };
         let seen = out.iter().any(|c| {
@@ -87,7 +111,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 21, 10),
             hop(&mut it, "charlie", Direction::Inbound, 20, 10),
         ];
-        let calls = hidden_calls(&hops, |_| false);
+        let calls = hidden_calls(&hops, |_| false, 0);
         assert_eq!(
             calls,
             vec![HiddenCall {
@@ -96,7 +120,7 @@ mod tests {
             }]
         );
         // Joined to its own inbound hop: nothing hidden.
-        assert!(hidden_calls(&hops, |_| true).is_empty());
+        assert!(hidden_calls(&hops, |_| true, 0).is_empty());
     }
 
     #[test]
@@ -107,6 +131,46 @@ mod tests {
             hop(&mut it, "bravo", Direction::Inbound, 11, 10),
             hop(&mut it, "bravo", Direction::Outbound, 20, 10),
         ];
-        assert!(hidden_calls(&hops, |_| false).is_empty());
+        assert!(hidden_calls(&hops, |_| false, 0).is_empty());
+    }
+
+    #[test]
+    fn without_span_ids_the_request_in_progress_is_the_caller() {
+        let mut it = Interner::new(64);
+        let at = |mut h: CHop, start_us: u64, duration_us: u32| {
+            h.start_us = start_us;
+            h.duration_us = duration_us;
+            h
+        };
+        let hops = vec![
+            at(
+                hop(&mut it, "gateway", Direction::Inbound, 0, 0),
+                0,
+                100_000,
+            ),
+            at(
+                hop(&mut it, "alpha", Direction::Inbound, 0, 0),
+                1_000,
+                50_000,
+            ),
+            at(
+                hop(&mut it, "bravo", Direction::Outbound, 0, 0),
+                5_000,
+                1_000,
+            ),
+            // Long after alpha's request: nothing links it.
+            at(
+                hop(&mut it, "delta", Direction::Outbound, 0, 0),
+                900_000,
+                1_000,
+            ),
+        ];
+        assert_eq!(
+            hidden_calls(&hops, |_| false, 0),
+            vec![HiddenCall {
+                caller_inbound: 1,
+                callee_outbound: 2
+            }]
+        );
     }
 }
