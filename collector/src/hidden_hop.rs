@@ -5,9 +5,10 @@
 //! through a TCP proxy (a Service port named `tcp-...` or unnamed is TCP to Istio, on
 //! both sidecars) or bypassed both sidecars. Reported as `HOP_MISSING` at the caller.
 //!
-//! Without span ids (no tracer: Istio's default since 1.22, hops grouped by
-//! `x-request-id`), the caller is the other workload's inbound request that was in
-//! progress when the call started (the latest such one).
+//! Without a tracer (Istio's default since 1.22) span ids are whatever the apps pass
+//! along unchanged: the caller is the other workload's inbound hop with the same span id,
+//! or, with no span ids at all (hops grouped by `x-request-id`), its inbound request that
+//! was in progress when the call started (the latest such one).
 
 use crate::model::CHop;
 
@@ -42,8 +43,12 @@ pub fn hidden_calls(
         let caller = if oh.parent_span_id != 0 {
             hops.iter()
                 .position(|h| other(h) && h.span_id == oh.parent_span_id)
-        } else if oh.span_id == 0 {
-            // No tracer: the other workload's request in progress when the call started.
+        } else if oh.span_id != 0 {
+            // No tracer but B3 headers passed along unchanged: the same span id.
+            hops.iter()
+                .position(|h| other(h) && h.span_id == oh.span_id)
+        } else {
+            // No span ids at all: the other workload's request in progress then.
             hops.iter()
                 .enumerate()
                 .filter(|(_, h)| {
@@ -54,8 +59,6 @@ pub fn hidden_calls(
                 })
                 .max_by_key(|(_, h)| h.start_us)
                 .map(|(i, _)| i)
-        } else {
-            None
         };
         let Some(i) = caller else {
             continue;
@@ -132,6 +135,22 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 20, 10),
         ];
         assert!(hidden_calls(&hops, |_| false, 0).is_empty());
+    }
+
+    #[test]
+    fn without_a_tracer_the_unchanged_span_id_links_the_caller() {
+        let mut it = Interner::new(64);
+        let hops = vec![
+            hop(&mut it, "alpha", Direction::Inbound, 10, 0),
+            hop(&mut it, "bravo", Direction::Outbound, 10, 0),
+        ];
+        assert_eq!(
+            hidden_calls(&hops, |_| false, 0),
+            vec![HiddenCall {
+                caller_inbound: 0,
+                callee_outbound: 1
+            }]
+        );
     }
 
     #[test]
