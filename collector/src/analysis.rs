@@ -504,7 +504,18 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     let hidden = if cx.partial {
         Vec::new()
     } else {
-        crate::hidden_hop::hidden_calls(hops, |o| parent_in[o] != NONE, cx.slack_us)
+        let mut complete = vec![false; hops.len()];
+        for n in &nodes {
+            if let (Some(o), Some(_)) = (n.out, n.inb) {
+                complete[o as usize] = true;
+            }
+        }
+        crate::hidden_hop::hidden_calls(
+            hops,
+            |o| parent_in[o] != NONE,
+            |o| complete[o],
+            cx.slack_us,
+        )
     };
     for (nid, node) in nodes.iter().enumerate() {
         let nid = nid as u32;

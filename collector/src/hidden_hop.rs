@@ -20,16 +20,20 @@ pub struct HiddenCall {
     pub callee_outbound: u32,
 }
 
-/// The hidden calls of one trace. `has_parent[o]` tells whether outbound hop `o` was
-/// joined to an inbound hop of its own pod. One per (caller request, callee workload).
+/// The hidden calls of one trace. `has_parent(o)` tells whether outbound hop `o` was
+/// joined to an inbound hop of its own pod, `has_callee(o)` whether to its callee's
+/// inbound hop: only a complete call (both sides seen) reveals a hidden one before it,
+/// a call missing its own callee is HOP_MISSING already. One per (caller request, callee
+/// workload).
 pub fn hidden_calls(
     hops: &[CHop],
     has_parent: impl Fn(usize) -> bool,
+    has_callee: impl Fn(usize) -> bool,
     slack_us: u64,
 ) -> Vec<HiddenCall> {
     let mut out: Vec<HiddenCall> = Vec::new();
     for (o, oh) in hops.iter().enumerate() {
-        if !oh.is_outbound() || has_parent(o) {
+        if !oh.is_outbound() || has_parent(o) || !has_callee(o) {
             continue;
         }
         let callee_has_inbound = hops
@@ -114,7 +118,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 21, 10),
             hop(&mut it, "charlie", Direction::Inbound, 20, 10),
         ];
-        let calls = hidden_calls(&hops, |_| false, 0);
+        let calls = hidden_calls(&hops, |_| false, |_| true, 0);
         assert_eq!(
             calls,
             vec![HiddenCall {
@@ -123,7 +127,9 @@ mod tests {
             }]
         );
         // Joined to its own inbound hop: nothing hidden.
-        assert!(hidden_calls(&hops, |_| true, 0).is_empty());
+        assert!(hidden_calls(&hops, |_| true, |_| true, 0).is_empty());
+        // A call whose own callee is missing reveals nothing (it is HOP_MISSING itself).
+        assert!(hidden_calls(&hops, |_| false, |_| false, 0).is_empty());
     }
 
     #[test]
@@ -134,7 +140,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Inbound, 11, 10),
             hop(&mut it, "bravo", Direction::Outbound, 20, 10),
         ];
-        assert!(hidden_calls(&hops, |_| false, 0).is_empty());
+        assert!(hidden_calls(&hops, |_| false, |_| true, 0).is_empty());
     }
 
     #[test]
@@ -145,7 +151,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 10, 0),
         ];
         assert_eq!(
-            hidden_calls(&hops, |_| false, 0),
+            hidden_calls(&hops, |_| false, |_| true, 0),
             vec![HiddenCall {
                 caller_inbound: 0,
                 callee_outbound: 1
@@ -185,7 +191,7 @@ mod tests {
             ),
         ];
         assert_eq!(
-            hidden_calls(&hops, |_| false, 0),
+            hidden_calls(&hops, |_| false, |_| true, 0),
             vec![HiddenCall {
                 caller_inbound: 1,
                 callee_outbound: 2
