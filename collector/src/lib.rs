@@ -4,7 +4,9 @@
 //!
 //! Layout:
 //! - [`model`]: the compact hop ([`model::CHop`]) and string interning.
-//! - [`analysis`]: joining hops into a call tree and the eight break detectors (pure).
+//! - [`analysis`]: joining hops into a call tree and the break detectors (pure); the
+//!   newer detectors live in their own modules: [`app_error`], [`policy_denied`], with
+//!   gRPC status names and hints in [`grpc`].
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
@@ -13,10 +15,13 @@
 //! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON).
 
 pub mod analysis;
+pub mod app_error;
 pub mod cli;
 pub mod core;
+pub mod grpc;
 pub mod hidden_hop;
 pub mod model;
+pub mod policy_denied;
 pub mod server;
 pub mod service;
 pub mod store;

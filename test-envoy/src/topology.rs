@@ -23,6 +23,15 @@
 //!     instances: []               # a Service with no endpoints (UH)
 //!   - name: cart
 //!     missing_tag_routes: [dev.mia]  # callers have no route for this subset
+//!   - name: payments
+//!     port: grpc-api              # the Service port name: grpc-* / http2-* give HTTP/2
+//!                                 # clusters and h2c app<->sidecar (as Istio does); the
+//!                                 # app is then called with gRPC (default: http)
+//!     app_error: true             # the app answers 500 (gRPC: INTERNAL) itself
+//!     deny_all: true              # an AuthorizationPolicy DENY on it: Envoy's RBAC
+//!                                 # filter before hopwatch on its inbound side
+//!     fault_abort: 503            # a VirtualService fault abort for it: Envoy's fault
+//!                                 # filter before hopwatch on every caller's outbound side
 //! ```
 //!
 //! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
@@ -95,11 +104,22 @@ pub struct Workload {
     /// requests for them fall back to a less specific subset.
     #[serde(default)]
     pub missing_tag_routes: Vec<String>,
-    /// Pods runtime only (see [`crate::pods`]): the name of the Service port
-    /// (`http-web` by default). A `tcp-...` name makes Istio treat the port as TCP: both
-    /// sidecars run a TCP proxy for it and no HTTP filter sees the hop.
+    /// The Service port name; Istio takes the protocol from its prefix: `grpc`/`grpc-*`
+    /// (gRPC over HTTP/2), `http2`/`http2-*` (HTTP/2), `http`/`http-*` (HTTP/1.1).
+    #[serde(default = "default_port")]
+    pub port: String,
+    /// The app answers every request with a 500 (gRPC: INTERNAL) of its own.
     #[serde(default)]
-    pub port_name: Option<String>,
+    pub app_error: bool,
+    /// An AuthorizationPolicy with action DENY for every request selects this workload:
+    /// its inbound sidecar runs Envoy's RBAC filter before hopwatch (Istio's order).
+    #[serde(default)]
+    pub deny_all: bool,
+    /// A VirtualService fault abort with this HTTP status for this service: every
+    /// caller's outbound sidecar runs Envoy's fault filter before hopwatch, configured on
+    /// the routes to this service (as istiod renders it).
+    #[serde(default)]
+    pub fault_abort: Option<u16>,
     /// Pods runtime only: the app listens on 127.0.0.1 only, not on the pod address the
     /// inbound sidecar connects to (UF, as in Istio since 1.10).
     #[serde(default)]
@@ -149,6 +169,9 @@ fn default_namespace() -> String {
 }
 fn default_tag_header() -> String {
     DEFAULT_TAG_HEADER.to_string()
+}
+fn default_port() -> String {
+    "http".to_string()
 }
 fn yes() -> bool {
     true
@@ -221,15 +244,25 @@ impl Workload {
         out
     }
 
-    /// The Service port's name (pods runtime): `http-web` unless set.
-    pub fn service_port_name(&self) -> &str {
-        self.port_name.as_deref().unwrap_or("http-web")
+    /// The port speaks gRPC (`grpc`, `grpc-*`): callers' apps call it with gRPC.
+    pub fn grpc(&self) -> bool {
+        self.port == "grpc" || self.port.starts_with("grpc-")
     }
 
-    /// Is the Service port treated as TCP (named `tcp-...`, or `tcp`)?
+    /// The port speaks HTTP/2 between sidecars and to the app (`grpc*`, `http2*`).
+    pub fn http2(&self) -> bool {
+        self.grpc() || self.port == "http2" || self.port.starts_with("http2-")
+    }
+
+    /// The Service port's name.
+    pub fn service_port_name(&self) -> &str {
+        &self.port
+    }
+
+    /// Is the Service port treated as TCP (named `tcp-...`, or `tcp`; pods runtime only:
+    /// both sidecars run a TCP proxy for it and no HTTP filter sees the hop)?
     pub fn port_is_tcp(&self) -> bool {
-        let name = self.service_port_name();
-        name == "tcp" || name.starts_with("tcp-")
+        self.port == "tcp" || self.port.starts_with("tcp-")
     }
 
     /// Is this instance's app down?
@@ -271,8 +304,8 @@ impl Topology {
     pub fn pods_only_features(&self) -> Vec<String> {
         let mut out = Vec::new();
         for w in &self.workloads {
-            if w.port_name.is_some() {
-                out.push(format!("{}: port_name", w.name));
+            if w.port_is_tcp() {
+                out.push(format!("{}: port {}", w.name, w.port));
             }
             if w.listen_loopback_only {
                 out.push(format!("{}: listen_loopback_only", w.name));
@@ -285,6 +318,11 @@ impl Topology {
             }
         }
         out
+    }
+
+    /// Whether the workload behind a call target is called with gRPC.
+    pub fn calls_grpc(&self, target: &str) -> bool {
+        self.find_workload(target).is_some_and(Workload::grpc)
     }
 
     /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
@@ -345,6 +383,21 @@ impl Topology {
                     w.name
                 )));
             }
+            let port_ok = ["http", "http2", "grpc"]
+                .iter()
+                .any(|p| w.port == *p || w.port.starts_with(&format!("{p}-")));
+            if !port_ok {
+                return Err(bad(format!(
+                    "workload {}: port name {:?} must be http, http2 or grpc, alone or with a -suffix",
+                    w.name, w.port
+                )));
+            }
+            if w.fault_abort.is_some_and(|c| !(200..600).contains(&c)) {
+                return Err(bad(format!(
+                    "workload {}: fault_abort must be an HTTP status (200-599)",
+                    w.name
+                )));
+            }
             if let CopySpec::Word(word) = &w.copy {
                 if word.is_empty() {
                     return Err(bad(format!("workload {}: empty copy", w.name)));
@@ -400,6 +453,20 @@ mod tests {
     }
 
     #[test]
+    fn port_names_give_the_protocol() {
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    calls: [b, c]\n  - name: b\n    port: grpc-api\n  - name: c\n    port: http2\n",
+            "t",
+        )
+        .unwrap();
+        assert!(!t.workloads[0].http2() && !t.calls_grpc("a"));
+        assert!(t.workloads[1].grpc() && t.workloads[1].http2() && t.calls_grpc("b"));
+        assert!(!t.workloads[2].grpc() && t.workloads[2].http2());
+        let err = Topology::parse("workloads:\n  - name: a\n    port: tcp-x\n", "t").unwrap_err();
+        assert!(err.to_string().contains("port name"), "{err}");
+    }
+
+    #[test]
     fn unknown_call_targets_are_refused() {
         let err = Topology::parse("workloads:\n  - name: a\n    calls: [nope]\n", "t").unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
@@ -408,16 +475,16 @@ mod tests {
     #[test]
     fn pods_only_options_are_named_so_the_processes_runtime_can_refuse_them() {
         let t = Topology::parse(
-            "workloads:\n  - name: a\n    port_name: tcp-db\n    instances: [{tag: x, subset_label: false}]\n  - name: b\n",
+            "workloads:\n  - name: a\n    port: tcp-db\n    instances: [{tag: x, subset_label: false}]\n  - name: b\n",
             "t",
         )
         .unwrap();
         assert_eq!(
             t.pods_only_features(),
-            vec!["a: port_name", "a: subset_label"]
+            vec!["a: port tcp-db", "a: subset_label"]
         );
         assert!(t.workloads[0].port_is_tcp() && !t.workloads[1].port_is_tcp());
-        assert_eq!(t.workloads[1].service_port_name(), "http-web");
+        assert_eq!(t.workloads[1].service_port_name(), "http");
         let healthy = Topology::load(&topologies_dir().join("healthy.yaml")).unwrap();
         assert!(healthy.pods_only_features().is_empty());
     }

@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 use super::capture::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
 use super::plan::{PodPlan, ServicePlan, APP_PORT, HEALTH_PORT, PROXY_ADMIN_PORT, SERVICE_PORT};
 use crate::bootstrap::{
-    access_log, collector_cluster_name, listener, node, outbound_cluster, outbound_routes, socket,
-    static_cluster,
+    access_log, collector_cluster_name, fault_filter, listener, node, outbound_cluster,
+    outbound_routes, rbac_deny_all, socket, static_cluster,
 };
 use crate::manifests::SidecarFilters;
 
@@ -49,7 +49,7 @@ fn tcp_proxy(stat_prefix: &str, cluster: &str, access: Value) -> Value {
     })
 }
 
-fn original_dst_cluster(name: &str, bind_127_0_0_6: bool) -> Value {
+fn original_dst_cluster(name: &str, bind_127_0_0_6: bool, http2: bool) -> Value {
     let mut c = json!({
         "name": name,
         "type": "ORIGINAL_DST",
@@ -59,6 +59,11 @@ fn original_dst_cluster(name: &str, bind_127_0_0_6: bool) -> Value {
     if bind_127_0_0_6 {
         c["upstream_bind_config"] =
             json!({"source_address": {"address": "127.0.0.6", "port_value": 0}});
+    }
+    if http2 {
+        // grpc-*/http2-* ports: HTTP/2 (h2c) to the app, as Istio's inbound cluster does.
+        c["typed_extension_protocol_options"] =
+            static_cluster(name, "0.0.0.0", &[], true)["typed_extension_protocol_options"].clone();
     }
     c
 }
@@ -107,7 +112,7 @@ fn outbound_clusters(pp: &PodPlan) -> Vec<Value> {
             &outbound_cluster("", &fqdn),
             &pp.subset_endpoints(&w.name, ""),
             APP_PORT,
-            false,
+            w.http2(),
         ));
         for i in &w.instances {
             if i.tag.is_empty() || w.undefined_subsets.contains(&i.tag) {
@@ -117,7 +122,7 @@ fn outbound_clusters(pp: &PodPlan) -> Vec<Value> {
                 &outbound_cluster(&i.tag, &fqdn),
                 &pp.subset_endpoints(&w.name, &i.tag),
                 APP_PORT,
-                false,
+                w.http2(),
             ));
         }
     }
@@ -192,6 +197,23 @@ pub fn pod_sidecar_bootstrap(
     let tag_header = &pp.plan.topology.tag_header;
     let tcp = pp.service(&inst.service).is_some_and(|s| s.tcp);
     let inbound_cluster = format!("inbound|{APP_PORT}||");
+    // Envoy's own filters before hopwatch, as the processes runtime puts them.
+    let workload = pp.plan.workload(&inst.service);
+    let inbound_before = match workload {
+        Some(w) if w.deny_all => vec![rbac_deny_all(&inst.namespace, &inst.service)],
+        _ => vec![],
+    };
+    let outbound_before = if pp
+        .plan
+        .topology
+        .workloads
+        .iter()
+        .any(|w| w.fault_abort.is_some())
+    {
+        vec![fault_filter()]
+    } else {
+        vec![]
+    };
 
     // virtualInbound: the app port's chain, then passthrough.
     let inbound_chain = if tcp {
@@ -224,6 +246,7 @@ pub fn pod_sidecar_bootstrap(
             INBOUND_CAPTURE_PORT,
             &format!("inbound_0.0.0.0_{APP_PORT}"),
             routes,
+            inbound_before,
             filters.inbound.clone(),
             access_log("/dev/stdout", "inbound", tag_header),
         );
@@ -269,6 +292,7 @@ pub fn pod_sidecar_bootstrap(
         SERVICE_PORT,
         &format!("outbound_0.0.0.0_{SERVICE_PORT}"),
         http_route_80(pp),
+        outbound_before,
         filters.outbound.clone(),
         access_log("/dev/stdout", "outbound", tag_header),
     );
@@ -284,9 +308,13 @@ pub fn pod_sidecar_bootstrap(
     listeners.push(health_listener());
 
     let mut clusters = vec![
-        original_dst_cluster(&inbound_cluster, true),
-        original_dst_cluster("InboundPassthroughCluster", true),
-        original_dst_cluster("PassthroughCluster", false),
+        original_dst_cluster(
+            &inbound_cluster,
+            true,
+            pp.plan.workload(&inst.service).is_some_and(|w| w.http2()),
+        ),
+        original_dst_cluster("InboundPassthroughCluster", true, false),
+        original_dst_cluster("PassthroughCluster", false, false),
         json!({"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "10s"}),
         static_cluster("agent", "127.0.0.1", &[PROXY_ADMIN_PORT], false),
         // The tracer's collector: nothing listens (spans are not the point).
@@ -342,7 +370,7 @@ mod tests {
     #[test]
     fn sidecar_has_istios_listeners_and_clusters() {
         let b = bootstrap(
-            "namespace: ns\nworkloads:\n  - name: a\n    calls: [b, c]\n  - name: b\n    undefined_subsets: [dev]\n    instances: [{tag: \"\"}, {tag: dev}]\n  - name: c\n    port_name: tcp-db\n",
+            "namespace: ns\nworkloads:\n  - name: a\n    calls: [b, c]\n  - name: b\n    undefined_subsets: [dev]\n    instances: [{tag: \"\"}, {tag: dev}]\n  - name: c\n    port: tcp-db\n",
             "a",
         );
         let listeners = names(&b, "listeners");
@@ -395,7 +423,7 @@ mod tests {
     #[test]
     fn tcp_service_inbound_is_a_tcp_proxy_without_the_filter() {
         let b = bootstrap(
-            "namespace: ns\nworkloads:\n  - name: c\n    port_name: tcp-db\n",
+            "namespace: ns\nworkloads:\n  - name: c\n    port: tcp-db\n",
             "c",
         );
         let vi = &b["static_resources"]["listeners"][3];

@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn addresses_stay_inside_the_subnet_and_subsets_follow_labels() {
         let topology = Topology::parse(
-            "namespace: ns\nworkloads:\n  - name: a\n    calls: [b]\n  - name: b\n    port_name: tcp-web\n    instances:\n      - tag: \"\"\n      - tag: dev\n        subset_label: false\n",
+            "namespace: ns\nworkloads:\n  - name: a\n    calls: [b]\n  - name: b\n    port: tcp-web\n    instances:\n      - tag: \"\"\n      - tag: dev\n        subset_label: false\n",
             "t",
         )
         .unwrap();
