@@ -383,12 +383,13 @@ impl Topology {
                     w.name
                 )));
             }
-            let port_ok = ["http", "http2", "grpc"]
+            // tcp/tcp-*: a port Istio treats as TCP (the pods runtime models it).
+            let port_ok = ["http", "http2", "grpc", "tcp"]
                 .iter()
                 .any(|p| w.port == *p || w.port.starts_with(&format!("{p}-")));
             if !port_ok {
                 return Err(bad(format!(
-                    "workload {}: port name {:?} must be http, http2 or grpc, alone or with a -suffix",
+                    "workload {}: port name {:?} must be http, http2, grpc or tcp, alone or with a -suffix",
                     w.name, w.port
                 )));
             }
@@ -462,7 +463,7 @@ mod tests {
         assert!(!t.workloads[0].http2() && !t.calls_grpc("a"));
         assert!(t.workloads[1].grpc() && t.workloads[1].http2() && t.calls_grpc("b"));
         assert!(!t.workloads[2].grpc() && t.workloads[2].http2());
-        let err = Topology::parse("workloads:\n  - name: a\n    port: tcp-x\n", "t").unwrap_err();
+        let err = Topology::parse("workloads:\n  - name: a\n    port: udp-x\n", "t").unwrap_err();
         assert!(err.to_string().contains("port name"), "{err}");
     }
 
