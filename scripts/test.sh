@@ -3,9 +3,15 @@
 #   lints, native unit/integration tests, the filter's logic on wasm32 under
 #   wasm-bindgen-test, the filter inside a real Envoy 1.40, the collector's gRPC and CLI
 #   tests, the manifest validation (real `envoy --mode validate`), the end-to-end
-#   local-mesh scenarios, and the same mesh in pods (test-envoy/tests/pods.rs: podman
-#   kube play with Istio's capture; ~150 s). Installs what it needs on a fresh machine
-#   (including podman, runc, iptables and a containers.conf: scripts/ensure-podman.sh).
+#   local-mesh scenarios, the operator checks (`promtool check metrics` on a live
+#   collector's /metrics and `promtool check rules` on the shipped PrometheusRule:
+#   collector/tests/monitoring.rs; the web view in headless Chromium:
+#   test-envoy/tests/web_view.rs; the quick start's Envoy install into a fresh venv:
+#   test-envoy/tests/quickstart.rs), and the mesh in pods (test-envoy/tests/pods.rs:
+#   podman kube play with Istio's capture; ~170 s). Installs what it needs on a fresh
+#   machine (scripts/ensure-tools.sh: Envoy into target/venv; Debian prometheus,
+#   chromium, chromium-driver, nodejs, podman, runc, iptables as root, and a
+#   containers.conf: scripts/ensure-podman.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -16,6 +22,7 @@ trap 'rm -f "$results"' EXIT
 
 # shellcheck source=scripts/ensure-tools.sh
 source scripts/ensure-tools.sh
+echo "tools: $(envoy --version 2>/dev/null | grep -o '/1\.40\.[0-9]*/' | tr -d /) envoy ($(command -v envoy)), $(promtool --version 2>/dev/null | head -1), $(chromium --version 2>/dev/null)"
 
 log "build: the filter (wasm32-wasip1, release) that the Envoy tests load"
 cargo build --locked -p hopwatch-filter --target wasm32-wasip1 --release
