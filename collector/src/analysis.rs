@@ -503,6 +503,23 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         seen_ms: seen_ms(h),
     };
 
+    // Calls no sidecar saw as HTTP (TCP-named ports), revealed by the callee's own calls.
+    let hidden = if cx.partial {
+        Vec::new()
+    } else {
+        let mut complete = vec![false; hops.len()];
+        for n in &nodes {
+            if let (Some(o), Some(_)) = (n.out, n.inb) {
+                complete[o as usize] = true;
+            }
+        }
+        crate::hidden_hop::hidden_calls(
+            hops,
+            |o| parent_in[o] != NONE,
+            |o| complete[o],
+            cx.slack_us,
+        )
+    };
     for (nid, node) in nodes.iter().enumerate() {
         let nid = nid as u32;
         // --- outbound hop checks: tag chain, trace chain, missing callee ---
@@ -685,6 +702,28 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                         format!(
                             "Check that the pods of {peer} have an injected sidecar with the hopwatch inbound filter, and that the Service port is named with its protocol (http-*, grpc-*): an unnamed port is treated as TCP."
                         ),
+                    ),
+                ));
+            }
+        }
+        if let Some(o) = node.out {
+            for call in hidden.iter().filter(|c| c.callee_outbound == o) {
+                let caller = &hops[call.caller_inbound as usize];
+                let callee = &hops[o as usize];
+                let (summary, hint) = crate::hidden_hop::describe(
+                    &r(caller.workload),
+                    &r(callee.workload),
+                    &dest(callee),
+                );
+                out.push((
+                    nid,
+                    mk(
+                        BreakKind::HopMissing,
+                        caller,
+                        r(callee.workload),
+                        vec![],
+                        summary,
+                        hint,
                     ),
                 ));
             }
@@ -994,7 +1033,7 @@ pub fn flag_hint(flags: &[String], peer: &str) -> String {
         hints.push(format!("UR (upstream remote reset): {peer} reset the connection; check its logs and protocol (port naming http-*/grpc-*)"));
     }
     if has("NC") {
-        hints.push(format!("NC (no cluster): no Envoy cluster for {peer}; check the host name, ServiceEntry and Sidecar egress scope"));
+        hints.push(format!("NC (no cluster): no Envoy cluster for {peer}; check the host name, ServiceEntry and Sidecar egress scope, and that every subset a VirtualService routes to is defined in a DestinationRule (apply subsets before routes: make before break)"));
     }
     if has("DPE") || has("UPE") {
         hints.push("DPE/UPE (protocol error): the protocol does not match the port's declared protocol; check the Service port name (http-*, http2-*, grpc-*)".to_string());

@@ -8,6 +8,7 @@
 //! - [`analysis`]: joining hops into a call tree and the break detectors (pure); the
 //!   newer detectors live in their own modules: [`app_error`], [`policy_denied`], with
 //!   gRPC status names and hints in [`grpc`].
+//! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
@@ -26,6 +27,7 @@ pub mod core;
 pub mod fragments;
 pub mod graph;
 pub mod grpc;
+pub mod hidden_hop;
 pub mod metrics;
 pub mod model;
 pub mod other_ids;

@@ -40,11 +40,11 @@ pub fn collector_cluster_name(filters: &SidecarFilters) -> String {
         .unwrap_or_else(|| "hopwatch-collector".to_string())
 }
 
-fn socket(host: &str, port: u16) -> Value {
+pub fn socket(host: &str, port: u16) -> Value {
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
-fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
+pub fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
     let lb_endpoints: Vec<Value> = ports
         .iter()
         .map(|p| json!({"endpoint": {"address": socket(host, *p)}}))
@@ -69,7 +69,7 @@ fn static_cluster(name: &str, host: &str, ports: &[u16], http2: bool) -> Value {
     cluster
 }
 
-fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
+pub fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
     let format = format!(
         "[%START_TIME%] {side} \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
          %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% cluster=%UPSTREAM_CLUSTER% \
@@ -113,7 +113,7 @@ fn router() -> Value {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn listener(
+pub fn listener(
     name: &str,
     direction: &str,
     host: &str,
@@ -183,7 +183,7 @@ pub fn rbac_deny_all(namespace: &str, workload: &str) -> Value {
 }
 
 /// Envoy's fault filter with no configuration of its own (routes carry the fault).
-fn fault_filter() -> Value {
+pub fn fault_filter() -> Value {
     json!({
         "name": "envoy.filters.http.fault",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
@@ -201,7 +201,7 @@ fn route_fault_abort(status: u16) -> Value {
 }
 
 /// The outbound route configuration every sidecar shares: one virtual host per Service.
-fn outbound_routes(plan: &Plan) -> Value {
+pub fn outbound_routes(plan: &Plan) -> Value {
     let topology = &plan.topology;
     let mut virtual_hosts = Vec::new();
     for w in &topology.workloads {

@@ -5,7 +5,8 @@
 //! - [`plan`]: a topology resolved to ports and Istio-style names.
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
-//! - [`render`]: writes the configuration for the docker-compose setup.
+//! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
+//! - [`render`]: writes the configuration for a docker-compose setup (host networking).
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
 pub mod bins;
@@ -19,5 +20,6 @@ pub mod httpc;
 pub mod manifests;
 pub mod mesh;
 pub mod plan;
+pub mod pods;
 pub mod render;
 pub mod topology;

@@ -294,6 +294,16 @@ fn loopback(port: u16) -> SocketAddr {
 impl Mesh {
     /// Starts the mesh of `topology`: collector, apps, sidecars; returns once all are ready.
     pub fn start(topology: &Topology, options: &MeshOptions) -> Result<Mesh, MeshError> {
+        let pods_only = topology.pods_only_features();
+        if !pods_only.is_empty() {
+            return Err(MeshError::Startup {
+                what: format!(
+                    "this topology needs the pods runtime (--runtime pods) for: {}",
+                    pods_only.join(", ")
+                ),
+                logs: String::new(),
+            });
+        }
         let wasm = bins::wasm_file()?;
         let envoy = bins::envoy_bin()?;
         let demo = match &options.demo_service {

@@ -128,6 +128,15 @@ pub struct Workload {
     /// the routes to this service (as istiod renders it).
     #[serde(default)]
     pub fault_abort: Option<u16>,
+    /// Pods runtime only: the app listens on 127.0.0.1 only, not on the pod address the
+    /// inbound sidecar connects to (UF, as in Istio since 1.10).
+    #[serde(default)]
+    pub listen_loopback_only: bool,
+    /// Pods runtime only: subsets the callers' routes send traffic to but whose
+    /// DestinationRule subset is not defined yet (a rollout applied in the wrong order):
+    /// the route names a cluster the sidecar does not have.
+    #[serde(default)]
+    pub undefined_subsets: Vec<String>,
 }
 
 /// One instance (Deployment) of a workload, in one virtual environment.
@@ -141,6 +150,10 @@ pub struct Instance {
     /// Overrides the workload's `app_down` for this instance.
     #[serde(default)]
     pub app_down: Option<bool>,
+    /// Pods runtime only: `false` when the pod lacks the label its subset selects
+    /// (`virtual-env`, like a missing `version` label): it runs, but no subset has it.
+    #[serde(default)]
+    pub subset_label: Option<bool>,
 }
 
 /// Which received headers an app copies onto its calls.
@@ -257,6 +270,17 @@ impl Workload {
         self.grpc() || self.port == "http2" || self.port.starts_with("http2-")
     }
 
+    /// The Service port's name.
+    pub fn service_port_name(&self) -> &str {
+        &self.port
+    }
+
+    /// Is the Service port treated as TCP (named `tcp-...`, or `tcp`; pods runtime only:
+    /// both sidecars run a TCP proxy for it and no HTTP filter sees the hop)?
+    pub fn port_is_tcp(&self) -> bool {
+        self.port == "tcp" || self.port.starts_with("tcp-")
+    }
+
     /// Is this instance's app down?
     pub fn instance_down(&self, instance: &Instance) -> bool {
         instance.app_down.unwrap_or(self.app_down)
@@ -289,6 +313,27 @@ impl Topology {
         self.workloads
             .iter()
             .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
+    }
+
+    /// The options of this topology that only the pods runtime models (they need pod
+    /// addresses, Service ports and capture), as `workload: option` strings.
+    pub fn pods_only_features(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in &self.workloads {
+            if w.port_is_tcp() {
+                out.push(format!("{}: port {}", w.name, w.port));
+            }
+            if w.listen_loopback_only {
+                out.push(format!("{}: listen_loopback_only", w.name));
+            }
+            if !w.undefined_subsets.is_empty() {
+                out.push(format!("{}: undefined_subsets", w.name));
+            }
+            if w.instances.iter().any(|i| i.subset_label.is_some()) {
+                out.push(format!("{}: subset_label", w.name));
+            }
+        }
+        out
     }
 
     /// Whether the workload behind a call target is called with gRPC.
@@ -354,12 +399,13 @@ impl Topology {
                     w.name
                 )));
             }
-            let port_ok = ["http", "http2", "grpc"]
+            // tcp/tcp-*: a port Istio treats as TCP (the pods runtime models it).
+            let port_ok = ["http", "http2", "grpc", "tcp"]
                 .iter()
                 .any(|p| w.port == *p || w.port.starts_with(&format!("{p}-")));
             if !port_ok {
                 return Err(bad(format!(
-                    "workload {}: port name {:?} must be http, http2 or grpc, alone or with a -suffix",
+                    "workload {}: port name {:?} must be http, http2, grpc or tcp, alone or with a -suffix",
                     w.name, w.port
                 )));
             }
@@ -456,7 +502,7 @@ mod tests {
         assert!(!t.workloads[0].http2() && !t.calls_grpc("a"));
         assert!(t.workloads[1].grpc() && t.workloads[1].http2() && t.calls_grpc("b"));
         assert!(!t.workloads[2].grpc() && t.workloads[2].http2());
-        let err = Topology::parse("workloads:\n  - name: a\n    port: tcp-x\n", "t").unwrap_err();
+        let err = Topology::parse("workloads:\n  - name: a\n    port: udp-x\n", "t").unwrap_err();
         assert!(err.to_string().contains("port name"), "{err}");
     }
 
@@ -464,6 +510,23 @@ mod tests {
     fn unknown_call_targets_are_refused() {
         let err = Topology::parse("workloads:\n  - name: a\n    calls: [nope]\n", "t").unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn pods_only_options_are_named_so_the_processes_runtime_can_refuse_them() {
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    port: tcp-db\n    instances: [{tag: x, subset_label: false}]\n  - name: b\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            t.pods_only_features(),
+            vec!["a: port tcp-db", "a: subset_label"]
+        );
+        assert!(t.workloads[0].port_is_tcp() && !t.workloads[1].port_is_tcp());
+        assert_eq!(t.workloads[1].service_port_name(), "http");
+        let healthy = Topology::load(&topologies_dir().join("healthy.yaml")).unwrap();
+        assert!(healthy.pods_only_features().is_empty());
     }
 
     #[test]

@@ -46,9 +46,15 @@ struct Args {
     /// This instance's virtual environment (reported in responses).
     #[arg(long, default_value = "")]
     tag: String,
-    /// The sidecar's outbound listener; calls go there.
+    /// The sidecar's outbound listener; calls go there. Without it, calls go to the
+    /// service's own name, port 80 (in a pod: its Service address, captured by the
+    /// sidecar as Istio captures it).
     #[arg(long)]
     outbound: Option<SocketAddr>,
+    /// A second address serving only `/received` and `/healthz` (in a pod: a port the
+    /// capture rules exclude, so that looking at the app does not make mesh traffic).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// A downstream service FQDN to call per request (repeatable, in order).
     #[arg(long = "call")]
     calls: Vec<String>,
@@ -101,11 +107,20 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 
 /// One downstream call; blocking (run on tokio's blocking pool).
 fn call(app: &App, target: &str, path: &str, received: &BTreeMap<String, String>) -> (bool, Value) {
-    let Some(outbound) = app.args.outbound else {
-        return (
-            false,
-            json!({"service": target, "error": "no outbound listener configured"}),
-        );
+    let outbound = match app.args.outbound {
+        Some(o) => o,
+        None => match std::net::ToSocketAddrs::to_socket_addrs(&(target, 80u16))
+            .ok()
+            .and_then(|mut a| a.next())
+        {
+            Some(a) => a,
+            None => {
+                return (
+                    false,
+                    json!({"service": target, "error": format!("cannot resolve {target}")}),
+                )
+            }
+        },
     };
     let mut headers = vec![("host".to_string(), target.to_string())];
     for (name, value) in received {
@@ -143,6 +158,14 @@ fn call(app: &App, target: &str, path: &str, received: &BTreeMap<String, String>
     }
 }
 
+/// The admin address: only the read-only endpoints.
+async fn handle_admin(state: State<Arc<App>>, request: Request) -> Response {
+    match request.uri().path() {
+        "/healthz" | "/received" => handle(state, request).await,
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
 /// One gRPC call to `fqdn` through the sidecar's outbound listener (`:authority` is the
 /// FQDN, as an app's gRPC client sets it), with the copied headers as metadata.
 async fn grpc_call(
@@ -152,11 +175,11 @@ async fn grpc_call(
     received: &BTreeMap<String, String>,
 ) -> (bool, Value) {
     let target = format!("grpc://{fqdn}");
-    let Some(outbound) = app.args.outbound else {
-        return (
-            false,
-            json!({"service": target, "error": "no outbound listener configured"}),
-        );
+    // Without a sidecar listener to call: the service's own name, port 80 (in a pod,
+    // captured by the sidecar).
+    let outbound = match app.args.outbound {
+        Some(o) => o.to_string(),
+        None => format!("{fqdn}:80"),
     };
     let timeout = Duration::from_millis(app.args.call_timeout_ms);
     let channel = async {
@@ -351,6 +374,15 @@ async fn main() -> anyhow::Result<()> {
         args,
         received: Mutex::new(VecDeque::new()),
     });
+    if let Some(admin) = app.args.admin_listen {
+        let admin_listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("binding {admin}"))?;
+        let admin_router = axum::Router::new()
+            .fallback(handle_admin)
+            .with_state(Arc::clone(&app));
+        tokio::spawn(async move { axum::serve(admin_listener, admin_router).await });
+    }
     // gRPC (h2c) and HTTP/1.1 on one port: axum's server tells them apart.
     let grpc = DemoServer::new(GrpcDemo {
         app: Arc::clone(&app),

@@ -4,7 +4,11 @@
 //! - `demo`: the README's main job on the embedded topology: start the mesh, send
 //!   tagged requests through a broken chain, print `hopwatch breaks` and a `hopwatch
 //!   trace` tree, stop.
-//! - `render TOPOLOGY --out DIR`: write the Envoy bootstraps and a docker-compose file.
+//! - `render TOPOLOGY --out DIR`: write the Envoy bootstraps and a docker-compose file;
+//!   with `--runtime pods`, the Kubernetes YAML of the pods and the files they mount.
+//!
+//! `--runtime processes` (the default) runs local processes on the loopback; `--runtime
+//! pods` runs every workload as a pod (podman kube play) with Istio's capture.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -15,8 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hopwatch_test_envoy::bins;
+use hopwatch_test_envoy::httpc::HttpResponse;
+use hopwatch_test_envoy::mesh::CliOutput;
 use hopwatch_test_envoy::mesh::{new_trace_id, stop_all_children, Ingress, Mesh, MeshOptions};
 use hopwatch_test_envoy::plan::Plan;
+use hopwatch_test_envoy::pods::{self, PodMesh, PodMeshOptions};
 use hopwatch_test_envoy::render::render;
 use hopwatch_test_envoy::topology::{Topology, DEMO_TOPOLOGY};
 use serde_json::Value;
@@ -26,6 +33,15 @@ use serde_json::Value;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// Where the mesh runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Runtime {
+    /// Local processes on the loopback (fast; the default).
+    Processes,
+    /// A pod per instance (podman kube play), captured as Istio's init container does.
+    Pods,
 }
 
 #[derive(Subcommand)]
@@ -39,6 +55,8 @@ enum Cmd {
         /// The collector's --trace-quiet.
         #[arg(long, default_value = "2s")]
         trace_quiet: String,
+        #[arg(long, value_enum, default_value = "processes")]
+        runtime: Runtime,
     },
     /// Run the demo: a broken chain, its chain-break report and a trace tree.
     Demo {
@@ -51,6 +69,8 @@ enum Cmd {
         /// The tag the requests carry.
         #[arg(long, default_value = "dev.proj1")]
         tag: String,
+        #[arg(long, value_enum, default_value = "processes")]
+        runtime: Runtime,
     },
     /// Write the Envoy bootstraps of TOPOLOGY and a docker-compose file running them.
     Render {
@@ -63,7 +83,79 @@ enum Cmd {
         /// First of the consecutive loopback ports the rendered mesh uses.
         #[arg(long, default_value_t = 21000)]
         base_port: u16,
+        /// `pods`: write OUT/pods.yaml (for `podman kube play`), OUT/services.yaml and
+        /// the files the pods mount, instead of the docker-compose setup.
+        #[arg(long, value_enum, default_value = "processes")]
+        runtime: Runtime,
+        /// Pods: the /24 subnet of the network the YAML's addresses live in.
+        #[arg(long, default_value = "10.89.200.0")]
+        subnet: std::net::Ipv4Addr,
+        /// Pods: images (default: what scripts/pod-images.sh tags `:latest`).
+        #[arg(long, default_value = "localhost/hopwatch/istio-proxy:latest")]
+        proxy_image: String,
+        #[arg(long, default_value = "localhost/hopwatch/demo:latest")]
+        demo_image: String,
+        #[arg(long, default_value = "localhost/hopwatch/collector:latest")]
+        collector_image: String,
     },
+}
+
+/// A running mesh of either runtime.
+enum AnyMesh {
+    Processes(Mesh),
+    Pods(PodMesh),
+}
+
+impl AnyMesh {
+    fn start(topology: &Topology, name: &str, runtime: Runtime) -> anyhow::Result<AnyMesh> {
+        Ok(match runtime {
+            Runtime::Processes => {
+                AnyMesh::Processes(Mesh::start(topology, &MeshOptions::named(name))?)
+            }
+            Runtime::Pods => AnyMesh::Pods(PodMesh::start(topology, &PodMeshOptions::named(name))?),
+        })
+    }
+    fn run_dir(&self) -> &std::path::Path {
+        match self {
+            AnyMesh::Processes(m) => m.run_dir(),
+            AnyMesh::Pods(m) => m.run_dir(),
+        }
+    }
+    fn send(&self, request: &Ingress) -> anyhow::Result<HttpResponse> {
+        Ok(match self {
+            AnyMesh::Processes(m) => m.send(request)?,
+            AnyMesh::Pods(m) => m.send(request)?,
+        })
+    }
+    fn cli(&self, args: &[&str]) -> anyhow::Result<CliOutput> {
+        Ok(match self {
+            AnyMesh::Processes(m) => m.cli(args)?,
+            AnyMesh::Pods(m) => m.cli(args)?,
+        })
+    }
+    fn breaks(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(match self {
+            AnyMesh::Processes(m) => m.breaks()?,
+            AnyMesh::Pods(m) => m.breaks()?,
+        })
+    }
+    fn wait_for_breaks(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        Ok(match self {
+            AnyMesh::Processes(m) => m.wait_for_breaks(what, timeout, done)?,
+            AnyMesh::Pods(m) => m.wait_for_breaks(what, timeout, done)?,
+        })
+    }
+    fn stop(&mut self) {
+        match self {
+            AnyMesh::Processes(m) => m.stop(),
+            AnyMesh::Pods(m) => m.stop(),
+        }
+    }
 }
 
 /// Set while `main` itself handles a signal (it then stops the mesh in order).
@@ -95,6 +187,7 @@ fn install_signal_handler() -> anyhow::Result<mpsc::Receiver<()>> {
         }
         eprintln!("\ninterrupted: stopping the mesh");
         stop_all_children();
+        pods::remove_all_pods();
         std::process::exit(130);
     });
     Ok(rx)
@@ -125,7 +218,75 @@ fn print_ports(mesh: &Mesh) {
     println!("logs and configs: {}", mesh.run_dir().display());
 }
 
-fn up(path: PathBuf, no_collector: bool, trace_quiet: String) -> anyhow::Result<()> {
+fn print_pods(mesh: &PodMesh) {
+    let pp = mesh.pod_plan();
+    println!(
+        "network     {} (internal)",
+        mesh.network_name().unwrap_or("?")
+    );
+    println!("collector   gRPC {}", mesh.collector_url());
+    for (i, inst) in pp.plan.instances.iter().enumerate() {
+        let sidecar = if inst.sidecar.is_some() {
+            "istio-proxy"
+        } else {
+            "no sidecar"
+        };
+        let app = if inst.app_down { "app down" } else { "app" };
+        println!(
+            "{:<28} pod {:<15} {app}, {sidecar}",
+            inst.label(),
+            pp.pod_ips[i]
+        );
+    }
+    for s in &pp.services {
+        println!(
+            "service     {:<48} {}:{} ({})",
+            s.fqdn(),
+            s.vip,
+            s.port,
+            s.port_name
+        );
+    }
+    println!("YAML, configs and logs: {}", mesh.run_dir().display());
+}
+
+fn up_pods(path: PathBuf, no_collector: bool, trace_quiet: String) -> anyhow::Result<()> {
+    let signals = install_signal_handler()?;
+    MAIN_HANDLES_SIGNALS.store(true, Ordering::SeqCst);
+    let topology = Topology::load(&path)?;
+    let mut options = PodMeshOptions::named("up");
+    options.start_collector = !no_collector;
+    options.trace_quiet = trace_quiet;
+    let mut mesh = PodMesh::start(&topology, &options)?;
+    print_pods(&mesh);
+    if let Some(first) = mesh.pod_plan().plan.instances.first() {
+        println!(
+            "\ntry: curl -s -H 'host: {}' -H '{}: dev' http://{}:8080/ | head -c 600",
+            first.fqdn(),
+            topology.tag_header,
+            mesh.pod_plan().pod_ips[0]
+        );
+        println!(
+            "     HOPWATCH_COLLECTOR={} hopwatch breaks",
+            mesh.collector_url()
+        );
+    }
+    println!("\nrunning; Ctrl-C to stop");
+    let _ = signals.recv();
+    let _ = writeln!(std::io::stdout(), "stopping");
+    mesh.stop();
+    Ok(())
+}
+
+fn up(
+    path: PathBuf,
+    no_collector: bool,
+    trace_quiet: String,
+    runtime: Runtime,
+) -> anyhow::Result<()> {
+    if runtime == Runtime::Pods {
+        return up_pods(path, no_collector, trace_quiet);
+    }
     let signals = install_signal_handler()?;
     MAIN_HANDLES_SIGNALS.store(true, Ordering::SeqCst);
     let topology = Topology::load(&path)?;
@@ -222,7 +383,12 @@ fn short_annotation(header: &str) -> String {
         .join(", ")
 }
 
-fn demo(requests: usize, topology_path: Option<PathBuf>, tag: String) -> anyhow::Result<()> {
+fn demo(
+    requests: usize,
+    topology_path: Option<PathBuf>,
+    tag: String,
+    runtime: Runtime,
+) -> anyhow::Result<()> {
     install_signal_handler()?;
     let topology = match &topology_path {
         Some(p) => Topology::load(p)?,
@@ -234,9 +400,17 @@ fn demo(requests: usize, topology_path: Option<PathBuf>, tag: String) -> anyhow:
         .filter(|w| w.sidecar)
         .map(|w| w.instances.len())
         .sum::<usize>();
-    println!("==> starting the local mesh: collector + {envoys} Envoy sidecars + apps");
+    match runtime {
+        Runtime::Processes => {
+            println!("==> starting the local mesh: collector + {envoys} Envoy sidecars + apps")
+        }
+        Runtime::Pods => println!(
+            "==> starting the local mesh in pods: collector + {} pods ({envoys} with an istio-proxy sidecar, traffic captured)",
+            topology.workloads.iter().map(|w| w.instances.len()).sum::<usize>()
+        ),
+    }
     let started = Instant::now();
-    let mut mesh = Mesh::start(&topology, &MeshOptions::named("demo"))?;
+    let mut mesh = AnyMesh::start(&topology, "demo", runtime)?;
     println!(
         "    ready in {:.1}s (logs: {})",
         started.elapsed().as_secs_f64(),
@@ -331,17 +505,43 @@ fn main() -> anyhow::Result<()> {
             topology,
             no_collector,
             trace_quiet,
-        } => up(topology, no_collector, trace_quiet),
+            runtime,
+        } => up(topology, no_collector, trace_quiet, runtime),
         Cmd::Demo {
             requests,
             topology,
             tag,
-        } => demo(requests, topology, tag),
+            runtime,
+        } => demo(requests, topology, tag, runtime),
+        Cmd::Render {
+            topology,
+            out,
+            runtime: Runtime::Pods,
+            subnet,
+            proxy_image,
+            demo_image,
+            collector_image,
+            ..
+        } => {
+            let t = Topology::load(&topology)?;
+            let images = pods::podman::Images {
+                proxy: proxy_image,
+                demo: demo_image,
+                collector: collector_image,
+            };
+            let r = pods::render::render_pods(&t, &out, subnet, &images)?;
+            for f in &r.files {
+                println!("wrote {}", f.display());
+            }
+            println!("\nrun it:\n{}", r.commands);
+            Ok(())
+        }
         Cmd::Render {
             topology,
             out,
             compose,
             base_port,
+            ..
         } => {
             let t = Topology::load(&topology)?;
             let compose = compose.unwrap_or_else(|| out.join("docker-compose.yaml"));
