@@ -144,7 +144,9 @@ impl Host for CountingHost {
     }
 }
 
-fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
+/// The request headers of one pool entry; `traced`: with B3 trace headers, else only
+/// `x-request-id` (a mesh without a tracer, Istio's default since 1.22).
+fn headers(e: &PoolEntry, inbound: bool, traced: bool) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = vec![
         (
             ":authority".into(),
@@ -165,6 +167,9 @@ fn headers(e: &PoolEntry, inbound: bool) -> Vec<(String, String)> {
     } else {
         h.push(("x-b3-spanid".into(), e.outbound_span.clone()));
         h.push(("x-b3-parentspanid".into(), e.inbound_span.clone()));
+    }
+    if !traced {
+        h.retain(|(k, _)| !k.starts_with("x-b3-"));
     }
     h
 }
@@ -234,6 +239,8 @@ struct Case {
     /// The outbound calls run on another worker than their inbound requests (another
     /// VM: its local correlation copy is empty, shared data answers).
     other_worker: bool,
+    /// Requests carry B3 trace headers (else only `x-request-id`).
+    traced: bool,
 }
 
 fn main() -> Result<()> {
@@ -246,6 +253,7 @@ fn main() -> Result<()> {
             rate,
             overrides: vec![],
             other_worker: false,
+            traced: true,
         });
     }
     cases.push(Case {
@@ -254,6 +262,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![],
         other_worker: true,
+        traced: true,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+annotate_response=never".into(),
@@ -261,6 +270,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("annotate_response", serde_json::json!("never"))],
         other_worker: false,
+        traced: true,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+correlation_buckets=256".into(),
@@ -268,8 +278,23 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
         other_worker: true,
+        traced: true,
     });
 
+    // A mesh without a tracer: only x-request-id, the app passes it on.
+    for inbound in [false, true] {
+        cases.push(Case {
+            name: format!(
+                "hopwatch-{}@0.01, no tracer (x-request-id only)",
+                if inbound { "in" } else { "out" }
+            ),
+            inbound,
+            rate: 0.01,
+            overrides: vec![],
+            other_worker: false,
+            traced: false,
+        });
+    }
     println!(
         "# hopwatch host calls per request (filter logic run natively over a counting host)\n"
     );
@@ -295,7 +320,7 @@ fn main() -> Result<()> {
         let vm_local = LocalStore::new(4096);
         // Warm the correlation store as the sidecar's inbound side does.
         for e in &pool {
-            let h = std::rc::Rc::new(headers(e, true));
+            let h = std::rc::Rc::new(headers(e, true, c.traced));
             one(&inb_core, &host, &vm_local, &h, &map_bytes(&h));
         }
         // Count over one pass of the pool.
@@ -307,7 +332,7 @@ fn main() -> Result<()> {
         let mut reported = 0usize;
         let reqs: Vec<std::rc::Rc<Vec<(String, String)>>> = pool
             .iter()
-            .map(|e| std::rc::Rc::new(headers(e, c.inbound)))
+            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.traced)))
             .collect();
         let maps: Vec<Vec<u8>> = reqs.iter().map(|h| map_bytes(h)).collect();
         let other = LocalStore::new(4096);
