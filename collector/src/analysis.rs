@@ -338,7 +338,7 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
     (callee, caller)
 }
 
-/// 4. Retry attempts: Istio's default route retries a failed call up to twice, each
+/// Step 4 of [`join`], retry attempts: Istio's default route retries a failed call up to twice, each
 /// attempt with the same span id and request id, often on another pod, so one outbound
 /// hop meets up to three inbound hops. An inbound hop still unjoined that matches an
 /// already joined outbound hop (its upstream span id, else its request id and

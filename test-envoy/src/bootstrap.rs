@@ -3,8 +3,10 @@
 //! (`inbound|<port>||`), an outbound listener routing by authority to
 //! `outbound|80|<subset>|<fqdn>` clusters with virtual-environment subset routes (most
 //! specific tag first, each matching the tag and its sub-environments, then the default
-//! subset), request ids generated and the Zipkin tracer on. The hopwatch wasm filters
-//! come verbatim from the sidecar EnvoyFilter manifest.
+//! subset) with Istio's default retry policy and no route timeout, request ids generated
+//! by Envoy's UUID extension, and the topology's tracer (none by default, as in Istio
+//! since 1.22; Zipkin or OpenTelemetry with a sampling percentage). The hopwatch wasm
+//! filters come verbatim from the sidecar EnvoyFilter manifest.
 
 use std::path::Path;
 
@@ -12,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::manifests::{plugin_configuration_json, with_wasm_file, SidecarFilters};
 use crate::plan::{InstancePlan, Plan};
+use crate::topology::{RetryMode, Topology, TracingMode};
 
 /// Where a rendered bootstrap points at files and hosts.
 #[derive(Debug, Clone)]
@@ -79,11 +82,16 @@ fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
     })
 }
 
-/// Istio's tracing block: Zipkin with 128-bit trace ids and one span per side.
-fn tracing(sampling: f64) -> Value {
-    json!({
-        "random_sampling": {"value": sampling},
-        "provider": {
+/// The cluster the OpenTelemetry tracer exports spans to (gRPC; a dead port here).
+const OTEL_CLUSTER: &str = "opentelemetry";
+
+/// Istio's tracing block for the topology's provider (None: no tracer, Istio's default
+/// since 1.22). Zipkin: 128-bit trace ids and one span per side; OpenTelemetry: W3C
+/// trace context only. `random_sampling` is the provider's sampling percentage.
+fn tracing(mode: TracingMode, sampling: f64, service: &str) -> Option<Value> {
+    let provider = match mode {
+        TracingMode::None => return None,
+        TracingMode::Zipkin => json!({
             "name": "envoy.tracers.zipkin",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
@@ -93,7 +101,51 @@ fn tracing(sampling: f64) -> Value {
                 "trace_id_128bit": true,
                 "shared_span_context": false,
             }
+        }),
+        TracingMode::Opentelemetry => json!({
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+                "service_name": service,
+            }
+        }),
+    };
+    Some(json!({
+        "client_sampling": {"value": 100.0},
+        "random_sampling": {"value": sampling},
+        "overall_sampling": {"value": 100.0},
+        "provider": provider,
+    }))
+}
+
+/// Envoy's UUID request-id extension as Istio configures it: the trace decision is
+/// packed into (and read from) one digit of `x-request-id`.
+fn request_id_extension() -> Value {
+    json!({
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+            "pack_trace_reason": true,
+            "use_request_id_for_trace_sampling": true,
         }
+    })
+}
+
+/// Istio's default retry policy of every outbound route
+/// (`pilot/pkg/networking/core/route/retry`): every attempt carries the same trace
+/// context and request id, and the upstream sees `x-envoy-attempt-count`.
+pub fn istio_retry_policy() -> Value {
+    json!({
+        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "num_retries": 2,
+        "retriable_status_codes": [503],
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+            },
+        }],
+        "host_selection_retry_max_attempts": "5",
     })
 }
 
@@ -114,7 +166,20 @@ fn listener(
     route_config: Value,
     wasm_filter: Value,
     access_log: Value,
+    tracing: Option<Value>,
 ) -> Value {
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "generate_request_id": true,
+        "request_id_extension": request_id_extension(),
+        "access_log": [access_log],
+        "route_config": route_config,
+        "http_filters": [wasm_filter, router()],
+    });
+    if let Some(t) = tracing {
+        hcm["tracing"] = t;
+    }
     json!({
         "name": name,
         "traffic_direction": direction,
@@ -122,15 +187,7 @@ fn listener(
         "filter_chains": [{
             "filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": stat_prefix,
-                    "generate_request_id": true,
-                    "tracing": tracing(100.0),
-                    "access_log": [access_log],
-                    "route_config": route_config,
-                    "http_filters": [wasm_filter, router()],
-                }
+                "typed_config": hcm,
             }]
         }]
     })
@@ -151,6 +208,16 @@ pub fn tag_regex(tag: &str) -> String {
 /// The Istio cluster name of a subset (`""` = the default subset).
 pub fn outbound_cluster(subset: &str, fqdn: &str) -> String {
     format!("outbound|80|{subset}|{fqdn}")
+}
+
+/// An outbound route action as istiod writes it: no route timeout (`0s`), and the
+/// topology's retry policy.
+fn route_action(topology: &Topology, cluster: &str) -> Value {
+    let mut action = json!({"cluster": cluster, "timeout": "0s"});
+    if topology.retries == RetryMode::Istio {
+        action["retry_policy"] = istio_retry_policy();
+    }
+    action
 }
 
 /// The outbound route configuration every sidecar shares: one virtual host per Service.
@@ -185,7 +252,7 @@ fn outbound_routes(plan: &Plan) -> Value {
                             "string_match": {"safe_regex": {"regex": tag_regex(t)}},
                         }],
                     },
-                    "route": {"cluster": outbound_cluster(t, &fqdn)},
+                    "route": route_action(topology, &outbound_cluster(t, &fqdn)),
                     "decorator": {"operation": format!("{fqdn}:80/*")},
                 })
             })
@@ -193,7 +260,7 @@ fn outbound_routes(plan: &Plan) -> Value {
         routes.push(json!({
             "name": "default",
             "match": {"prefix": "/"},
-            "route": {"cluster": outbound_cluster("", &fqdn)},
+            "route": route_action(topology, &outbound_cluster("", &fqdn)),
             "decorator": {"operation": format!("{fqdn}:80/*")},
         }));
         let short = format!("{}.{}", w.name, ns);
@@ -201,6 +268,7 @@ fn outbound_routes(plan: &Plan) -> Value {
             "name": format!("{fqdn}:80"),
             "domains": [fqdn.clone(), format!("{fqdn}:80"), w.name.clone(), format!("{}:80", w.name), short.clone(), format!("{short}:80")],
             "routes": routes,
+            "include_request_attempt_count": true,
         }));
     }
     json!({"name": "80", "validate_clusters": false, "virtual_hosts": virtual_hosts})
@@ -294,7 +362,16 @@ pub fn sidecar_bootstrap(
             true,
         ),
         static_cluster("zipkin", host, &[plan.zipkin_port], false),
+        static_cluster(OTEL_CLUSTER, host, &[plan.zipkin_port], true),
     ];
+    let topology = &plan.topology;
+    let tracing = || {
+        tracing(
+            topology.tracing,
+            topology.sampling_percent(),
+            &format!("{}.{}", instance.service, instance.namespace),
+        )
+    };
     clusters.extend(outbound_clusters(plan, host));
     Some(json!({
         "node": node(instance, host),
@@ -310,6 +387,7 @@ pub fn sidecar_bootstrap(
                     inbound_routes,
                     with_wasm_file(&filters.inbound, target.wasm),
                     access_log(&target.access_log, "inbound", tag_header),
+                    tracing(),
                 ),
                 listener(
                     "virtualOutbound",
@@ -320,6 +398,7 @@ pub fn sidecar_bootstrap(
                     outbound_routes(plan),
                     with_wasm_file(&filters.outbound, target.wasm),
                     access_log(&target.access_log, "outbound", tag_header),
+                    tracing(),
                 ),
             ],
             "clusters": clusters,

@@ -67,9 +67,13 @@ impl InstancePlan {
         }
     }
 
-    /// File-name-safe form of the label.
+    /// File-name-safe form of the label (the pod for a second replica).
     pub fn file_stem(&self) -> String {
-        self.workload_name.clone()
+        if self.pod.ends_with("-0") {
+            self.workload_name.clone()
+        } else {
+            self.pod.clone()
+        }
     }
 }
 
@@ -186,7 +190,7 @@ impl Plan {
                     service: w.name.clone(),
                     namespace: w.namespace(topology).to_string(),
                     tag: i.tag.clone(),
-                    pod: format!("{workload_name}-0"),
+                    pod: format!("{workload_name}-{}", i.replica),
                     workload_name,
                     app_port,
                     app_down: w.instance_down(i),

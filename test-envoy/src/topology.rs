@@ -6,6 +6,9 @@
 //! namespace: demo                 # default namespace of every workload
 //! tag_header: x-virtual-env       # optional (default x-virtual-env)
 //! unrouted_services: [ghost]      # hosts callers may call but have no route for (NR)
+//! tracing: none                   # none (Istio's default) | zipkin | opentelemetry
+//! sampling: 1                     # % of requests the tracer samples (Istio's default 1)
+//! retries: istio                  # istio (Istio's default policy) | none
 //! workloads:
 //!   - name: frontend              # = the Service name and the `app` label
 //!     calls: [cart, ghost]        # in order, per request ("svc" or "svc.ns")
@@ -19,6 +22,11 @@
 //!     sidecar: false              # no Envoy: callers reach the app directly
 //!   - name: stock
 //!     app_down: true              # sidecar up, app not listening (UF)
+//!     instances:
+//!       - tag: ""
+//!       - tag: ""
+//!         replica: 1              # a second pod of the same subset
+//!         app_down: true          # (per instance) a flaky subset: retries go to pod 0
 //!   - name: empty
 //!     instances: []               # a Service with no endpoints (UH)
 //!   - name: cart
@@ -67,7 +75,48 @@ pub struct Topology {
     /// Hosts that apps call but for which no sidecar has a route: Envoy answers 404 `NR`.
     #[serde(default)]
     pub unrouted_services: Vec<String>,
+    /// The tracer of every sidecar, as an Istio telemetry provider sets it up.
+    #[serde(default)]
+    pub tracing: TracingMode,
+    /// Percentage of requests the tracer samples (`random_sampling`); Istio's default
+    /// is 1 %. Only meaningful with a tracer.
+    #[serde(default)]
+    pub sampling: Option<f64>,
+    /// The retry policy of every outbound route.
+    #[serde(default)]
+    pub retries: RetryMode,
     pub workloads: Vec<Workload>,
+}
+
+/// Which tracer the sidecars run (Istio's `meshConfig.defaultProviders.tracing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TracingMode {
+    /// No tracer (Istio's default since 1.22): Envoy injects no trace headers, requests
+    /// carry only `x-request-id` (Envoy's UUID request-id extension).
+    #[default]
+    None,
+    /// A Zipkin provider: B3 headers on every request, `x-b3-sampled: 0` on the ones
+    /// not sampled.
+    Zipkin,
+    /// An OpenTelemetry provider: W3C `traceparent` / `tracestate` only.
+    Opentelemetry,
+}
+
+/// Istio's sampling percentage when a tracer is on and none is set.
+pub const ISTIO_DEFAULT_SAMPLING: f64 = 1.0;
+
+/// The retry policy of the outbound routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    /// Istio's default on every outbound route: 2 retries on connect-failure,
+    /// refused-stream, unavailable, cancelled and 503, other hosts first, with
+    /// `x-envoy-attempt-count`.
+    #[default]
+    Istio,
+    /// No retries (a VirtualService with `retries: {attempts: 0}`).
+    None,
 }
 
 /// One workload (= one Kubernetes Service with its Deployments, one per environment).
@@ -108,6 +157,10 @@ pub struct Instance {
     /// Overrides the workload's `app_down` for this instance.
     #[serde(default)]
     pub app_down: Option<bool>,
+    /// Which pod of its Deployment this instance is (`<workload>-<replica>`): several
+    /// instances with the same tag are endpoints of one subset (retries go to another).
+    #[serde(default)]
+    pub replica: u32,
 }
 
 /// Which received headers an app copies onto its calls.
@@ -237,6 +290,11 @@ impl Topology {
             .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
     }
 
+    /// The tracer's sampling percentage (Istio's 1 % unless set).
+    pub fn sampling_percent(&self) -> f64 {
+        self.sampling.unwrap_or(ISTIO_DEFAULT_SAMPLING)
+    }
+
     /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
     pub fn fqdn(&self, target: &str) -> String {
         match self.find_workload(target) {
@@ -253,6 +311,14 @@ impl Topology {
         };
         if self.workloads.is_empty() {
             return Err(bad("no workloads".into()));
+        }
+        if let Some(p) = self.sampling {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(bad(format!("sampling {p} must be a percentage (0-100)")));
+            }
+            if self.tracing == TracingMode::None {
+                return Err(bad("sampling is set but tracing is none".into()));
+            }
         }
         let dns_label = |s: &str| {
             !s.is_empty()
@@ -281,10 +347,10 @@ impl Topology {
                 if !tag_ok(&i.tag) {
                     return Err(bad(format!("workload {}: invalid tag {:?}", w.name, i.tag)));
                 }
-                if !tags.insert(i.tag.clone()) {
+                if !tags.insert((i.tag.clone(), i.replica)) {
                     return Err(bad(format!(
-                        "workload {}: two instances with tag {:?}",
-                        w.name, i.tag
+                        "workload {}: two instances with tag {:?} and replica {}",
+                        w.name, i.tag, i.replica
                     )));
                 }
             }
