@@ -732,8 +732,10 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 && node.inb.is_none()
                 && oh.sampled_report()
                 // A trace id, or (a mesh without a tracer) the request id: the callee's
-                // sidecar would have reported the same one, so its hop would be here.
-                && (oh.has_trace_id || oh.request_id.is_some())
+                // sidecar would have reported the same one, so its hop would be here. Not
+                // when this sidecar's tracer sent a span of a trace it started itself (the
+                // app sent none): the callee's hop is in that other trace.
+                && (oh.has_trace_id || (oh.request_id.is_some() && oh.upstream_span_id == 0))
                 && oh.response_code != 0
                 && oh.response_flags == 0
                 && !oh.upstream_host.is_empty()

@@ -216,3 +216,21 @@ fn a_call_that_succeeded_on_retry_is_no_error() {
         assert!(f.is_empty(), "{traced}: {f:?}");
     }
 }
+
+#[test]
+fn no_hop_missing_when_the_callers_tracer_started_the_callees_trace() {
+    // B3 mesh, reviews' app dropped the trace headers but kept x-request-id: its outbound
+    // hop has no trace id (grouped by request id) while its sidecar's tracer started a new
+    // trace, which ratings' hop belongs to.
+    let t = trace_id(20);
+    let mut hops = healthy_chain(&t, base(), "");
+    for h in hops.iter_mut() {
+        h.request_id = rid(20, '4');
+    }
+    hops[3].trace_id.clear();
+    hops[3].span_id.clear();
+    hops[3].trace_context = TraceContext::Missing as i32;
+    hops[4].trace_id = trace_id(1020);
+    let f = run(&hops);
+    assert_eq!(kinds(&f), vec![BreakKind::TraceNotPropagated], "{f:?}");
+}
