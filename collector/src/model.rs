@@ -126,7 +126,7 @@ pub const TRACE_HEADERS: &[&str] = &[
 
 pub const BIT_TAG_MALFORMED: u8 = 1;
 pub const BIT_SAMPLED_REPORT: u8 = 2;
-/// The destination is an in-mesh Kubernetes service (`*.svc.cluster.local` cluster).
+/// The destination is an in-mesh Kubernetes service (`<svc>.<ns>.svc.<domain>` cluster).
 pub const BIT_DEST_IN_MESH: u8 = 4;
 /// The destination is outside the mesh (PassthroughCluster, BlackHoleCluster, external host).
 pub const BIT_DEST_EXTERNAL: u8 = 8;
@@ -465,7 +465,8 @@ fn classify_host(host: &str) -> (String, String, u8) {
     let labels: Vec<&str> = host.split('.').collect();
     let svc = labels[0].to_string();
     let ns = labels.get(1).map(|s| s.to_string()).unwrap_or_default();
-    let bits = if host.ends_with(".svc.cluster.local") || host.ends_with(".svc") {
+    // `<svc>.<ns>.svc.<cluster domain>`: any cluster domain, not only cluster.local.
+    let bits = if labels.get(2) == Some(&"svc") {
         BIT_DEST_IN_MESH
     } else if labels.len() == 1 || labels.len() == 2 {
         // Short names ("reviews", "reviews.default") resolve through the search path:
@@ -561,6 +562,17 @@ mod tests {
         );
         assert_eq!(destination("", "10.0.0.1:80").0, "10.0.0.1");
         assert_eq!(host_of("[::1]:80"), "::1");
+        // Another cluster domain than cluster.local.
+        assert_eq!(
+            destination("outbound|80||reviews.shop.svc.corp.example", "x"),
+            ("reviews".into(), "shop".into(), BIT_DEST_IN_MESH)
+        );
+        // Request ids compare in their join form.
+        assert_eq!(
+            request_id_key("0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11"),
+            "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11"
+        );
+        assert_eq!(request_id_key("req-1"), "req-1");
     }
 
     #[test]

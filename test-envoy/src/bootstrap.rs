@@ -224,9 +224,9 @@ fn route_action(topology: &Topology, cluster: &str) -> Value {
 fn outbound_routes(plan: &Plan) -> Value {
     let topology = &plan.topology;
     let mut virtual_hosts = Vec::new();
-    for w in &topology.workloads {
+    for w in topology.workloads.iter().filter(|w| !w.external) {
         let ns = w.namespace(topology);
-        let fqdn = format!("{}.{}.svc.cluster.local", w.name, ns);
+        let fqdn = topology.service_fqdn(&w.name, ns);
         let mut tags: Vec<&str> = w
             .instances
             .iter()
@@ -271,6 +271,18 @@ fn outbound_routes(plan: &Plan) -> Value {
             "include_request_attempt_count": true,
         }));
     }
+    // Any other host: outside the mesh, through PassthroughCluster (Istio's
+    // outboundTrafficPolicy ALLOW_ANY, the default).
+    virtual_hosts.push(json!({
+        "name": "allow_any",
+        "domains": ["*"],
+        "routes": [{
+            "name": "allow_any",
+            "match": {"prefix": "/"},
+            "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+        }],
+        "include_request_attempt_count": true,
+    }));
     json!({"name": "80", "validate_clusters": false, "virtual_hosts": virtual_hosts})
 }
 
@@ -278,8 +290,8 @@ fn outbound_routes(plan: &Plan) -> Value {
 fn outbound_clusters(plan: &Plan, host: &str) -> Vec<Value> {
     let topology = &plan.topology;
     let mut clusters = Vec::new();
-    for w in &topology.workloads {
-        let fqdn = format!("{}.{}.svc.cluster.local", w.name, w.namespace(topology));
+    for w in topology.workloads.iter().filter(|w| !w.external) {
+        let fqdn = topology.service_fqdn(&w.name, w.namespace(topology));
         let ports = |tag: &str| -> Vec<u16> {
             plan.instances_of(&w.name)
                 .filter(|i| i.tag == tag)
@@ -303,26 +315,55 @@ fn outbound_clusters(plan: &Plan, host: &str) -> Vec<Value> {
             }
         }
     }
+    // Istio's PassthroughCluster is ORIGINAL_DST (the address the app connected to,
+    // before iptables redirected it); here apps call their sidecar's outbound listener
+    // directly, so it is the one destination outside the mesh the topology defines (or
+    // no endpoint at all).
+    let external: Vec<u16> = plan
+        .instances
+        .iter()
+        .filter(|i| i.external)
+        .map(|i| i.app_port)
+        .collect();
+    clusters.push(static_cluster(PASSTHROUGH_CLUSTER, host, &external, false));
     clusters
 }
 
-/// The node block of a sidecar, as Istio fills it.
-pub fn node(instance: &InstancePlan, host: &str) -> Value {
+/// The cluster of destinations outside the mesh.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// The node block of a sidecar, as Istio's injector and istio-agent fill it: every pod
+/// label in `LABELS` (the canonical name from `app.kubernetes.io/name`, else `app`),
+/// `node.cluster` = `<app>.<ns>`, the pod's service account, IPs and cluster id.
+pub fn node(instance: &InstancePlan, host: &str, cluster_domain: &str) -> Value {
     let mut labels = json!({
-        "app": instance.service,
-        "service.istio.io/canonical-name": instance.service,
+        "app": instance.app_label,
+        "service.istio.io/canonical-name": instance.canonical_name,
+        "service.istio.io/canonical-revision": "latest",
+        "security.istio.io/tlsMode": "istio",
+        "pod-template-hash": "5d8f7c9b6",
     });
+    if let Some(name) = &instance.k8s_name {
+        labels["app.kubernetes.io/name"] = json!(name);
+    }
     if !instance.tag.is_empty() {
         labels["virtual-env"] = json!(instance.tag);
     }
     json!({
-        "id": format!("sidecar~{host}~{}.{}~{}.svc.cluster.local", instance.pod, instance.namespace, instance.namespace),
-        "cluster": format!("{}.{}", instance.workload_name, instance.namespace),
+        "id": format!("sidecar~{host}~{}.{}~{}.svc.{cluster_domain}", instance.pod, instance.namespace, instance.namespace),
+        "cluster": format!("{}.{}", instance.app_label, instance.namespace),
         "metadata": {
             "NAME": instance.pod,
             "NAMESPACE": instance.namespace,
             "WORKLOAD_NAME": instance.workload_name,
             "CLUSTER_ID": "Kubernetes",
+            "INSTANCE_IPS": host,
+            "SERVICE_ACCOUNT": instance.service_account,
+            "MESH_ID": cluster_domain,
+            "ISTIO_VERSION": "1.28.0",
+            "INTERCEPTION_MODE": "REDIRECT",
+            "APP_CONTAINERS": instance.service,
+            "OWNER": format!("kubernetes://apis/apps/v1/namespaces/{}/deployments/{}", instance.namespace, instance.workload_name),
             "LABELS": labels,
         }
     })
@@ -374,7 +415,7 @@ pub fn sidecar_bootstrap(
     };
     clusters.extend(outbound_clusters(plan, host));
     Some(json!({
-        "node": node(instance, host),
+        "node": node(instance, host, &plan.topology.cluster_domain),
         "admin": {"address": socket(host, ports.admin)},
         "static_resources": {
             "listeners": [

@@ -31,6 +31,13 @@
 //!     instances: []               # a Service with no endpoints (UH)
 //!   - name: cart
 //!     missing_tag_routes: [dev.mia]  # callers have no route for this subset
+//!     app_label: cart-app            # the pods' `app` label (default: name)
+//!     canonical_name: shop-cart      # `app.kubernetes.io/name` = Istio's canonical name
+//!     service_account: cart-sa       # default: name
+//!   - name: api
+//!     external: true                 # outside the mesh: reached via PassthroughCluster
+//!     host: api.example.com          # the name apps call it by
+//! cluster_domain: cluster.local      # the cluster domain (and SPIFFE trust domain)
 //! ```
 //!
 //! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
@@ -85,6 +92,9 @@ pub struct Topology {
     /// The retry policy of every outbound route.
     #[serde(default)]
     pub retries: RetryMode,
+    /// The Kubernetes cluster domain (`<svc>.<ns>.svc.<domain>`) and SPIFFE trust domain.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
     pub workloads: Vec<Workload>,
 }
 
@@ -144,6 +154,24 @@ pub struct Workload {
     /// requests for them fall back to a less specific subset.
     #[serde(default)]
     pub missing_tag_routes: Vec<String>,
+    /// The pods' `app` label (default: the Service name `name`).
+    #[serde(default)]
+    pub app_label: Option<String>,
+    /// The pods' `app.kubernetes.io/name` label, which Istio's injector makes the
+    /// canonical service name (default: none, so the canonical name is the `app` label).
+    #[serde(default)]
+    pub canonical_name: Option<String>,
+    /// The pods' service account (default: the Service name).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// A destination outside the mesh (no Service, no sidecar): callers' sidecars have
+    /// no route for it and send it through `PassthroughCluster`. The test starts it as
+    /// a plain listener on 127.0.0.1; `host` is the name apps call it by.
+    #[serde(default)]
+    pub external: bool,
+    /// The host name of an `external` destination (default: `name`).
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// One instance (Deployment) of a workload, in one virtual environment.
@@ -179,6 +207,9 @@ impl Default for CopySpec {
     }
 }
 
+fn default_cluster_domain() -> String {
+    "cluster.local".to_string()
+}
 fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
@@ -256,6 +287,26 @@ impl Workload {
         out
     }
 
+    /// Whether the pods run a sidecar (never for an external destination).
+    pub fn has_sidecar(&self) -> bool {
+        self.sidecar && !self.external
+    }
+
+    /// The pods' `app` label.
+    pub fn app_label(&self) -> &str {
+        self.app_label.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The canonical service name Istio derives: `app.kubernetes.io/name`, else `app`.
+    pub fn canonical(&self) -> &str {
+        self.canonical_name.as_deref().unwrap_or(self.app_label())
+    }
+
+    /// The pods' service account.
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
+    }
+
     /// Is this instance's app down?
     pub fn instance_down(&self, instance: &Instance) -> bool {
         instance.app_down.unwrap_or(self.app_down)
@@ -295,12 +346,24 @@ impl Topology {
         self.sampling.unwrap_or(ISTIO_DEFAULT_SAMPLING)
     }
 
-    /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
+    /// The FQDN of a Service: `svc.ns.svc.<cluster domain>`.
+    pub fn service_fqdn(&self, service: &str, namespace: &str) -> String {
+        format!("{service}.{namespace}.svc.{}", self.cluster_domain)
+    }
+
+    /// The external destination apps reach through `PassthroughCluster`, if any.
+    pub fn external(&self) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.external)
+    }
+
+    /// The FQDN (`svc.ns.svc.<cluster domain>`) a call target resolves to (an external
+    /// destination: its host).
     pub fn fqdn(&self, target: &str) -> String {
         match self.find_workload(target) {
-            Some(w) => format!("{}.{}.svc.cluster.local", w.name, w.namespace(self)),
-            None if target.contains('.') => format!("{target}.svc.cluster.local"),
-            None => format!("{target}.{}.svc.cluster.local", self.namespace),
+            Some(w) if w.external => w.host.clone().unwrap_or_else(|| w.name.clone()),
+            Some(w) => self.service_fqdn(&w.name, w.namespace(self)),
+            None if target.contains('.') => format!("{target}.svc.{}", self.cluster_domain),
+            None => self.service_fqdn(target, &self.namespace),
         }
     }
 
@@ -311,6 +374,19 @@ impl Topology {
         };
         if self.workloads.is_empty() {
             return Err(bad("no workloads".into()));
+        }
+        if self.workloads.iter().filter(|w| w.external).count() > 1 {
+            return Err(bad(
+                "at most one external workload (PassthroughCluster has one endpoint here)".into(),
+            ));
+        }
+        for w in self.workloads.iter().filter(|w| w.external) {
+            if !w.calls.is_empty() || w.instances.len() != 1 {
+                return Err(bad(format!(
+                    "external workload {}: no calls, one instance (it never has a sidecar)",
+                    w.name
+                )));
+            }
         }
         if let Some(p) = self.sampling {
             if !(0.0..=100.0).contains(&p) {
@@ -354,7 +430,7 @@ impl Topology {
                     )));
                 }
             }
-            if !w.sidecar && !w.calls.is_empty() {
+            if !w.has_sidecar() && !w.calls.is_empty() && !w.external {
                 return Err(bad(format!(
                     "workload {}: a workload without sidecar cannot make calls here \
                      (it would have no outbound listener)",

@@ -816,6 +816,48 @@ fn retries_blame_the_callee_and_a_call_that_succeeded_on_retry_is_no_error() {
     assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "echo");
 }
 
+/// Every value of `key` anywhere in `v`.
+fn values_of<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == key {
+                    out.push(x);
+                }
+                values_of(x, key, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| values_of(x, key, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn canonical_name_other_cluster_domain_and_egress_are_no_findings() {
+    let s = start("istio-identity.yaml", "istio-identity");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid).header(TAG, "dev"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // bravo's dev instance answered (subset routing on a non-default cluster domain)...
+    assert_eq!(call(&body, &[0])["body"]["workload"], "bravo-dev");
+    assert_eq!(last_received(&s, "charlie", "")[TAG], "dev");
+    // ...and the call that left the mesh reached the outside listener.
+    assert_eq!(call(&body, &[1])["status"], 200, "{body}");
+    let api = last_received(&s, "api", "");
+    assert_eq!(api["host"], "api.example.com", "{api}");
+
+    let analysed = wait_analysed(&s, &rid, 6);
+    // The filter named bravo by its canonical name, as Istio's telemetry does.
+    let mut services = Vec::new();
+    values_of(&analysed, "service", &mut services);
+    assert!(
+        services.iter().any(|v| v.as_str() == Some("shop-bravo")),
+        "{analysed}"
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(breaks.is_empty(), "{}", summary(&breaks));
+}
+
 // ---------------------------------------------------------------- the binaries
 
 #[test]
