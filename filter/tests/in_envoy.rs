@@ -75,9 +75,11 @@ fn manifest_filters(edit: &dyn Fn(&mut Value)) -> (Value, Value) {
                 serde_json::from_str(plugin.as_str().expect("plugin config string")).unwrap();
             edit(&mut pj);
             *plugin = json!(pj.to_string());
+            // The first patch per side is the one for current proxies (Istio >= 1.25,
+            // failure_policy); the later ones, for Istio 1.22-1.24, carry fail_open.
             match p["match"]["context"].as_str() {
-                Some("SIDECAR_INBOUND") => inbound = Some(f),
-                Some("SIDECAR_OUTBOUND") => outbound = Some(f),
+                Some("SIDECAR_INBOUND") if inbound.is_none() => inbound = Some(f),
+                Some("SIDECAR_OUTBOUND") if outbound.is_none() => outbound = Some(f),
                 _ => {}
             }
         }
@@ -424,7 +426,14 @@ fn spawn_envoy_with(
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
     let closed = free_port();
     let inbound_routes = json!([route("/", "app")]);
+    // `/steer`: the tag-subset route matches the tag header (as a VirtualService does);
+    // without it the request falls through to a closed port.
+    let mut steer_tagged = route("/steer", "app");
+    steer_tagged["name"] = json!("steer_tagged");
+    steer_tagged["match"]["headers"] = json!([{"name": TAG, "string_match": {"exact": ENV_TAG}}]);
     let outbound_routes = json!([
+        steer_tagged,
+        route("/steer", "closed"),
         route("/closed", "closed"),
         route("/empty", "empty"),
         route("/app", "app"),
@@ -1135,4 +1144,30 @@ fn untraced_healthy_hops_are_sampled_at_the_rate() {
         want.len(),
         100.0 * want.len() as f64 / CHAINS as f64
     );
+}
+
+/// The module exports proxy-wasm ABI 0.2.1: from Envoy 1.33 on, only for that ABI does
+/// Envoy clear the route cache after a filter's header edit, so the tag the filter
+/// stamps (or restores) is what routing matches. Here an untagged request to a route
+/// that exists only for the tag reaches it.
+#[test]
+fn a_tag_the_filter_writes_steers_routing() {
+    let bytes = std::fs::read(wasm_path()).unwrap();
+    let abi = b"proxy_abi_version_0_2_1";
+    assert!(
+        bytes.windows(abi.len()).any(|w| w == abi),
+        "the module does not export proxy_abi_version_0_2_1"
+    );
+    for newer in [&b"proxy_abi_version_0_2_2"[..], b"proxy_abi_version_0_3_0"] {
+        assert!(!bytes.windows(newer.len()).any(|w| w == newer));
+    }
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|_| {});
+    // The app sent no tag: the filter stamps the workload's own, and the tag route wins.
+    let r = get(envoy.outbound, "/steer/untagged", &[]);
+    assert_eq!(r.status, 200, "routed without the stamped tag: {r:?}");
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG));
+    // A tag the app set to something else is kept: the request falls through.
+    let r = get(envoy.outbound, "/steer/other", &[(TAG, "qa")]);
+    assert_eq!(r.status, 503, "{r:?}");
 }
