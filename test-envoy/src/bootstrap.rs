@@ -13,8 +13,9 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::manifests::{plugin_configuration_json, with_wasm_file, SidecarFilters};
+use crate::mtls;
 use crate::plan::{InstancePlan, Plan};
-use crate::topology::{RetryMode, Topology, TracingMode};
+use crate::topology::{MtlsMode, RetryMode, Topology, TracingMode};
 
 /// Where a rendered bootstrap points at files and hosts.
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub struct RenderTarget<'a> {
     pub access_log: String,
     /// Address every port lives on (loopback).
     pub host: &'a str,
+    /// Where the mesh CA and workload certificates are ([`crate::mtls`]); needed when the
+    /// topology uses mTLS.
+    pub tls_dir: Option<&'a Path>,
 }
 
 /// The collector cluster name the manifest's plugin configuration names.
@@ -286,31 +290,55 @@ fn outbound_routes(plan: &Plan) -> Value {
     json!({"name": "80", "validate_clusters": false, "virtual_hosts": virtual_hosts})
 }
 
-/// The outbound clusters of every Service: the default subset and one per tag.
-fn outbound_clusters(plan: &Plan, host: &str) -> Vec<Value> {
+/// The outbound clusters of every Service: the default subset and one per tag; over mTLS
+/// (the caller's certificate, Istio's SNI and ALPN) where the callee is called so.
+fn outbound_clusters(
+    plan: &Plan,
+    host: &str,
+    caller: &InstancePlan,
+    tls_dir: Option<&Path>,
+) -> Vec<Value> {
     let topology = &plan.topology;
     let mut clusters = Vec::new();
     for w in topology.workloads.iter().filter(|w| !w.external) {
         let fqdn = topology.service_fqdn(&w.name, w.namespace(topology));
+        let tls = |subset: &str| {
+            let dir = tls_dir.filter(|_| w.called_over_mtls(topology))?;
+            Some(mtls::upstream_transport_socket(
+                dir,
+                caller,
+                &topology.cluster_domain,
+                &mtls::sni(80, subset, &fqdn),
+                w.namespace(topology),
+                w.service_account(),
+            ))
+        };
+        let with_tls = |mut c: Value, subset: &str| {
+            if let Some(t) = tls(subset) {
+                c["transport_socket"] = t;
+            }
+            c
+        };
         let ports = |tag: &str| -> Vec<u16> {
             plan.instances_of(&w.name)
                 .filter(|i| i.tag == tag)
                 .map(InstancePlan::endpoint_port)
                 .collect()
         };
-        clusters.push(static_cluster(
-            &outbound_cluster("", &fqdn),
-            host,
-            &ports(""),
-            false,
+        clusters.push(with_tls(
+            static_cluster(&outbound_cluster("", &fqdn), host, &ports(""), false),
+            "",
         ));
         for i in &w.instances {
             if !i.tag.is_empty() {
-                clusters.push(static_cluster(
-                    &outbound_cluster(&i.tag, &fqdn),
-                    host,
-                    &ports(&i.tag),
-                    false,
+                clusters.push(with_tls(
+                    static_cluster(
+                        &outbound_cluster(&i.tag, &fqdn),
+                        host,
+                        &ports(&i.tag),
+                        false,
+                    ),
+                    &i.tag,
                 ));
             }
         }
@@ -369,6 +397,35 @@ pub fn node(instance: &InstancePlan, host: &str, cluster_domain: &str) -> Value 
     })
 }
 
+/// Turns the inbound listener's one plain-text filter chain into what a
+/// PeerAuthentication sets up: STRICT, one TLS chain requiring a mesh client certificate;
+/// PERMISSIVE, that chain for TLS connections and the plain one for the rest (the TLS
+/// inspector tells them apart), as Istio's virtualInbound does.
+fn inbound_mtls(
+    listener: &mut Value,
+    mode: MtlsMode,
+    dir: &Path,
+    instance: &InstancePlan,
+    trust_domain: &str,
+) {
+    let plain = listener["filter_chains"][0].clone();
+    let mut tls_chain = plain.clone();
+    tls_chain["transport_socket"] = mtls::inbound_transport_socket(dir, instance, trust_domain);
+    let chains = if mode == MtlsMode::Strict {
+        vec![tls_chain]
+    } else {
+        tls_chain["filter_chain_match"] = json!({"transport_protocol": "tls"});
+        let mut plain = plain;
+        plain["filter_chain_match"] = json!({"transport_protocol": "raw_buffer"});
+        vec![tls_chain, plain]
+    };
+    listener["filter_chains"] = json!(chains);
+    listener["listener_filters"] = json!([{
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    }]);
+}
+
 /// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).
 pub fn sidecar_bootstrap(
     plan: &Plan,
@@ -413,23 +470,29 @@ pub fn sidecar_bootstrap(
             &format!("{}.{}", instance.service, instance.namespace),
         )
     };
-    clusters.extend(outbound_clusters(plan, host));
+    clusters.extend(outbound_clusters(plan, host, instance, target.tls_dir));
+    let mut inbound = listener(
+        "virtualInbound",
+        "INBOUND",
+        host,
+        ports.inbound,
+        &format!("inbound_0.0.0.0_{}", instance.app_port),
+        inbound_routes,
+        with_wasm_file(&filters.inbound, target.wasm),
+        access_log(&target.access_log, "inbound", tag_header),
+        tracing(),
+    );
+    let workload = plan.workload(&instance.service);
+    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
+    if let (Some(dir), true) = (target.tls_dir, mode != MtlsMode::Off) {
+        inbound_mtls(&mut inbound, mode, dir, instance, &topology.cluster_domain);
+    }
     Some(json!({
         "node": node(instance, host, &plan.topology.cluster_domain),
         "admin": {"address": socket(host, ports.admin)},
         "static_resources": {
             "listeners": [
-                listener(
-                    "virtualInbound",
-                    "INBOUND",
-                    host,
-                    ports.inbound,
-                    &format!("inbound_0.0.0.0_{}", instance.app_port),
-                    inbound_routes,
-                    with_wasm_file(&filters.inbound, target.wasm),
-                    access_log(&target.access_log, "inbound", tag_header),
-                    tracing(),
-                ),
+                inbound,
                 listener(
                     "virtualOutbound",
                     "OUTBOUND",

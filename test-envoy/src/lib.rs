@@ -5,6 +5,7 @@
 //! - [`plan`]: a topology resolved to ports and Istio-style names.
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
+//! - [`mtls`]: the mesh CA, workload certificates and TLS contexts (mTLS between sidecars).
 //! - [`render`]: writes the configuration for the docker-compose setup.
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
@@ -13,6 +14,7 @@ pub mod bootstrap;
 pub mod httpc;
 pub mod manifests;
 pub mod mesh;
+pub mod mtls;
 pub mod plan;
 pub mod render;
 pub mod topology;

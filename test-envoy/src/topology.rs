@@ -38,6 +38,9 @@
 //!     external: true                 # outside the mesh: reached via PassthroughCluster
 //!     host: api.example.com          # the name apps call it by
 //! cluster_domain: cluster.local      # the cluster domain (and SPIFFE trust domain)
+//! mtls: off                          # off | permissive | strict (PeerAuthentication)
+//! # per workload: peer_authentication: permissive|strict|off (overrides mtls),
+//! #               destination_rule_without_tls: true (callers send plain text: UC)
 //! ```
 //!
 //! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
@@ -92,6 +95,11 @@ pub struct Topology {
     /// The retry policy of every outbound route.
     #[serde(default)]
     pub retries: RetryMode,
+    /// mTLS between sidecars: the PeerAuthentication mode of every sidecar's inbound side
+    /// (`off`: plain text everywhere). With `permissive` or `strict`, callers' sidecars
+    /// use mTLS towards every workload with a sidecar (Istio's auto mTLS).
+    #[serde(default)]
+    pub mtls: MtlsMode,
     /// The Kubernetes cluster domain (`<svc>.<ns>.svc.<domain>`) and SPIFFE trust domain.
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
@@ -111,6 +119,19 @@ pub enum TracingMode {
     Zipkin,
     /// An OpenTelemetry provider: W3C `traceparent` / `tracestate` only.
     Opentelemetry,
+}
+
+/// PeerAuthentication mode of a sidecar's inbound side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// No mTLS at all (plain text between sidecars).
+    #[default]
+    Off,
+    /// mTLS and plain text accepted on the same port.
+    Permissive,
+    /// Only mTLS with a client certificate of the mesh.
+    Strict,
 }
 
 /// Istio's sampling percentage when a tracer is on and none is set.
@@ -172,6 +193,13 @@ pub struct Workload {
     /// The host name of an `external` destination (default: `name`).
     #[serde(default)]
     pub host: Option<String>,
+    /// This workload's PeerAuthentication mode (default: the topology's `mtls`).
+    #[serde(default)]
+    pub peer_authentication: Option<MtlsMode>,
+    /// A DestinationRule for this Service without a `tls` setting: callers send plain
+    /// text to it even when the mesh uses mTLS (into a STRICT listener: 503 UC).
+    #[serde(default)]
+    pub destination_rule_without_tls: bool,
 }
 
 /// One instance (Deployment) of a workload, in one virtual environment.
@@ -287,6 +315,17 @@ impl Workload {
         out
     }
 
+    /// This workload's PeerAuthentication mode.
+    pub fn mtls(&self, topology: &Topology) -> MtlsMode {
+        self.peer_authentication.unwrap_or(topology.mtls)
+    }
+
+    /// Whether callers reach this workload over mTLS (Istio's auto mTLS: a sidecar, a
+    /// mesh with mTLS, no DestinationRule turning it off).
+    pub fn called_over_mtls(&self, topology: &Topology) -> bool {
+        topology.mtls != MtlsMode::Off && self.has_sidecar() && !self.destination_rule_without_tls
+    }
+
     /// Whether the pods run a sidecar (never for an external destination).
     pub fn has_sidecar(&self) -> bool {
         self.sidecar && !self.external
@@ -339,6 +378,15 @@ impl Topology {
         self.workloads
             .iter()
             .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
+    }
+
+    /// Whether any sidecar uses mTLS (the mesh then needs its certificates).
+    pub fn uses_mtls(&self) -> bool {
+        self.mtls != MtlsMode::Off
+            || self
+                .workloads
+                .iter()
+                .any(|w| w.peer_authentication.is_some_and(|m| m != MtlsMode::Off))
     }
 
     /// The tracer's sampling percentage (Istio's 1 % unless set).

@@ -858,6 +858,59 @@ fn canonical_name_other_cluster_domain_and_egress_are_no_findings() {
     assert!(breaks.is_empty(), "{}", summary(&breaks));
 }
 
+/// A counter of an instance's sidecar (`/stats?filter=...`), summed over the lines whose
+/// name contains `part`.
+fn stat_sum(s: &Scenario, service: &str, filter: &str, part: &str) -> u64 {
+    let stats = s.mesh.envoy_stats(service, "", filter).expect("stats");
+    stats
+        .lines()
+        .filter(|l| l.contains(part))
+        .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn mtls_between_sidecars_and_a_destination_rule_without_tls_is_uc() {
+    let s = start("istio-mtls.yaml", "istio-mtls");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // alpha -> bravo -> charlie over mTLS.
+    assert_eq!(call(&body, &[0])["status"], 200, "{body}");
+    assert_eq!(call(&body, &[0, 0])["status"], 200, "{body}");
+    let bravo_tls = stat_sum(&s, "bravo", "ssl", "ssl.handshake");
+    assert!(bravo_tls > 0, "bravo's sidecar made no TLS handshake");
+    let charlie_tls = stat_sum(&s, "charlie", "ssl", "ssl.handshake");
+    assert!(charlie_tls > 0, "charlie's inbound made no TLS handshake");
+    // alpha -> delta: plain text into a STRICT listener.
+    let to_delta = call(&body, &[1]);
+    assert_eq!(to_delta["status"], 503, "{to_delta}");
+    let annotation = to_delta["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(annotation.contains("UC"), "x-hopwatch: {annotation:?}");
+    assert_eq!(received_count(&s, "delta", ""), 0);
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UC at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    assert_eq!(f.len(), 1, "{}", summary(&breaks));
+    assert!(
+        flags(f[0]).contains(&"UC".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(f[0]["peer"].as_str().unwrap_or("").contains("delta"));
+    assert!(
+        f[0]["hint"].as_str().unwrap_or("").contains("mTLS"),
+        "{}",
+        f[0]
+    );
+    wait_analysed(&s, &rid, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "bravo");
+}
+
 // ---------------------------------------------------------------- the binaries
 
 #[test]
