@@ -201,6 +201,12 @@ fn retries_of_a_callee_that_is_down_are_one_edge_blamed_on_the_callee() {
         let ratings = &reviews.children[0];
         assert_eq!(ratings.outbound.as_ref().unwrap().workload, "reviews-v1");
         assert_eq!(ratings.inbound.as_ref().unwrap().workload, "ratings-v1");
+        assert_eq!(ratings.earlier_attempts.len(), 2, "{traced}");
+        assert!(ratings
+            .earlier_attempts
+            .iter()
+            .all(|a| a.start_time_unix_micros
+                < ratings.inbound.as_ref().unwrap().start_time_unix_micros));
     }
 }
 

@@ -788,6 +788,14 @@ fn retries_blame_the_callee_and_a_call_that_succeeded_on_retry_is_no_error() {
         Some(1),
         "{analysed}"
     );
+    let mut attempts = Vec::new();
+    values_of(&analysed, "earlier_attempts", &mut attempts);
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a.as_array().map(Vec::len) == Some(2)),
+        "the call to bravo shows its two earlier attempts: {analysed}"
+    );
 
     // charlie's pod 1 is down: round robin sends every other call there first, the
     // retry goes to pod 0. Every call succeeds.
