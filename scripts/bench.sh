@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hopwatch benchmarks, one reproducible command (see docs/BENCHMARKS.md):
-#   scripts/bench.sh                 # filter + collector benchmarks, full length (~12 min)
+#   scripts/bench.sh                 # filter + collector benchmarks, full length (~25 min)
 #   QUICK=1 scripts/bench.sh         # short smoke run (~2 min), figures not meaningful
 #   FILTER_ARGS="--rounds 5" COLLECTOR_ARGS="--seconds 30" scripts/bench.sh
 #   SKIP_FILTER=1 / SKIP_COLLECTOR=1 scripts/bench.sh
@@ -17,10 +17,10 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- tools --------------------------------------------------------------------------
-if ! command -v wrk >/dev/null 2>&1; then
-  log "installing wrk (Debian package)"
+if ! command -v wrk >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1; then
+  log "installing wrk and h2load (Debian packages wrk, nghttp2-client; needs root)"
   as_root apt-get update
-  as_root apt-get install -y wrk
+  as_root apt-get install -y wrk nghttp2-client
 fi
 command -v taskset >/dev/null 2>&1 || { log "installing util-linux (taskset)"; as_root apt-get install -y util-linux; }
 if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx wasm32-wasip1; then
@@ -66,7 +66,7 @@ fi
 NPROC="$(nproc)"
 if [ "$NPROC" -ge 2 ]; then ENVOY_CPU=0; LOAD_CPU=1; else ENVOY_CPU=0; LOAD_CPU=0; fi
 if [ -n "${QUICK:-}" ]; then
-  FILTER_DEFAULTS="--rounds 1 --seconds 3 --warmup 1"
+  FILTER_DEFAULTS="--rounds 1 --seconds 2 --warmup 1"
   COLLECTOR_DEFAULTS="--seconds 8 --open-hops 200000 --findings 10000 --queries 200"
 else
   FILTER_DEFAULTS=""
@@ -92,7 +92,7 @@ fi
 if [ -n "${PERF:-}" ] && command -v perf >/dev/null 2>&1; then
   log "where Envoy's CPU goes (perf record, direct route)"
   "${NICE[@]}" taskset -c "$LOAD_CPU" target/release/filter-bench --envoy "$ENVOY_BIN" \
-    --envoy-cpu "$ENVOY_CPU" --load-cpu "$LOAD_CPU" --routes direct --rounds 2 --seconds 8 \
+    --envoy-cpu "$ENVOY_CPU" --load-cpu "$LOAD_CPU" --routes direct --shapes pool --rounds 2 --seconds 8 \
     --configs none,empty-wasm,lua,hopwatch-out@0.01,hopwatch-out@1.0,hopwatch-in@0.01 \
     --perf --json-out "$OUT_DIR/perf.json" | tee "$OUT_DIR/perf.txt"
 fi
@@ -100,7 +100,7 @@ if [ -n "${PROBE:-}" ]; then
   log "host-call prices (the empty filter as a probe, direct route) and hopwatch's host calls per request"
   PROBES="none,empty-wasm,probe+get_property=10,probe+increment_metric=10,probe+get_shared_data=10,probe+set_shared_data=10,probe+get_headers=10,probe+get_header=10,probe+set_header=10,probe+get_time=10"
   "${NICE[@]}" taskset -c "$LOAD_CPU" target/release/filter-bench --envoy "$ENVOY_BIN" \
-    --envoy-cpu "$ENVOY_CPU" --load-cpu "$LOAD_CPU" --routes direct --seconds 5 \
+    --envoy-cpu "$ENVOY_CPU" --load-cpu "$LOAD_CPU" --routes direct --shapes pool --seconds 5 \
     --configs "$PROBES" --json-out "$OUT_DIR/probe.json" | tee "$OUT_DIR/probe.txt"
   target/release/filter-hostcalls | tee "$OUT_DIR/filter-hostcalls.txt"
 fi

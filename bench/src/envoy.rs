@@ -2,10 +2,19 @@
 //! with a `direct_response` listener (Envoy answers itself: all the cost is the proxy's)
 //! and a listener routing to a local upstream, node metadata shaped like Istio's, and the
 //! collector cluster the hopwatch plugin configuration names.
+//!
+//! The sidecar round trip: two more pairs of listeners in the same Envoy, as one sidecar
+//! holds them. An inbound listener (the inbound filters) routes to "the app", which here
+//! is the same Envoy's outbound listener (the outbound filters), whose route answers
+//! itself or goes to the local upstream. The inbound route drops the tag header on the
+//! way to "the app": an app that propagates its trace headers but not the tag, the case
+//! the Lua filter and hopwatch exist for.
 
 use std::path::Path;
 
 use serde_json::{json, Value};
+
+use crate::shapes::FAIL_PATH;
 
 /// The workload's own virtual environment, given to Envoy as `VIRTUAL_ENVIRONMENT_TAG`
 /// (read by the Lua filter with `os.getenv` and by wasm filters via `host_env_keys`).
@@ -13,6 +22,10 @@ pub const OWN_TAG: &str = "dev.proj1";
 
 /// The upstream cluster (Istio naming) of the upstream listener's route.
 pub const UPSTREAM_CLUSTER: &str = "outbound|8080||upstream.bench.svc.cluster.local";
+/// The virtual-environment header.
+pub const TAG_HEADER: &str = "x-virtual-env";
+/// The gRPC upstream cluster (Istio naming, HTTP/2).
+pub const GRPC_CLUSTER: &str = "outbound|9000||grpc-upstream.bench.svc.cluster.local";
 /// The `:authority` the load generator sends.
 pub const UPSTREAM_AUTHORITY: &str = "upstream.bench.svc.cluster.local:8080";
 
@@ -113,7 +126,20 @@ fn router() -> Value {
     })
 }
 
-fn listener(name: &str, port: u16, route: Value, http_filters: &[Value]) -> Value {
+/// Routes answering [`FAIL_PATH`] 503 (the failures of the `mix` traffic shape), then
+/// `route` for everything else.
+fn with_fail_route(route: Value) -> Vec<Value> {
+    let mut fail = route.clone();
+    fail["name"] = json!("fail");
+    fail["match"] = json!({ "prefix": FAIL_PATH });
+    if fail.get("direct_response").is_some() {
+        fail["direct_response"] =
+            json!({ "status": 503, "body": { "inline_string": "unavailable" } });
+    }
+    vec![fail, route]
+}
+
+fn listener(name: &str, port: u16, routes: Vec<Value>, http_filters: &[Value]) -> Value {
     let mut filters: Vec<Value> = http_filters.to_vec();
     filters.push(router());
     json!({
@@ -131,7 +157,7 @@ fn listener(name: &str, port: u16, route: Value, http_filters: &[Value]) -> Valu
                         "virtual_hosts": [{
                             "name": "upstream.bench.svc.cluster.local:8080",
                             "domains": ["*"],
-                            "routes": [ route ]
+                            "routes": routes
                         }]
                     },
                     "http_filters": filters
@@ -139,6 +165,19 @@ fn listener(name: &str, port: u16, route: Value, http_filters: &[Value]) -> Valu
             }]
         }]
     })
+}
+
+/// An inbound cluster to "the app" that speaks the downstream's protocol (HTTP/1.1 for
+/// HTTP/1.1 callers, h2c for gRPC), as Istio's inbound clusters do.
+fn app_cluster_json(name: &str, port: u16) -> Value {
+    let mut c = static_cluster(name, port, false);
+    c["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "use_downstream_protocol_config": { "http_protocol_options": {}, "http2_protocol_options": {} }
+        }
+    });
+    c
 }
 
 fn static_cluster(name: &str, port: u16, http2: bool) -> Value {
@@ -178,6 +217,34 @@ pub struct Ports {
     /// sends the inbound requests the outbound calls belong to (hopwatch outbound
     /// configurations: a real sidecar has both filters in one VM).
     pub prime: Option<u16>,
+    /// The local gRPC upstream (h2c), when the gRPC shape is measured.
+    pub grpc_upstream: Option<u16>,
+    /// The sidecar round trip's listeners, when measured.
+    pub roundtrip: Option<RoundTripPorts>,
+}
+
+/// Listeners of the sidecar round trip: `in_*` take the caller's requests (inbound
+/// filters) and pass them to "the app", the matching `out_*` listener (outbound
+/// filters), which answers itself (`direct`) or calls the local upstream (`proxied`).
+#[derive(Debug, Clone, Copy)]
+pub struct RoundTripPorts {
+    pub in_direct: u16,
+    pub in_proxied: u16,
+    pub out_direct: u16,
+    pub out_proxied: u16,
+}
+
+/// The filters of each side of the round trip.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundTripFilters<'a> {
+    pub inbound: &'a [Value],
+    pub outbound: &'a [Value],
+}
+
+/// The inbound cluster (Istio naming) through which the round trip's inbound listener
+/// reaches "the app" at `port`.
+fn app_cluster(port: u16) -> String {
+    format!("inbound|{port}||")
 }
 
 /// The bootstrap of one benchmark Envoy. `collector` is the cluster named by the plugin
@@ -186,6 +253,7 @@ pub fn bootstrap(
     ports: Ports,
     http_filters: &[Value],
     prime_filters: &[Value],
+    roundtrip_filters: Option<RoundTripFilters>,
     collector: Option<(&str, u16)>,
 ) -> Value {
     let direct_route = json!({
@@ -198,16 +266,65 @@ pub fn bootstrap(
         "match": { "prefix": "/" },
         "route": { "cluster": UPSTREAM_CLUSTER, "timeout": "10s" }
     });
+    // The proxied routes: gRPC calls to the gRPC upstream (when there is one), the
+    // failing path, then everything else to the HTTP upstream.
+    let grpc_route = ports.grpc_upstream.map(|_| {
+        json!({
+            "name": "grpc",
+            "match": { "prefix": "/hopwatch.v1.Collector/", "grpc": {} },
+            "route": { "cluster": GRPC_CLUSTER, "timeout": "10s" }
+        })
+    });
+    let upstream_routes = || {
+        let mut r: Vec<Value> = grpc_route.iter().cloned().collect();
+        r.extend(with_fail_route(upstream_route.clone()));
+        r
+    };
+    let direct_routes = || with_fail_route(direct_route.clone());
     let mut listeners = vec![
-        listener("direct", ports.direct, direct_route.clone(), http_filters),
-        listener("proxied", ports.proxied, upstream_route, http_filters),
+        listener("direct", ports.direct, direct_routes(), http_filters),
+        listener("proxied", ports.proxied, upstream_routes(), http_filters),
     ];
     if let Some(port) = ports.prime {
-        listeners.push(listener("inbound", port, direct_route, prime_filters));
+        listeners.push(listener("inbound", port, direct_routes(), prime_filters));
     }
     let mut clusters = vec![static_cluster(UPSTREAM_CLUSTER, ports.upstream, false)];
+    if let Some(port) = ports.grpc_upstream {
+        clusters.push(static_cluster(GRPC_CLUSTER, port, true));
+    }
     if let Some((name, port)) = collector {
         clusters.push(static_cluster(name, port, true));
+    }
+    if let (Some(rt), Some(f)) = (ports.roundtrip, roundtrip_filters) {
+        for (name, inb, out, out_routes) in [
+            ("rt-direct", rt.in_direct, rt.out_direct, direct_routes()),
+            (
+                "rt-proxied",
+                rt.in_proxied,
+                rt.out_proxied,
+                upstream_routes(),
+            ),
+        ] {
+            let to_app = json!({
+                "name": "default",
+                "match": { "prefix": "/" },
+                "route": { "cluster": app_cluster(out), "timeout": "10s" },
+                "request_headers_to_remove": [TAG_HEADER]
+            });
+            listeners.push(listener(
+                &format!("{name}-in"),
+                inb,
+                vec![to_app],
+                f.inbound,
+            ));
+            listeners.push(listener(
+                &format!("{name}-out"),
+                out,
+                out_routes,
+                f.outbound,
+            ));
+            clusters.push(app_cluster_json(&app_cluster(out), out));
+        }
     }
     json!({
         "node": {
@@ -260,8 +377,16 @@ mod tests {
             proxied: 3,
             upstream: 4,
             prime: Some(6),
+            grpc_upstream: None,
+            roundtrip: None,
         };
-        let b = bootstrap(ports, &[lua_filter()], &[], Some(("outbound|9090||c", 5)));
+        let b = bootstrap(
+            ports,
+            &[lua_filter()],
+            &[],
+            None,
+            Some(("outbound|9090||c", 5)),
+        );
         let listeners = b["static_resources"]["listeners"].as_array().unwrap();
         assert_eq!(listeners.len(), 3);
         let hcm = &listeners[0]["filter_chains"][0]["filters"][0]["typed_config"];
@@ -278,5 +403,75 @@ mod tests {
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters[1]["name"], "outbound|9090||c");
         assert!(clusters[1]["typed_extension_protocol_options"].is_object());
+    }
+
+    #[test]
+    fn round_trip_passes_inbound_to_the_outbound_listener_without_the_tag() {
+        let ports = Ports {
+            admin: 1,
+            direct: 2,
+            proxied: 3,
+            upstream: 4,
+            prime: None,
+            grpc_upstream: Some(20),
+            roundtrip: Some(RoundTripPorts {
+                in_direct: 10,
+                in_proxied: 11,
+                out_direct: 12,
+                out_proxied: 13,
+            }),
+        };
+        let inbound = [empty_wasm_filter(Path::new("in.wasm"))];
+        let outbound = [lua_filter()];
+        let b = bootstrap(
+            ports,
+            &[],
+            &[],
+            Some(RoundTripFilters {
+                inbound: &inbound,
+                outbound: &outbound,
+            }),
+            None,
+        );
+        let listeners = b["static_resources"]["listeners"].as_array().unwrap();
+        let by_name = |n: &str| {
+            listeners
+                .iter()
+                .find(|l| l["name"] == n)
+                .unwrap_or_else(|| panic!("listener {n}"))
+        };
+        let hcm = |n: &str| by_name(n)["filter_chains"][0]["filters"][0]["typed_config"].clone();
+        let rin = hcm("rt-direct-in");
+        let routes = rin["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        let main = routes.last().unwrap();
+        assert_eq!(
+            routes.len(),
+            1,
+            "the app route carries every path, gRPC too"
+        );
+        assert_eq!(main["route"]["cluster"], "inbound|12||");
+        assert_eq!(main["request_headers_to_remove"][0], TAG_HEADER);
+        assert_eq!(rin["http_filters"][0]["name"], "bench.empty");
+        let rout = hcm("rt-direct-out");
+        assert_eq!(rout["http_filters"][0]["name"], "envoy.filters.http.lua");
+        let out_routes = rout["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        assert_eq!(out_routes[0]["match"]["prefix"], FAIL_PATH);
+        assert_eq!(out_routes[0]["direct_response"]["status"], 503);
+        let clusters = b["static_resources"]["clusters"].as_array().unwrap();
+        let app = clusters
+            .iter()
+            .find(|c| c["name"] == "inbound|13||")
+            .unwrap();
+        assert!(app["typed_extension_protocol_options"]
+            .to_string()
+            .contains("use_downstream_protocol_config"));
+        let proxied_out = hcm("rt-proxied-out");
+        let first = &proxied_out["route_config"]["virtual_hosts"][0]["routes"][0];
+        assert_eq!(first["route"]["cluster"], GRPC_CLUSTER);
+        assert!(clusters.iter().any(|c| c["name"] == GRPC_CLUSTER));
     }
 }

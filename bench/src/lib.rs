@@ -6,10 +6,12 @@
 
 pub mod envoy;
 pub mod gen;
+pub mod h2load;
+pub mod shapes;
 pub mod wrk;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,10 +124,14 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     proc_status_kib(pid, "VmRSS").map(|k| k as f64 / 1024.0)
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, from the local mesh's port reservation (below the
+/// kernel's ephemeral range, so that the Envoys' own upstream connections cannot take a
+/// listener port between the probe and the bind; a per-process cursor, so consecutive
+/// calls never return the same port).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    let ports =
+        hopwatch_test_envoy::plan::reserve_ports(1, &hopwatch_test_envoy::plan::PortSource::Free)?;
+    ports.first().copied().context("no free loopback port")
 }
 
 /// `GET path` (HTTP/1.1, `Connection: close`) on 127.0.0.1:`port`: (status, body).
