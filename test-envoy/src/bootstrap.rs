@@ -275,6 +275,24 @@ fn outbound_routes(plan: &Plan) -> Value {
             "include_request_attempt_count": true,
         }));
     }
+    // Hosts the topology leaves unrouted: a virtual host without routes, so Envoy
+    // answers 404 NR (a VirtualService whose route is missing).
+    if !topology.unrouted_services.is_empty() {
+        let domains: Vec<String> = topology
+            .unrouted_services
+            .iter()
+            .flat_map(|u| {
+                let fqdn = topology.fqdn(u);
+                [
+                    u.clone(),
+                    format!("{u}:80"),
+                    fqdn.clone(),
+                    format!("{fqdn}:80"),
+                ]
+            })
+            .collect();
+        virtual_hosts.push(json!({"name": "unrouted", "domains": domains, "routes": []}));
+    }
     // Any other host: outside the mesh, through PassthroughCluster (Istio's
     // outboundTrafficPolicy ALLOW_ANY, the default).
     virtual_hosts.push(json!({
