@@ -201,6 +201,7 @@ fn hop(idx: usize, s: HopSpec<'_>) -> Hop {
         start_time_unix_micros: sentinel_time(idx, s.delta_us),
         duration_micros: s.duration_us,
         sampled_report: true,
+        ..Default::default()
     }
 }
 

@@ -13,6 +13,7 @@ use crate::model::{
     flag_bit, flag_names, hash64, match_level, CHop, Interner, Sym, BIT_DEST_EXTERNAL,
     BIT_DEST_IN_MESH,
 };
+use crate::{app_error, policy_denied};
 
 const NONE: u32 = u32::MAX;
 
@@ -216,7 +217,9 @@ pub struct Analysis {
 
 pub fn severity_of(kind: BreakKind) -> Severity {
     match kind {
-        BreakKind::TagNotPropagated | BreakKind::TraceMalformed => Severity::Warning,
+        BreakKind::TagNotPropagated | BreakKind::TraceMalformed | BreakKind::PolicyDenied => {
+            Severity::Warning
+        }
         BreakKind::Unspecified => Severity::Info,
         // TRACE_NOT_PROPAGATED is an ERROR: the filter restores tags through the trace
         // ids, so a call whose trace was lost also loses the tag restoration downstream.
@@ -648,7 +651,14 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             } else {
                 received
             };
-            match oh.tag_source() {
+            // A request a filter before hopwatch answered (a fault abort) went nowhere:
+            // the filter neither restored nor stamped its tag.
+            let tag_source = if oh.answered_before_filter() {
+                TagSource::Unspecified
+            } else {
+                oh.tag_source()
+            };
+            match tag_source {
                 TagSource::Correlated => out.push((
                     nid,
                     mk(
@@ -690,7 +700,9 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                     ),
                 )),
                 TagSource::Environment | TagSource::None | TagSource::Unspecified
-                    if !reference.is_empty() && oh.tag_sent != reference =>
+                    if !reference.is_empty()
+                        && oh.tag_sent != reference
+                        && !oh.answered_before_filter() =>
                 {
                     let left = if oh.tag_sent.is_empty() {
                         "no tag".to_string()
@@ -728,8 +740,13 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 _ => {}
             }
             // HOP_MISSING: answered by an upstream, but no inbound hop from the callee.
+            // Never for a refused request: the refusing sidecar answered it (a policy
+            // denial reported by the callee joins as its inbound hop; one made by the
+            // caller's own sidecar never left it).
             if !cx.partial
                 && node.inb.is_none()
+                && !oh.answered_before_filter()
+                && policy_denied::denial(oh, it).is_none()
                 && oh.sampled_report()
                 // A trace id, or (a mesh without a tracer) the request id: the callee's
                 // sidecar would have reported the same one, so its hop would be here. Not
@@ -819,11 +836,18 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     }
 
     // --- UPSTREAM_FAILURE: the deepest failing hop is the origin ---
-    let sig = |h: Option<u32>| {
-        h.map(|h| hops[h as usize].response_flags & !DC)
-            .unwrap_or(0)
+    // A policy refusal's flags (FI, RL, UAEX) are POLICY_DENIED's, not a failure of the
+    // mesh.
+    let flags_of = |h: u32| {
+        let hh = &hops[h as usize];
+        if policy_denied::denial(hh, it).is_some() {
+            0
+        } else {
+            hh.response_flags
+        }
     };
-    let all = |h: Option<u32>| h.map(|h| hops[h as usize].response_flags).unwrap_or(0);
+    let sig = |h: Option<u32>| h.map(|h| flags_of(h) & !DC).unwrap_or(0);
+    let all = |h: Option<u32>| h.map(flags_of).unwrap_or(0);
     let mut sub_sig = vec![false; nodes.len()];
     let order = postorder(&nodes, &roots);
     for &id in &order {
@@ -855,11 +879,8 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         } else {
             r(hh.service)
         };
-        let code = if hh.response_code == 0 {
-            "no response".to_string()
-        } else {
-            hh.response_code.to_string()
-        };
+        // HTTP status, or for gRPC the code (Envoy's own gRPC failures are HTTP 200).
+        let code = crate::grpc::describe_response(hh, it.resolve(hh.grpc_message));
         let details = if hh.code_details.is_empty() {
             String::new()
         } else {
@@ -883,20 +904,25 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 details
             )
         };
+        let hint_peer = if hh.is_outbound() {
+            peer.as_str()
+        } else {
+            it.resolve(hh.workload)
+        };
+        let mut hint = flag_hint(&names, hint_peer);
+        if let Some(g) = hh
+            .grpc()
+            .and_then(|g| crate::grpc::code_hint(g, &names, hint_peer))
+        {
+            hint = format!("{g}; {hint}");
+        }
         let mut f = mk(
             BreakKind::UpstreamFailure,
             hh,
             peer.clone(),
             names.clone(),
             what,
-            flag_hint(
-                &names,
-                if hh.is_outbound() {
-                    &peer
-                } else {
-                    it.resolve(hh.workload)
-                },
-            ),
+            hint,
         );
         if !node.attempts.is_empty() && hh.is_inbound() {
             // A retried call: say how often it was tried and what the caller got.
@@ -922,6 +948,14 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         }
         out.push((id, f));
     }
+
+    // --- POLICY_DENIED and APP_ERROR: their own modules ---
+    out.extend(policy_denied::detect(
+        hops, &nodes, &caller, it, &dest, &seen_ms,
+    ));
+    out.extend(app_error::detect(
+        hops, &nodes, &roots, &caller, it, &seen_ms,
+    ));
 
     // --- TRACE_MALFORMED: the first hop of each path where it appeared ---
     let bad = |h: Option<u32>| {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use hopwatch_proto::v1::{
-    Break, BreakKind, CallNode, Direction, GetTraceResponse, Hop, Sampled, Severity,
+    Break, BreakKind, CallNode, Direction, GetTraceResponse, Hop, Protocol, Sampled, Severity,
     SummaryResponse, TagSource, TraceContext,
 };
 use serde_json::{json, Value};
@@ -52,6 +52,24 @@ fn trace_context_name(v: i32) -> &'static str {
         "TRACE_CONTEXT_",
     )
 }
+/// How a hop's protocol is shown: `HTTP/1.1`, `HTTP/2`, `gRPC`, or `HTTP` when the
+/// filter did not read the version (healthy HTTP hops).
+pub fn protocol_name(v: i32) -> &'static str {
+    match Protocol::try_from(v).unwrap_or(Protocol::Unspecified) {
+        Protocol::Unspecified | Protocol::Http => "HTTP",
+        Protocol::Http1 => "HTTP/1.1",
+        Protocol::Http2 => "HTTP/2",
+        Protocol::Http3 => "HTTP/3",
+        Protocol::Grpc => "gRPC",
+    }
+}
+
+/// `UNAVAILABLE(14)` for a hop with a gRPC status.
+fn grpc_status_label(h: &Hop) -> Option<String> {
+    h.grpc_status
+        .map(|g| format!("{}({g})", crate::grpc::code_name(g)))
+}
+
 fn direction_name(v: i32) -> &'static str {
     short(
         Direction::try_from(v)
@@ -136,6 +154,11 @@ pub fn hop_json(h: &Hop) -> Value {
         "start_time_unix_micros": h.start_time_unix_micros,
         "duration_micros": h.duration_micros,
         "sampled_report": h.sampled_report,
+        "protocol": protocol_name(h.protocol),
+        "grpc_status": h.grpc_status.map(crate::grpc::code_name),
+        "grpc_status_code": h.grpc_status,
+        "grpc_message": h.grpc_message,
+        "answered_before_filter": h.answered_before_filter,
     })
 }
 
@@ -345,8 +368,9 @@ fn node_line(n: &CallNode) -> String {
     let mut s = call_label(n);
     let h = n.outbound.as_ref().or(n.inbound.as_ref());
     if let Some(h) = h {
+        let _ = write!(s, "  {}", protocol_name(h.protocol));
         if !h.method.is_empty() || !h.path.is_empty() {
-            let _ = write!(s, "  {} {}", h.method, h.path);
+            let _ = write!(s, " {} {}", h.method, h.path);
         }
         // The code the caller saw (outbound), else the callee's.
         let _ = write!(
@@ -358,6 +382,9 @@ fn node_line(n: &CallNode) -> String {
                 h.response_code.to_string()
             }
         );
+        if let Some(g) = grpc_status_label(h) {
+            let _ = write!(s, " grpc={g}");
+        }
         if h.duration_micros > 0 {
             let _ = write!(s, " {:.1}ms", h.duration_micros as f64 / 1000.0);
         }
@@ -377,6 +404,13 @@ fn node_line(n: &CallNode) -> String {
                     .collect::<Vec<_>>()
                     .join(",")
             );
+        }
+        if n.outbound
+            .iter()
+            .chain(n.inbound.iter())
+            .any(|h| h.answered_before_filter)
+        {
+            s.push_str(" (answered before hopwatch)");
         }
         let tag = match (&n.outbound, &n.inbound) {
             (Some(o), _) => format!(

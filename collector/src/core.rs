@@ -255,7 +255,8 @@ impl Core {
             } else {
                 ws.outbound += 1;
             }
-            if c.response_code >= 500 || c.response_flags != 0 {
+            // gRPC server errors count like 5xx (their HTTP status is 200).
+            if crate::grpc::hop_server_error(&c) || c.response_flags != 0 {
                 ws.errors += 1;
             }
             let mut f = c.response_flags;

@@ -4,7 +4,9 @@
 //!
 //! Layout:
 //! - [`model`]: the compact hop ([`model::CHop`]) and string interning.
-//! - [`analysis`]: joining hops into a call tree and the eight break detectors (pure).
+//! - [`analysis`]: joining hops into a call tree and the break detectors (pure); the
+//!   newer detectors live in their own modules: [`app_error`], [`policy_denied`], with
+//!   gRPC status names and hints in [`grpc`].
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
@@ -12,9 +14,12 @@
 //! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON).
 
 pub mod analysis;
+pub mod app_error;
 pub mod cli;
 pub mod core;
+pub mod grpc;
 pub mod model;
+pub mod policy_denied;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -35,7 +35,17 @@ pub struct Interner {
     dest_cache: FxHashMap<(Sym, Sym), (Sym, Sym, u8)>,
     /// authority -> first DNS label of its host.
     authority_cache: FxHashMap<Sym, Sym>,
+    /// Strings interned through [`Interner::intern_capped`] (free text such as gRPC
+    /// messages).
+    capped: usize,
 }
+
+/// At most this many distinct free-text strings (gRPC messages) are interned: apps put ids
+/// in their error messages, and the interner never forgets, so without a cap they would
+/// fill it and push out the names (workloads, pods) everything else needs.
+pub const MAX_FREE_TEXT_STRINGS: usize = 10_000;
+/// Free text is kept up to this many bytes.
+pub const MAX_FREE_TEXT_LEN: usize = 128;
 
 impl Interner {
     pub fn new(max: usize) -> Self {
@@ -46,6 +56,7 @@ impl Interner {
             overflowed: 0,
             dest_cache: FxHashMap::default(),
             authority_cache: FxHashMap::default(),
+            capped: 0,
         };
         i.force("");
         i.force("<overflow>");
@@ -71,6 +82,25 @@ impl Interner {
         }
         self.force(s)
     }
+    /// Interns free text (truncated to [`MAX_FREE_TEXT_LEN`] bytes) while fewer than `cap`
+    /// such strings were interned; past that, known strings still resolve and new ones
+    /// become [`Sym::EMPTY`] (dropped, not an overflow of the names).
+    pub fn intern_capped(&mut self, s: &str, cap: usize) -> Sym {
+        let mut end = s.len().min(MAX_FREE_TEXT_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &s[..end];
+        if let Some(sym) = self.get(s) {
+            return sym;
+        }
+        if self.capped >= cap {
+            return Sym::EMPTY;
+        }
+        self.capped += 1;
+        self.intern(s)
+    }
+
     /// Looks a string up without interning it.
     pub fn get(&self, s: &str) -> Option<Sym> {
         if s.is_empty() {
@@ -130,6 +160,9 @@ pub const BIT_SAMPLED_REPORT: u8 = 2;
 pub const BIT_DEST_IN_MESH: u8 = 4;
 /// The destination is outside the mesh (PassthroughCluster, BlackHoleCluster, external host).
 pub const BIT_DEST_EXTERNAL: u8 = 8;
+/// Only `on_log` saw the request: a filter before hopwatch answered it (Hop field
+/// `answered_before_filter`).
+pub const BIT_ANSWERED_BEFORE_FILTER: u8 = 16;
 
 /// One hop, compactly.
 #[derive(Clone, Debug, Default)]
@@ -170,6 +203,12 @@ pub struct CHop {
     pub sampled: u8,
     pub missing_headers: u8,
     pub bits: u8,
+    /// `hopwatch.v1.Protocol`.
+    pub protocol: u8,
+    /// The gRPC status plus one (0: the hop carried none, so a default hop is not
+    /// gRPC); codes above 253 are clamped. Read it through [`CHop::grpc`].
+    pub grpc_status_plus_one: u8,
+    pub grpc_message: Sym,
     /// The hop carried a trace id (else it is grouped by request id).
     pub has_trace_id: bool,
 }
@@ -189,6 +228,13 @@ impl CHop {
     }
     pub fn tag_malformed(&self) -> bool {
         self.bits & BIT_TAG_MALFORMED != 0
+    }
+    pub fn answered_before_filter(&self) -> bool {
+        self.bits & BIT_ANSWERED_BEFORE_FILTER != 0
+    }
+    /// The gRPC status, if the hop carried one.
+    pub fn grpc(&self) -> Option<u32> {
+        self.grpc_status_plus_one.checked_sub(1).map(u32::from)
     }
     pub fn tag_source(&self) -> TagSource {
         TagSource::try_from(self.tag_source as i32).unwrap_or(TagSource::Unspecified)
@@ -239,6 +285,9 @@ impl CHop {
         if h.sampled_report {
             bits |= BIT_SAMPLED_REPORT;
         }
+        if h.answered_before_filter {
+            bits |= BIT_ANSWERED_BEFORE_FILTER;
+        }
         CHop {
             span_id: span_u64(&h.span_id),
             parent_span_id: span_u64(&h.parent_span_id),
@@ -276,6 +325,9 @@ impl CHop {
             sampled: h.sampled.clamp(0, 255) as u8,
             missing_headers: missing,
             bits,
+            protocol: h.protocol.clamp(0, 255) as u8,
+            grpc_status_plus_one: h.grpc_status.map(|g| g.min(253) as u8 + 1).unwrap_or(0),
+            grpc_message: it.intern_capped(&h.grpc_message, MAX_FREE_TEXT_STRINGS),
             has_trace_id: !h.trace_id.is_empty(),
         }
     }
@@ -334,6 +386,10 @@ impl CHop {
             start_time_unix_micros: self.start_us,
             duration_micros: self.duration_us as u64,
             sampled_report: self.sampled_report(),
+            protocol: self.protocol as i32,
+            grpc_status: self.grpc(),
+            grpc_message: r(self.grpc_message),
+            answered_before_filter: self.answered_before_filter(),
         }
     }
 }
@@ -526,6 +582,31 @@ pub fn match_level(env: &str, tag: &str) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_text_is_capped_and_truncated() {
+        let mut it = Interner::new(1000);
+        let a = it.intern_capped("db down", 2);
+        assert_eq!(it.resolve(a), "db down");
+        assert_eq!(
+            it.intern_capped("db down", 2),
+            a,
+            "known strings always resolve"
+        );
+        let long = "x".repeat(300);
+        let b = it.intern_capped(&long, 2);
+        assert_eq!(it.resolve(b).len(), MAX_FREE_TEXT_LEN);
+        assert_eq!(
+            it.intern_capped("id 42 not found", 2),
+            Sym::EMPTY,
+            "cap reached"
+        );
+        assert_eq!(
+            it.overflowed, 0,
+            "dropping free text is not an overflow of names"
+        );
+        assert!(!it.intern("workload-a").is_empty(), "names still intern");
+    }
 
     #[test]
     fn compact_hop_is_small() {

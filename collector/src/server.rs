@@ -169,7 +169,7 @@ fn kind_filter(k: i32) -> Result<Option<BreakKind>, String> {
 
 /// The break kind names, in enum order.
 pub fn valid_kinds() -> Vec<&'static str> {
-    (1..=8)
+    (1..=63)
         .filter_map(|k| BreakKind::try_from(k).ok())
         .map(|k| k.as_str_name())
         .collect()

@@ -19,6 +19,8 @@ pub enum MapType {
     RequestHeaders = 0,
     /// Response headers.
     ResponseHeaders = 2,
+    /// Response trailers.
+    ResponseTrailers = 3,
 }
 
 /// Log levels.

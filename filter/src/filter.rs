@@ -4,16 +4,21 @@
 //! * [`Stream::on_request_headers`]: tag resolution, trace classification, correlation
 //!   store read (outbound) or write (inbound); returns the tag header edit.
 //! * [`Stream::annotation`]: at response headers, the annotation to append, if any.
+//! * [`Stream::grpc_reply`]: gRPC only, what the response headers of a trailers-only
+//!   reply or the trailers said (`grpc-status`, `grpc-message`).
 //! * [`Stream::on_log`]: at the end of the stream (flags final), the hop report, if the
 //!   hop is sampled or anomalous; counts metrics.
+//! * [`Stream::answered_before_filter`]: a stream whose request callbacks never ran (a
+//!   filter before hopwatch answered it); Envoy calls only `on_log` for it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use hopwatch_proto::v1::{Hop, TraceContext};
+use hopwatch_proto::v1::{Hop, Protocol, TraceContext};
 
 use crate::config::{Annotate, Direction, PluginConfig};
 use crate::correlation::{self, Contexts, IdKind, LocalStore, StoreConfig};
+use crate::grpc;
 use crate::headers::RequestView;
 use crate::host::{prop_string, prop_u64, Host};
 use crate::metrics;
@@ -143,7 +148,19 @@ pub struct Stream {
     /// end_of_stream): nothing after its headers went wrong, so a success needs no
     /// `response.flags` read at the end.
     response_complete: Cell<bool>,
+    /// The request is gRPC (its `content-type`): success is `grpc-status: 0`, not the
+    /// HTTP status, which Envoy sets to 200 even on the failures it makes itself.
+    grpc: bool,
+    /// `grpc-status` of the reply ([`NO_GRPC_STATUS`]: not seen yet).
+    grpc_status: Cell<u32>,
+    /// `grpc-message` of a non-OK reply (bounded).
+    grpc_message: RefCell<String>,
+    /// Only `on_log` ran for this stream: a filter before hopwatch answered it.
+    answered_before_filter: bool,
 }
+
+/// [`Stream`]'s `grpc_status` before a `grpc-status` was read.
+const NO_GRPC_STATUS: u32 = u32::MAX;
 
 fn secs(nanos: u64) -> u32 {
     u32::try_from(nanos / 1_000_000_000).unwrap_or(u32::MAX)
@@ -252,6 +269,7 @@ impl Stream {
         // rewrites one digit of the id on the way.
         let sampled = sampling::sampled(cfg.report_sample_rate, &trace.trace_id, &rid_key);
         let debug = view.debug;
+        let grpc = view.is_grpc();
         let edit = tag.edit.clone();
         let s = Stream {
             headers,
@@ -264,8 +282,89 @@ impl Stream {
             debug,
             response_status: Cell::new(0),
             response_complete: Cell::new(false),
+            grpc,
+            grpc_status: Cell::new(NO_GRPC_STATUS),
+            grpc_message: RefCell::new(String::new()),
+            answered_before_filter: false,
         };
         (s, edit)
+    }
+
+    /// A stream answered before hopwatch's request callbacks ran (RBAC, JWT, ext_authz,
+    /// fault abort, local rate limit): Envoy calls only `on_log`. `headers` are the
+    /// request headers Envoy still holds there (one host call, made by the glue).
+    /// Nothing is written to the correlation store and no tag is stamped: the request
+    /// went nowhere. [`Stream::on_log`] then always reports the hop.
+    pub fn answered_before_filter<H: Host + ?Sized>(
+        core: &Core,
+        host: &H,
+        headers: Vec<u8>,
+    ) -> Stream {
+        let cfg = &core.config;
+        let view = RequestView::parse(&headers, &cfg.tag_header, &cfg.debug_header);
+        let trace = trace::classify(&view.trace);
+        // As received: the request was never passed on, so the tag it "left with" is
+        // the one it came with (a malformed one is reported as such).
+        let tag = tag::resolve_inbound(view.tag);
+        let class = trace.class;
+        let grpc = view.is_grpc();
+        host.count(metrics::ANSWERED_BEFORE_FILTER, 1);
+        Stream {
+            start_nanos: host.now_nanos(),
+            class,
+            tag,
+            correlated: None,
+            sampled: false,
+            context_expected: false,
+            debug: false,
+            response_status: Cell::new(0),
+            response_complete: Cell::new(true),
+            grpc,
+            grpc_status: Cell::new(NO_GRPC_STATUS),
+            grpc_message: RefCell::new(String::new()),
+            answered_before_filter: true,
+            headers,
+        }
+    }
+
+    /// Whether the request is gRPC (by its `content-type`).
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// gRPC: what the reply said, read by the glue from the response headers of a
+    /// trailers-only reply or from the trailers. The first `grpc-status` wins.
+    pub fn grpc_reply(&self, reply: grpc::Reply) {
+        if reply.http_status != 0 && self.response_status.get() == 0 {
+            self.response_status.set(reply.http_status);
+        }
+        if let Some(st) = reply.status {
+            if self.grpc_status.get() == NO_GRPC_STATUS {
+                self.grpc_status.set(st);
+                *self.grpc_message.borrow_mut() = reply.message;
+            }
+        }
+    }
+
+    /// `grpc-status` seen so far (`None`: not a gRPC reply, or none seen yet).
+    pub fn grpc_status(&self) -> Option<u32> {
+        Some(self.grpc_status.get()).filter(|s| *s != NO_GRPC_STATUS)
+    }
+
+    /// A gRPC stream whose reply carried a non-OK `grpc-status`.
+    fn grpc_failed(&self) -> bool {
+        self.grpc && self.grpc_status().is_some_and(|s| s != grpc::OK)
+    }
+
+    /// `:status` as seen at response headers (0: not read).
+    pub fn response_status(&self) -> u64 {
+        self.response_status.get()
+    }
+
+    /// Records `:status` read at response headers without annotating (a gRPC reply
+    /// that continues: its annotation, if any, goes into the trailers).
+    pub fn note_status(&self, status: u64) {
+        self.response_status.set(status);
     }
 
     /// The trace classification (outbound: PROPAGATED / NEW instead of VALID).
@@ -308,10 +407,12 @@ impl Stream {
         }
     }
 
-    /// Response headers: the annotation value to append, if this response gets one.
-    /// Reads `response.flags` (and `response.code_details` when annotating), except in
-    /// `on_error` mode for a status below 400: every response Envoy produces itself (the
-    /// ones its flags explain) is a 4xx or 5xx, so a success costs no property read.
+    /// Response headers (or, for gRPC, trailers): the annotation value to append, if
+    /// this response gets one. Reads `response.flags` (and `response.code_details` when
+    /// annotating), except in `on_error` mode for a status below 400 without a gRPC
+    /// error: every HTTP response Envoy produces itself (the ones its flags explain) is a
+    /// 4xx or 5xx, and a gRPC one carries a non-OK `grpc-status`, so a success costs no
+    /// property read.
     pub fn annotation<H: Host + ?Sized>(
         &self,
         core: &Core,
@@ -322,11 +423,13 @@ impl Stream {
         if !self.may_annotate(core) {
             return None;
         }
-        if core.config.annotate_response == Annotate::OnError && status < 400 {
+        let grpc_failed = self.grpc_failed();
+        let on_error = core.config.annotate_response == Annotate::OnError;
+        if on_error && status < 400 && !grpc_failed {
             return None;
         }
         let mask = prop_u64(host.property(&["response", "flags"]));
-        if core.config.annotate_response == Annotate::OnError && mask == 0 && status < 500 {
+        if on_error && mask == 0 && status < 500 && !grpc_failed {
             return None;
         }
         let details = prop_string(host.property(&["response", "code_details"]));
@@ -336,6 +439,7 @@ impl Stream {
             &id.workload,
             &id.namespace,
             status,
+            self.grpc.then(|| self.grpc_status()).flatten(),
             mask,
             &details,
         ))
@@ -351,7 +455,9 @@ impl Stream {
     pub fn on_log<H: Host + ?Sized>(&self, core: &Core, host: &H) -> Option<Hop> {
         let cfg = &core.config;
         let seen = self.response_status.get();
-        let healthy = seen != 0 && seen < 400 && self.response_complete.get();
+        // gRPC: healthy only with grpc-status 0 (Envoy's own failures are HTTP 200).
+        let grpc_ok = !self.grpc || self.grpc_status() == Some(grpc::OK);
+        let healthy = seen != 0 && seen < 400 && self.response_complete.get() && grpc_ok;
         let mask = if healthy {
             0
         } else {
@@ -381,8 +487,14 @@ impl Stream {
                 host.count(metrics::FLAG_UNKNOWN, 1);
             }
         }
+        let grpc_failed = self.grpc_failed();
+        if grpc_failed {
+            host.count(metrics::GRPC_ERRORS, 1);
+        }
         let must = mask != 0
             || code >= 500
+            || grpc_failed
+            || self.answered_before_filter
             || is_anomalous(cfg.direction, self.class, &self.tag, self.context_expected);
         if !self.sampled && !must {
             return None;
@@ -429,7 +541,7 @@ impl Stream {
         // its neighbours; a failed one also what explains it.
         // source.address and upstream.local_address are never read: the collector does
         // not use them.
-        let failed = mask != 0 || code >= 400;
+        let failed = mask != 0 || code >= 400 || grpc_failed;
         if failed || cfg.direction == Direction::Outbound {
             // Outbound: the callee (its cluster names the service and subset) and the
             // host that answered (HOP_MISSING needs it). Inbound, only when it failed:
@@ -445,6 +557,22 @@ impl Stream {
             String::new()
         };
         report::set_response(&mut hop, code, mask, details);
+        // The protocol: gRPC from the content-type (free); the HTTP version is a property
+        // read, made for failed hops only.
+        hop.protocol = if self.grpc {
+            Protocol::Grpc
+        } else if failed {
+            host.property(&["request", "protocol"])
+                .map(|p| grpc::protocol_of(&p))
+                .unwrap_or(Protocol::Http)
+        } else {
+            Protocol::Http
+        } as i32;
+        if self.grpc {
+            hop.grpc_status = self.grpc_status();
+            hop.grpc_message = self.grpc_message.borrow().clone();
+        }
+        hop.answered_before_filter = self.answered_before_filter;
         if cfg.direction == Direction::Outbound {
             hop.upstream_span_id = upstream_span_id(host);
         }

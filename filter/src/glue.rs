@@ -9,7 +9,15 @@
 //! for a healthy response that reached its end of stream, else `response.flags` (+
 //! `response.code` only when no response headers were seen), and the remaining
 //! properties only for hops that are reported. `response_body` and `response_trailers`
-//! only note the end of stream. Counters are summed here and given to Envoy on the tick.
+//! only note the end of stream. A gRPC request (known from the request `content-type`,
+//! no extra call) costs one call more: the whole response header map of a trailers-only
+//! reply (`:status`, `grpc-status`, `grpc-message` in one call, instead of `:status`), or
+//! the trailer map of a streamed reply; a non-OK status then reads flags and details as
+//! a 5xx does, and the annotation goes where a gRPC client sees it (the headers of a
+//! trailers-only reply, else the trailers). A stream a filter before hopwatch answered
+//! (RBAC, JWT, fault abort, ...) reaches only `proxy_on_log`: it costs there one
+//! `get_header_map_pairs` plus the properties of a failed hop, and is always reported.
+//! Counters are summed here and given to Envoy on the tick.
 //! There is no `proxy_on_done` export (Envoy treats a missing one as "done") and no
 //! `proxy_on_delete` (the stream is freed in `proxy_on_log`, see the note above
 //! `ROOT_STALE_MS`): every export a stream reaches costs a VM entry. Node metadata and the env var are read
@@ -423,12 +431,35 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, _n: usize, eos: u32
     if eos != 0 {
         st.response_complete();
     }
+    if st.is_grpc() && eos != 0 {
+        // Trailers-only gRPC reply (Envoy's own failures are these): `:status`,
+        // `grpc-status` and `grpc-message` in one call.
+        let map = abi::get_map_bytes(MapType::ResponseHeaders);
+        st.grpc_reply(crate::grpc::read_reply(&map));
+        if !st.may_annotate(&sh.core) {
+            return 0;
+        }
+        let status = st.response_status();
+        if let Some(v) = st.annotation(&sh.core, &sh.host, status) {
+            abi::add_map_value(
+                MapType::ResponseHeaders,
+                &sh.core.config.annotation_header,
+                &v,
+            );
+        }
+        return 0;
+    }
     if !st.may_annotate(&sh.core) {
         return 0;
     }
     let status = abi::get_map_value_bytes(MapType::ResponseHeaders, ":status")
         .map(|s| crate::flags::parse_status(&s))
         .unwrap_or(0);
+    if st.is_grpc() && status < 400 {
+        // The gRPC status comes in the trailers: annotate there.
+        st.note_status(status);
+        return 0;
+    }
     if let Some(v) = st.annotation(&sh.core, &sh.host, status) {
         abi::add_map_value(
             MapType::ResponseHeaders,
@@ -449,8 +480,19 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
     };
     let hop = {
         let h = h.borrow();
-        let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
+        let Some(sh) = &h.shared else {
             return;
+        };
+        let unseen;
+        let st = match &h.stream {
+            Some(st) => st,
+            None => {
+                // The request callbacks never ran: a filter before hopwatch answered the
+                // request (RBAC, JWT, ext_authz, fault abort, local rate limit).
+                let headers = abi::get_map_bytes(MapType::RequestHeaders);
+                unseen = Stream::answered_before_filter(&sh.core, &sh.host, headers);
+                &unseen
+            }
         };
         match st.on_log(&sh.core, &sh.host) {
             Some(hop) => (sh.clone(), hop),
@@ -488,10 +530,34 @@ pub extern "C" fn proxy_on_response_body(context_id: u32, _size: usize, eos: u32
     0
 }
 
-/// Response trailers end the response.
+/// Response trailers end the response; a gRPC reply's status is read from them (one
+/// call for the whole, small, trailer map) and its annotation, if any, added to them.
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _n: usize) -> u32 {
-    response_ended(context_id);
+    let Some(h) = stream(context_id) else {
+        return 0;
+    };
+    let h = h.borrow();
+    let (Some(sh), Some(st)) = (&h.shared, &h.stream) else {
+        return 0;
+    };
+    st.response_complete();
+    if !st.is_grpc() {
+        return 0;
+    }
+    let map = abi::get_map_bytes(MapType::ResponseTrailers);
+    st.grpc_reply(crate::grpc::read_reply(&map));
+    if !st.may_annotate(&sh.core) {
+        return 0;
+    }
+    let status = st.response_status();
+    if let Some(v) = st.annotation(&sh.core, &sh.host, status) {
+        abi::add_map_value(
+            MapType::ResponseTrailers,
+            &sh.core.config.annotation_header,
+            &v,
+        );
+    }
     0
 }
 

@@ -115,6 +115,8 @@ pub struct RequestView<'a> {
     pub method: Option<&'a str>,
     /// `:path`
     pub path: Option<&'a str>,
+    /// `content-type` (a gRPC request is known by it, see [`RequestView::is_grpc`]).
+    pub content_type: Option<&'a str>,
 }
 
 impl<'a> RequestView<'a> {
@@ -138,6 +140,7 @@ impl<'a> RequestView<'a> {
                 (12, b"x-b3-traceid") => &mut t.b3_trace_id,
                 (12, b"x-request-id") => &mut t.request_id,
                 (12, b"x-b3-sampled") => &mut t.b3_sampled,
+                (12, b"content-type") => &mut v.content_type,
                 (17, b"x-b3-parentspanid") => &mut t.b3_parent_span_id,
                 _ if k == tag_header.as_bytes() => &mut v.tag,
                 _ => {
@@ -153,4 +156,26 @@ impl<'a> RequestView<'a> {
         }
         v
     }
+
+    /// Whether the request is gRPC: `content-type` is `application/grpc`, alone or with
+    /// a `+format` or `;parameters` suffix (gRPC over HTTP/2's definition). gRPC-Web
+    /// (`application/grpc-web...`) is not: its status travels in the body.
+    pub fn is_grpc(&self) -> bool {
+        self.content_type.is_some_and(is_grpc_content_type)
+    }
+}
+
+/// See [`RequestView::is_grpc`].
+pub fn is_grpc_content_type(ct: &str) -> bool {
+    const GRPC: &str = "application/grpc";
+    let Some(head) = ct.get(..GRPC.len()) else {
+        return false;
+    };
+    if !head.eq_ignore_ascii_case(GRPC) {
+        return false;
+    }
+    matches!(
+        ct.as_bytes().get(GRPC.len()),
+        None | Some(b'+') | Some(b';')
+    )
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod correlation;
 pub mod filter;
 pub mod flags;
+pub mod grpc;
 pub mod headers;
 pub mod host;
 pub mod json;

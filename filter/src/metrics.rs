@@ -41,8 +41,13 @@ const FLAG_BASE: u16 = TRACE_BASE + 7;
 pub const FLAG_UNKNOWN: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16);
 /// Responses with at least one flag.
 pub const RESPONSES_FLAGGED: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 1);
+/// gRPC responses with a non-OK `grpc-status`.
+pub const GRPC_ERRORS: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 2);
+/// Streams a filter before hopwatch answered (only `on_log` ran: RBAC, JWT, ext_authz,
+/// fault abort, local rate limit).
+pub const ANSWERED_BEFORE_FILTER: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 3);
 /// Number of counters.
-pub const COUNT: usize = FLAG_BASE as usize + FLAG_NAMES.len() + 2;
+pub const COUNT: usize = FLAG_BASE as usize + FLAG_NAMES.len() + 4;
 
 /// Counter of a tag source name ("request", "correlated", "environment", "none",
 /// "malformed").
@@ -96,5 +101,7 @@ pub fn names(direction: &str) -> Vec<String> {
     }
     v.push(p("response_flag.unknown"));
     v.push(p("responses_flagged"));
+    v.push(p("grpc_errors"));
+    v.push(p("answered_before_filter"));
     v
 }

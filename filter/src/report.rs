@@ -51,12 +51,14 @@ pub fn encode_request(hops: Vec<Hop>, pod: &str, namespace: &str, dropped: u64) 
 }
 
 /// The annotation header value of one hop:
-/// `dir=outbound; workload=W; ns=N; code=503; flags=UF; details=D`.
+/// `dir=outbound; workload=W; ns=N; code=503; flags=UF; details=D`; a gRPC hop has
+/// `grpc_status=N` after the code (`code=200; grpc_status=14` for Envoy's own replies).
 pub fn annotation(
     direction: Direction,
     workload: &str,
     namespace: &str,
     code: u64,
+    grpc_status: Option<u32>,
     mask: u64,
     details: &str,
 ) -> String {
@@ -69,6 +71,10 @@ pub fn annotation(
     s.push_str(or_dash(namespace));
     s.push_str("; code=");
     flags::push_u64(&mut s, code);
+    if let Some(g) = grpc_status {
+        s.push_str("; grpc_status=");
+        flags::push_u64(&mut s, u64::from(g));
+    }
     s.push_str("; flags=");
     s.push_str(&flags::format(mask));
     s.push_str("; details=");

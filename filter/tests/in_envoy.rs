@@ -320,8 +320,13 @@ fn cluster(name: &str, port: Option<u16>, http2: bool) -> Value {
     c
 }
 
-/// An HTTP connection manager; `tracer`: Zipkin at 100 % (else none, Istio's default).
-fn hcm(stat: &str, routes: Value, filter: Value, tracer: bool) -> Value {
+/// An HTTP connection manager whose HTTP filters are `before` (Envoy filters that run
+/// before hopwatch, as Istio places RBAC, JWT and fault before an EnvoyFilter inserted
+/// before the router), then `filter`, then the router.
+fn hcm_with(stat: &str, routes: Value, before: &[Value], filter: Value, tracer: bool) -> Value {
+    let mut http_filters: Vec<Value> = before.to_vec();
+    http_filters.push(filter);
+    http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     let mut v = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -344,12 +349,10 @@ fn hcm(stat: &str, routes: Value, filter: Value, tracer: bool) -> Value {
             "route_config": {"name": format!("{stat}_routes"), "virtual_hosts": [
                 {"name": format!("{stat}_vh"), "domains": ["*"], "routes": routes}
             ]},
-            "http_filters": [
-                filter,
-                {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-            ]
+            "http_filters": http_filters
         }
     });
+    // No tracer: Istio's default since 1.22 (requests carry only x-request-id).
     if !tracer {
         if let Some(c) = v["typed_config"].as_object_mut() {
             c.remove("tracing");
@@ -371,22 +374,26 @@ fn route(prefix: &str, cluster: &str) -> Value {
     json!({"name": format!("route{}", prefix.replace('/', "_")), "match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "5s"}})
 }
 
-/// Starts Envoy with both listeners and waits until it is ready. `collector_port`: where
-/// the manifest's collector cluster points (None: a closed port). `edit`: plugin
-/// configuration changes.
-fn start_envoy(echo: &Echo, collector_port: Option<u16>, edit: &dyn Fn(&mut Value)) -> Envoy {
-    let envoy = spawn_envoy(echo, collector_port, edit, Some(ENV_TAG), 1);
-    envoy.wait_ready();
-    envoy
-}
-
 /// Starts Envoy without a tracer (Istio's default since 1.22) and waits until it is ready.
 fn start_envoy_without_tracer(
     echo: &Echo,
     collector_port: Option<u16>,
     edit: &dyn Fn(&mut Value),
 ) -> Envoy {
-    let envoy = spawn_envoy_with(echo, collector_port, edit, Some(ENV_TAG), 1, false);
+    let extras = Extras {
+        no_tracer: true,
+        ..Extras::default()
+    };
+    let envoy = spawn_envoy_with(echo, collector_port, edit, Some(ENV_TAG), 1, &extras);
+    envoy.wait_ready();
+    envoy
+}
+
+/// Starts Envoy with both listeners and waits until it is ready. `collector_port`: where
+/// the manifest's collector cluster points (None: a closed port). `edit`: plugin
+/// configuration changes.
+fn start_envoy(echo: &Echo, collector_port: Option<u16>, edit: &dyn Fn(&mut Value)) -> Envoy {
+    let envoy = spawn_envoy(echo, collector_port, edit, Some(ENV_TAG), 1);
     envoy.wait_ready();
     envoy
 }
@@ -400,17 +407,37 @@ fn spawn_envoy(
     env_tag: Option<&str>,
     concurrency: u32,
 ) -> Envoy {
-    spawn_envoy_with(echo, collector_port, edit, env_tag, concurrency, true)
+    spawn_envoy_with(
+        echo,
+        collector_port,
+        edit,
+        env_tag,
+        concurrency,
+        &Extras::default(),
+    )
 }
 
-/// [`spawn_envoy`]; `tracer`: whether the listeners run Zipkin at 100 %.
+/// What some tests add to the default listeners and clusters.
+#[derive(Default)]
+struct Extras {
+    /// A gRPC app (HTTP/2 cluster `grpcapp`): outbound routes send
+    /// `/hopwatch.v1.Query/*` there, or to `empty` (no endpoint) with `x-target: empty`,
+    /// or to `closed` (refused connections) with `x-target: closed`.
+    grpc_app: Option<u16>,
+    /// HTTP filters before hopwatch on the inbound / outbound listener.
+    inbound_before: Vec<Value>,
+    outbound_before: Vec<Value>,
+    /// No tracer on the listeners (default: Zipkin at 100 %).
+    no_tracer: bool,
+}
+
 fn spawn_envoy_with(
     echo: &Echo,
     collector_port: Option<u16>,
     edit: &dyn Fn(&mut Value),
     env_tag: Option<&str>,
     concurrency: u32,
-    tracer: bool,
+    extras: &Extras,
 ) -> Envoy {
     let (inf, outf) = manifest_filters(edit);
     let collector_cluster = plugin_config(&outf)["collector_cluster"]
@@ -431,19 +458,33 @@ fn spawn_envoy_with(
     let mut steer_tagged = route("/steer", "app");
     steer_tagged["name"] = json!("steer_tagged");
     steer_tagged["match"]["headers"] = json!([{"name": TAG, "string_match": {"exact": ENV_TAG}}]);
-    let outbound_routes = json!([
+    let mut outbound_routes = vec![
         steer_tagged,
         route("/steer", "closed"),
         route("/closed", "closed"),
         route("/empty", "empty"),
         route("/app", "app"),
-    ]);
+    ];
     let mut clusters = vec![
         cluster("app", Some(echo.port), false),
         cluster("closed", Some(closed), false),
         cluster("empty", None, false),
         cluster("zipkin", Some(free_port()), false),
     ];
+    if let Some(port) = extras.grpc_app {
+        let grpc_route = |target: Option<&str>, cluster: &str| {
+            let mut m = json!({"prefix": "/hopwatch.v1.Query/", "grpc": {}});
+            if let Some(t) = target {
+                m["headers"] = json!([{"name": "x-target", "string_match": {"exact": t}}]);
+            }
+            json!({"name": format!("grpc_{cluster}"), "match": m, "route": {"cluster": cluster, "timeout": "5s"}})
+        };
+        outbound_routes.insert(0, grpc_route(Some("empty"), "empty"));
+        outbound_routes.insert(1, grpc_route(Some("closed"), "closed"));
+        outbound_routes.insert(2, grpc_route(None, "grpcapp"));
+        clusters.push(cluster("grpcapp", Some(port), true));
+    }
+    let outbound_routes = Value::Array(outbound_routes);
     if !collector_cluster.starts_with("missing") {
         clusters.push(cluster(
             &collector_cluster,
@@ -465,8 +506,8 @@ fn spawn_envoy_with(
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [
-                listener("inbound", inbound, "INBOUND", hcm("inbound", inbound_routes, inf, tracer)),
-                listener("outbound", outbound, "OUTBOUND", hcm("outbound", outbound_routes, outf, tracer)),
+                listener("inbound", inbound, "INBOUND", hcm_with("inbound", inbound_routes, &extras.inbound_before, inf, !extras.no_tracer)),
+                listener("outbound", outbound, "OUTBOUND", hcm_with("outbound", outbound_routes, &extras.outbound_before, outf, !extras.no_tracer)),
             ],
             "clusters": clusters
         }
@@ -1052,6 +1093,388 @@ fn response_cut_short_after_its_headers_is_reported() {
         "a healthy unsampled hop was reported: {:#?}",
         rx.hops()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// gRPC: a tonic app behind the outbound listener (hopwatch.v1.Query as a handy service)
+
+use hopwatch_proto::v1::query_client::QueryClient;
+use hopwatch_proto::v1::query_server::{Query, QueryServer};
+use hopwatch_proto::v1::{
+    Break, GetTraceRequest, GetTraceResponse, ListBreaksRequest, ListBreaksResponse, Protocol,
+    SummaryRequest, SummaryResponse, WatchBreaksRequest,
+};
+
+/// The gRPC app: `Summary` succeeds, `ListBreaks` fails trailers-only (tonic sends an
+/// error returned by a handler in the response headers), `WatchBreaks` sends one
+/// message and then fails in the trailers.
+#[derive(Default, Clone)]
+struct GrpcApp;
+
+#[tonic::async_trait]
+impl Query for GrpcApp {
+    async fn list_breaks(
+        &self,
+        _: tonic::Request<ListBreaksRequest>,
+    ) -> Result<tonic::Response<ListBreaksResponse>, tonic::Status> {
+        Err(tonic::Status::internal("boom"))
+    }
+    async fn get_trace(
+        &self,
+        _: tonic::Request<GetTraceRequest>,
+    ) -> Result<tonic::Response<GetTraceResponse>, tonic::Status> {
+        Ok(tonic::Response::new(GetTraceResponse::default()))
+    }
+    type WatchBreaksStream = tokio_stream::Iter<std::vec::IntoIter<Result<Break, tonic::Status>>>;
+    async fn watch_breaks(
+        &self,
+        _: tonic::Request<WatchBreaksRequest>,
+    ) -> Result<tonic::Response<Self::WatchBreaksStream>, tonic::Status> {
+        let items = vec![
+            Ok(Break {
+                summary: "first".into(),
+                ..Break::default()
+            }),
+            Err(tonic::Status::internal("late-failure")),
+        ];
+        Ok(tonic::Response::new(tokio_stream::iter(items)))
+    }
+    async fn summary(
+        &self,
+        _: tonic::Request<SummaryRequest>,
+    ) -> Result<tonic::Response<SummaryResponse>, tonic::Status> {
+        Ok(tonic::Response::new(SummaryResponse {
+            findings: 7,
+            ..SummaryResponse::default()
+        }))
+    }
+}
+
+struct RunningGrpcApp {
+    port: u16,
+    rt: tokio::runtime::Runtime,
+}
+
+fn start_grpc_app() -> RunningGrpcApp {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let incoming = rt
+        .block_on(async {
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        })
+        .unwrap();
+    let port = incoming.local_addr().unwrap().port();
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(QueryServer::new(GrpcApp))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+    RunningGrpcApp { port, rt }
+}
+
+/// A request with `x-request-id: rid` (to find its hop) and the given metadata.
+fn grpc_request<T>(msg: T, rid: &str, meta: &[(&'static str, &str)]) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("x-request-id", rid.parse().unwrap());
+    for (k, v) in meta {
+        r.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    r.set_timeout(Duration::from_secs(10));
+    r
+}
+
+fn annotation_of(meta: &tonic::metadata::MetadataMap) -> Vec<String> {
+    meta.get_all("x-hopwatch")
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// gRPC failures are failures: Envoy's own trailers-only replies (HTTP 200 +
+/// `grpc-status: 14`, flags UH / UF) and an app's error statuses (trailers-only, and in
+/// the trailers after a message) are counted, annotated where a gRPC client sees them
+/// (response headers of a trailers-only reply, else the trailers) and reported with
+/// protocol, gRPC status and message; a healthy gRPC call is not annotated.
+#[test]
+fn grpc_failures_are_annotated_and_reported() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let app = start_grpc_app();
+    let envoy = spawn_envoy_with(
+        &echo,
+        Some(rx.port),
+        &|_| {},
+        Some(ENV_TAG),
+        1,
+        &Extras {
+            grpc_app: Some(app.port),
+            ..Extras::default()
+        },
+    );
+    envoy.wait_ready();
+    let url = format!("http://127.0.0.1:{}", envoy.outbound);
+    let rt = &app.rt;
+    let mut client = rt
+        .block_on(QueryClient::connect(url))
+        .expect("gRPC connect to the outbound listener");
+
+    // 1. No endpoint: Envoy's own trailers-only reply, UH in annotation and report.
+    let err = rt
+        .block_on(client.summary(grpc_request(
+            SummaryRequest {},
+            "grpc-uh",
+            &[("x-target", "empty")],
+        )))
+        .expect_err("no endpoint must fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let ann = annotation_of(err.metadata());
+    assert!(
+        ann.iter().any(|a| a.contains("dir=outbound")
+            && a.contains("code=200; grpc_status=14")
+            && a.contains("flags=UH")),
+        "trailers-only reply annotated in its headers: {ann:?} / {err:?}"
+    );
+    let h = rx.wait_hop("gRPC UH", |h| h.request_id == "grpc-uh");
+    assert_eq!(h.response_code, 200, "{h:?}");
+    assert_eq!(h.grpc_status, Some(14), "{h:?}");
+    assert_eq!(h.protocol, Protocol::Grpc as i32, "{h:?}");
+    assert_eq!(h.response_flag_names, vec!["UH".to_string()], "{h:?}");
+    assert!(!h.response_code_details.is_empty(), "{h:?}");
+    assert!(!h.answered_before_filter);
+
+    // 2. Refused connection: UF.
+    let err = rt
+        .block_on(client.summary(grpc_request(
+            SummaryRequest {},
+            "grpc-uf",
+            &[("x-target", "closed")],
+        )))
+        .expect_err("refused endpoint must fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let ann = annotation_of(err.metadata());
+    assert!(
+        ann.iter()
+            .any(|a| a.contains("grpc_status=14") && a.contains("flags=UF")),
+        "{ann:?}"
+    );
+    let h = rx.wait_hop("gRPC UF", |h| h.request_id == "grpc-uf");
+    assert_eq!((h.response_code, h.grpc_status), (200, Some(14)), "{h:?}");
+    assert!(h.response_flag_names.contains(&"UF".to_string()), "{h:?}");
+    assert!(
+        h.response_code_details
+            .contains("remote_connection_failure"),
+        "{h:?}"
+    );
+
+    // 3. Healthy call: no annotation, reported (sample rate 1.0) with grpc-status 0.
+    let ok = rt
+        .block_on(client.summary(grpc_request(SummaryRequest {}, "grpc-ok", &[])))
+        .expect("healthy gRPC call");
+    assert_eq!(ok.get_ref().findings, 7);
+    assert!(annotation_of(ok.metadata()).is_empty(), "{ok:?}");
+    let h = rx.wait_hop("gRPC OK", |h| h.request_id == "grpc-ok");
+    assert_eq!((h.response_code, h.grpc_status), (200, Some(0)), "{h:?}");
+    assert_eq!(h.response_flags, 0, "{h:?}");
+    assert!(h.grpc_message.is_empty(), "{h:?}");
+
+    // 4. App error, trailers-only: annotated in the headers, no Envoy flag.
+    let err = rt
+        .block_on(client.list_breaks(grpc_request(
+            ListBreaksRequest::default(),
+            "grpc-app-headers",
+            &[],
+        )))
+        .expect_err("the app fails ListBreaks");
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    let ann = annotation_of(err.metadata());
+    assert!(
+        ann.iter()
+            .any(|a| a.contains("grpc_status=13") && a.contains("flags=-")),
+        "{ann:?}"
+    );
+    let h = rx.wait_hop("gRPC app error", |h| h.request_id == "grpc-app-headers");
+    assert_eq!(
+        (h.grpc_status, h.grpc_message.as_str()),
+        (Some(13), "boom"),
+        "{h:?}"
+    );
+    assert_eq!(h.response_flags, 0, "{h:?}");
+
+    // 5. App error after a message: the status and the annotation are in the trailers.
+    let mut stream = rt
+        .block_on(client.watch_breaks(grpc_request(
+            WatchBreaksRequest::default(),
+            "grpc-app-trailers",
+            &[],
+        )))
+        .expect("the stream starts")
+        .into_inner();
+    let first = rt.block_on(stream.message()).expect("first message");
+    assert_eq!(first.map(|b| b.summary).as_deref(), Some("first"));
+    let err = rt
+        .block_on(stream.message())
+        .expect_err("the stream ends with an error status");
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    let ann = annotation_of(err.metadata());
+    assert!(
+        ann.iter().any(|a| a.contains("dir=outbound")
+            && a.contains("code=200; grpc_status=13")
+            && a.contains("flags=-")),
+        "annotation in the trailers: {ann:?} / {err:?}"
+    );
+    let h = rx.wait_hop("gRPC trailers error", |h| {
+        h.request_id == "grpc-app-trailers"
+    });
+    assert_eq!(
+        (h.grpc_status, h.grpc_message.as_str()),
+        (Some(13), "late-failure"),
+        "{h:?}"
+    );
+
+    // Counted: every non-OK status, and the flags of Envoy's own replies.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while envoy.stat("wasmcustom.hopwatch.outbound.grpc_errors") < 4 {
+        assert!(Instant::now() < deadline, "{:#?}", envoy.stats());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(envoy.stat("wasmcustom.hopwatch.outbound.grpc_errors"), 4);
+    assert!(envoy.stat("wasmcustom.hopwatch.outbound.response_flag.UH") >= 1);
+    assert!(envoy.stat("wasmcustom.hopwatch.outbound.response_flag.UF") >= 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// streams answered before hopwatch: Envoy's RBAC and fault filters placed before it
+
+/// An RBAC filter denying `/admin*` to everyone (as an Istio AuthorizationPolicy with
+/// action DENY renders; Istio names its policies `ns[NS]-policy[NAME]-rule[N]`).
+fn rbac_deny_admin() -> Value {
+    json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {
+                "ns[default]-policy[deny-admin]-rule[0]": {
+                    "permissions": [{"url_path": {"path": {"prefix": "/admin"}}}],
+                    "principals": [{"any": true}]
+                }
+            }}
+        }
+    })
+}
+
+/// A fault filter aborting `/fault*` with 503 (a VirtualService fault abort).
+fn fault_abort() -> Value {
+    json!({
+        "name": "envoy.filters.http.fault",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"http_status": 503, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+            "headers": [{"name": ":path", "string_match": {"prefix": "/fault"}}]
+        }
+    })
+}
+
+/// Requests refused by filters before hopwatch (Envoy then calls only `on_log`) are
+/// reported with what `on_log` can read: the request headers (ids, tag, path), the
+/// response code, flags and code details, marked `answered_before_filter`.
+#[test]
+fn requests_answered_before_the_filter_are_reported() {
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = spawn_envoy_with(
+        &echo,
+        Some(rx.port),
+        &|c| {
+            c["report_sample_rate"] = json!(0);
+        },
+        Some(ENV_TAG),
+        1,
+        &Extras {
+            inbound_before: vec![rbac_deny_admin()],
+            outbound_before: vec![fault_abort()],
+            ..Extras::default()
+        },
+    );
+    envoy.wait_ready();
+    let trace = hex_id(40, 32);
+    let span = hex_id(41, 16);
+
+    // RBAC deny on the inbound side.
+    let r = get(
+        envoy.inbound,
+        "/admin/users?x=1",
+        &[
+            (TAG, "dev.proj1"),
+            ("x-b3-traceid", &trace),
+            ("x-b3-spanid", &span),
+            ("x-request-id", "rbac-denied"),
+        ],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let h = rx.wait_hop("RBAC denied", |h| h.request_id == "rbac-denied");
+    assert!(h.answered_before_filter, "{h:?}");
+    assert_eq!(h.direction, hopwatch_proto::v1::Direction::Inbound as i32);
+    assert_eq!(h.response_code, 403, "{h:?}");
+    assert_eq!(
+        h.response_code_details,
+        "rbac_access_denied_matched_policy[ns[default]-policy[deny-admin]-rule[0]]",
+        "{h:?}"
+    );
+    assert_eq!(
+        (h.trace_id.as_str(), h.span_id.as_str()),
+        (trace.as_str(), span.as_str())
+    );
+    assert_eq!(h.path, "/admin/users");
+    assert_eq!(h.tag_received, "dev.proj1");
+    assert_eq!(h.protocol, Protocol::Http1 as i32, "{h:?}");
+    assert!(!h.sampled_report, "reported because refused, not sampled");
+
+    // Fault abort on the outbound side.
+    let r = get(
+        envoy.outbound,
+        "/fault/x",
+        &[("x-request-id", "fault-aborted")],
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    let h = rx.wait_hop("fault abort", |h| h.request_id == "fault-aborted");
+    assert!(h.answered_before_filter, "{h:?}");
+    assert_eq!(h.direction, hopwatch_proto::v1::Direction::Outbound as i32);
+    assert_eq!(h.response_code_details, "fault_filter_abort", "{h:?}");
+    assert!(h.response_flag_names.contains(&"FI".to_string()), "{h:?}");
+
+    // Requests the policies let through are seen by the request path as before.
+    let r = get(envoy.inbound, "/in/allowed", &[("x-request-id", "allowed")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        envoy_stat_eventually(
+            &envoy,
+            "wasmcustom.hopwatch.inbound.answered_before_filter",
+            1
+        ),
+        1
+    );
+    assert!(
+        !rx.hops().iter().any(|h| h.request_id == "allowed"),
+        "a healthy unsampled hop was reported"
+    );
+}
+
+/// Waits (bounded) until counter `name` reaches `at_least`; returns its value.
+fn envoy_stat_eventually(envoy: &Envoy, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = envoy.stat(name);
+        if v >= at_least || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// On a mesh without a tracer (Istio's default since 1.22) requests carry only the

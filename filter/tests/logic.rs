@@ -965,7 +965,9 @@ t!(on_log_builds_the_hop {
     assert_eq!(hop.downstream_local_address, "10.0.0.9:9080");
     assert_eq!(hop.route_name, "default");
     assert_eq!((hop.downstream_remote_address.as_str(), hop.upstream_local_address.as_str()), ("", ""));
-    assert_eq!(h.calls("property"), 2 + 2 + 3);
+    // ... and its protocol version (request.protocol).
+    assert_eq!(h.calls("property"), 2 + 2 + 3 + 1);
+    assert_eq!(h.calls_exactly("property request.protocol"), 1);
     h.prop_u64("response.code", 200);
     h.prop_u64("response.flags", 0);
     assert_eq!(hop.start_time_unix_micros, 1_700_000_000_000_000);
@@ -1165,7 +1167,7 @@ t!(report_request_decodes {
     assert_eq!(report::path_without_query("/a/b?c=d#e"), "/a/b");
     assert_eq!(report::path_without_query("/a#x"), "/a");
     assert_eq!(report::path_without_query(&"/x".repeat(1000)).len(), report::MAX_PATH_LEN);
-    let a = report::annotation(Direction::Inbound, "", "", 0, 0, "a\nb");
+    let a = report::annotation(Direction::Inbound, "", "", 0, None, 0, "a\nb");
     assert_eq!(a, "dir=inbound; workload=-; ns=-; code=0; flags=-; details=a b");
 });
 
@@ -1249,4 +1251,149 @@ t!(header_map_read_in_place_never_panics {
     m[at] = 0xff;
     let v = RequestView::parse(&m, "x-virtual-env", "x-hopwatch-debug");
     assert_eq!(v.trace.b3_trace_id, Some("\u{fffd}"));
+});
+
+// ------------------------------------------------------------------------------------
+// gRPC, and streams answered before the filter
+
+t!(grpc_is_known_by_its_content_type {
+    use hopwatch_filter::headers::is_grpc_content_type as g;
+    for yes in ["application/grpc", "application/grpc+proto", "application/grpc;charset=utf-8", "Application/GRPC+json"] {
+        assert!(g(yes), "{yes}");
+    }
+    for no in ["application/grpc-web", "application/grpc-web+proto", "application/json", "application/grp", ""] {
+        assert!(!g(no), "{no}");
+    }
+    let map = hdrs(&[(":path", "/pkg.Svc/M"), ("content-type", "application/grpc")]);
+    assert!(RequestView::parse(&map, "x-virtual-env", "x-hopwatch-debug").is_grpc());
+    let map = hdrs(&[(":path", "/"), ("content-type", "text/plain")]);
+    assert!(!RequestView::parse(&map, "x-virtual-env", "x-hopwatch-debug").is_grpc());
+});
+
+t!(grpc_reply_is_read_from_one_map {
+    use hopwatch_filter::grpc::{read_reply, parse_status, MAX_MESSAGE_LEN};
+    let r = read_reply(&hdrs(&[(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14"), ("grpc-message", "no healthy upstream")]));
+    assert_eq!((r.http_status, r.status, r.message.as_str()), (200, Some(14), "no healthy upstream"));
+    // OK: the message is not kept; trailers carry no :status.
+    let r = read_reply(&hdrs(&[("grpc-status", "0"), ("grpc-message", "fine")]));
+    assert_eq!((r.http_status, r.status, r.message.as_str()), (0, Some(0), ""));
+    // Bounded, control characters replaced, garbage status ignored.
+    let long = "é".repeat(400);
+    let r = read_reply(&hdrs(&[("grpc-status", "13"), ("grpc-message", &long)]));
+    assert!(r.message.len() <= MAX_MESSAGE_LEN && r.message.starts_with('é'));
+    let r = read_reply(&hdrs(&[("grpc-status", "13"), ("grpc-message", "a\nb")]));
+    assert_eq!(r.message, "a b");
+    // Percent-decoded (as gRPC sends it), lone or bad escapes kept.
+    let r = read_reply(&hdrs(&[("grpc-status", "13"), ("grpc-message", "app%20error%3A%20caf%C3%A9 100%% %zz %4")]));
+    assert_eq!(r.message, "app error: café 100%% %zz %4");
+    assert_eq!(parse_status(b" 2 "), Some(2));
+    for bad in [&b"x"[..], b"", b"-1", b"99999999999"] {
+        assert_eq!(parse_status(bad), None);
+    }
+    assert_eq!(read_reply(b"garbage"), Default::default());
+});
+
+/// A gRPC request through the flow: (Envoy's trailers-only UH reply, healthy reply)
+/// -> what on_log reads and reports.
+fn grpc_stream(h: &FakeHost, c: &Core) -> Stream {
+    let (s, _) = Stream::on_request_headers(
+        c,
+        h,
+        &h.local,
+        hdrs(&[
+            (":path", "/shop.Cart/Get"),
+            (":method", "POST"),
+            ("content-type", "application/grpc"),
+            ("x-b3-traceid", T128),
+            ("x-b3-spanid", S1),
+            ("x-request-id", "r-grpc"),
+        ]),
+    );
+    assert!(s.is_grpc());
+    s
+}
+
+t!(grpc_failure_in_a_200_is_a_failure {
+    let h = FakeHost::new();
+    let mut c = core("outbound", "dev");
+    c.config.report_sample_rate = 0.0;
+    let s = grpc_stream(&h, &c);
+    // Trailers-only reply at response headers: :status 200, grpc-status 14.
+    s.response_complete();
+    s.grpc_reply(hopwatch_filter::grpc::read_reply(&hdrs(&[(":status", "200"), ("grpc-status", "14"), ("grpc-message", "no healthy upstream")])));
+    h.prop_u64("response.flags", 1 << 1);
+    h.prop("response.code_details", b"no_healthy_upstream");
+    let a = s.annotation(&c, &h, s.response_status()).expect("annotated");
+    assert!(a.contains("code=200; grpc_status=14; flags=UH; details=no_healthy_upstream"), "{a}");
+    let hop = s.on_log(&c, &h).expect("always reported");
+    assert_eq!((hop.response_code, hop.grpc_status, hop.grpc_message.as_str()), (200, Some(14), "no healthy upstream"));
+    assert_eq!(hop.response_flag_names, vec!["UH".to_string()]);
+    assert_eq!(hop.response_code_details, "no_healthy_upstream");
+    assert_eq!(hop.protocol, hopwatch_proto::v1::Protocol::Grpc as i32);
+    assert!(!hop.sampled_report);
+    assert_eq!(h.counter(metrics::GRPC_ERRORS), 1);
+    assert_eq!(h.counter(metrics::flag_metric(1)), 1);
+});
+
+t!(healthy_grpc_costs_no_property_read_and_http_reads_no_protocol {
+    let h = FakeHost::new();
+    let c = core("outbound", "dev");
+    let s = grpc_stream(&h, &c);
+    s.note_status(200);
+    s.grpc_reply(hopwatch_filter::grpc::read_reply(&hdrs(&[("grpc-status", "0")])));
+    s.response_complete();
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.grpc_status, Some(0));
+    assert_eq!(h.calls_exactly("property response.flags"), 0, "grpc-status 0 seen: healthy");
+    assert_eq!(h.calls("property request.protocol"), 0);
+    assert_eq!(h.counter(metrics::GRPC_ERRORS), 0);
+    // A gRPC stream that ended without any grpc-status is not known healthy.
+    let s = grpc_stream(&h, &c);
+    s.note_status(200);
+    s.response_complete();
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.grpc_status, None);
+    assert_eq!(h.calls_exactly("property response.flags"), 1);
+    // A healthy HTTP hop: the version is not read (protocol HTTP).
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    s.annotation(&c, &h, 200);
+    s.response_complete();
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.protocol, hopwatch_proto::v1::Protocol::Http as i32);
+    assert_eq!(h.calls("property request.protocol"), 0);
+    // A failed HTTP hop: the version is read.
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    h.prop("request.protocol", b"HTTP/1.1");
+    h.prop_u64("response.flags", 0);
+    s.annotation(&c, &h, 503);
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.protocol, hopwatch_proto::v1::Protocol::Http1 as i32);
+});
+
+t!(streams_answered_before_the_filter_are_always_reported {
+    let h = FakeHost::new();
+    let mut c = core("inbound", "dev");
+    c.config.report_sample_rate = 0.0;
+    h.prop_u64("response.code", 403);
+    h.prop_u64("response.flags", 0);
+    h.prop("response.code_details", b"rbac_access_denied_matched_policy[ns[default]-policy[deny]-rule[0]]");
+    h.prop("request.protocol", b"HTTP/2");
+    let s = Stream::answered_before_filter(&c, &h, hdrs(&[
+        (":path", "/admin?x=1"), (":method", "GET"), ("x-virtual-env", "dev.proj1"),
+        ("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-request-id", "r-denied"),
+    ]));
+    let hop = s.on_log(&c, &h).expect("reported whatever the sample rate");
+    assert!(hop.answered_before_filter);
+    assert_eq!((hop.response_code, hop.path.as_str(), hop.span_id.as_str()), (403, "/admin", S1));
+    assert_eq!(hop.response_code_details, "rbac_access_denied_matched_policy[ns[default]-policy[deny]-rule[0]]");
+    assert_eq!((hop.tag_received.as_str(), hop.tag_sent.as_str()), ("dev.proj1", "dev.proj1"));
+    assert_eq!(hop.protocol, hopwatch_proto::v1::Protocol::Http2 as i32);
+    assert_eq!(hop.duration_micros, 0);
+    assert_eq!(h.counter(metrics::ANSWERED_BEFORE_FILTER), 1);
+    // Nothing was remembered for the outbound side: the request went nowhere.
+    assert_eq!(h.calls("shared_set"), 0);
 });

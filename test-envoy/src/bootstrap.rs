@@ -7,6 +7,14 @@
 //! by Envoy's UUID extension, and the topology's tracer (none by default, as in Istio
 //! since 1.22; Zipkin or OpenTelemetry with a sampling percentage). The hopwatch wasm
 //! filters come verbatim from the sidecar EnvoyFilter manifest.
+//!
+//! Services whose port is named `grpc*`/`http2*` get HTTP/2 clusters (sidecar to sidecar
+//! and inbound sidecar to app, h2c), as Istio does. Policies render as istiod renders
+//! them, before the hopwatch filter (Istio's HTTP filter order: ..., rbac, ..., fault,
+//! ..., then an EnvoyFilter inserted before the router): `deny_all` is an RBAC filter
+//! with a DENY policy named like Istio's (`ns[NS]-policy[deny-NAME]-rule[0]`) on the
+//! workload's inbound side; `fault_abort` is the fault filter on every outbound side,
+//! configured per route on the routes to that service.
 
 use std::path::Path;
 
@@ -168,10 +176,14 @@ fn listener(
     port: u16,
     stat_prefix: &str,
     route_config: Value,
+    before: Vec<Value>,
     wasm_filter: Value,
     access_log: Value,
     tracing: Option<Value>,
 ) -> Value {
+    let mut http_filters = before;
+    http_filters.push(wasm_filter);
+    http_filters.push(router());
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": stat_prefix,
@@ -179,7 +191,7 @@ fn listener(
         "request_id_extension": request_id_extension(),
         "access_log": [access_log],
         "route_config": route_config,
-        "http_filters": [wasm_filter, router()],
+        "http_filters": http_filters,
     });
     if let Some(t) = tracing {
         hcm["tracing"] = t;
@@ -222,6 +234,41 @@ fn route_action(topology: &Topology, cluster: &str) -> Value {
         action["retry_policy"] = istio_retry_policy();
     }
     action
+}
+
+/// Envoy's RBAC filter denying every request, as istiod renders an AuthorizationPolicy
+/// `deny-<workload>` with action DENY and an empty rule.
+pub fn rbac_deny_all(namespace: &str, workload: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {
+                format!("ns[{namespace}]-policy[deny-{workload}]-rule[0]"): {
+                    "permissions": [{"any": true}],
+                    "principals": [{"any": true}],
+                }
+            }},
+        }
+    })
+}
+
+/// Envoy's fault filter with no configuration of its own (routes carry the fault).
+fn fault_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.fault",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
+    })
+}
+
+/// The per-route fault of a VirtualService `fault.abort` (100% of the requests).
+fn route_fault_abort(status: u16) -> Value {
+    json!({
+        "envoy.filters.http.fault": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"http_status": status, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+        }
+    })
 }
 
 /// The outbound route configuration every sidecar shares: one virtual host per Service.
@@ -267,6 +314,11 @@ fn outbound_routes(plan: &Plan) -> Value {
             "route": route_action(topology, &outbound_cluster("", &fqdn)),
             "decorator": {"operation": format!("{fqdn}:80/*")},
         }));
+        if let Some(status) = w.fault_abort {
+            for r in routes.iter_mut() {
+                r["typed_per_filter_config"] = route_fault_abort(status);
+            }
+        }
         let short = format!("{}.{}", w.name, ns);
         virtual_hosts.push(json!({
             "name": format!("{fqdn}:80"),
@@ -344,7 +396,7 @@ fn outbound_clusters(
                 .collect()
         };
         clusters.push(with_tls(
-            static_cluster(&outbound_cluster("", &fqdn), host, &ports(""), false),
+            static_cluster(&outbound_cluster("", &fqdn), host, &ports(""), w.http2()),
             "",
         ));
         for i in &w.instances {
@@ -354,7 +406,7 @@ fn outbound_clusters(
                         &outbound_cluster(&i.tag, &fqdn),
                         host,
                         &ports(&i.tag),
-                        false,
+                        w.http2(),
                     ),
                     &i.tag,
                 ));
@@ -469,8 +521,25 @@ pub fn sidecar_bootstrap(
             }],
         }],
     });
+    let workload = plan.workload(&instance.service);
+    // h2c to an app on a grpc-*/http2-* port, as Istio's inbound cluster does.
+    let app_http2 = workload.is_some_and(|w| w.http2());
+    let inbound_before = match workload {
+        Some(w) if w.deny_all => vec![rbac_deny_all(&instance.namespace, &instance.service)],
+        _ => vec![],
+    };
+    let outbound_before = if plan
+        .topology
+        .workloads
+        .iter()
+        .any(|w| w.fault_abort.is_some())
+    {
+        vec![fault_filter()]
+    } else {
+        vec![]
+    };
     let mut clusters = vec![
-        static_cluster(&inbound_cluster, host, &[instance.app_port], false),
+        static_cluster(&inbound_cluster, host, &[instance.app_port], app_http2),
         static_cluster(
             &collector_cluster_name(filters),
             host,
@@ -496,11 +565,11 @@ pub fn sidecar_bootstrap(
         ports.inbound,
         &format!("inbound_0.0.0.0_{}", instance.app_port),
         inbound_routes,
+        inbound_before,
         with_wasm_file(&filters.inbound, target.wasm),
         access_log(&target.access_log, "inbound", tag_header),
         tracing(),
     );
-    let workload = plan.workload(&instance.service);
     let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
     if let (Some(dir), true) = (target.tls_dir, mode != MtlsMode::Off) {
         inbound_mtls(&mut inbound, mode, dir, instance, &topology.cluster_domain);
@@ -518,6 +587,7 @@ pub fn sidecar_bootstrap(
                     ports.outbound,
                     "outbound_0.0.0.0_80",
                     outbound_routes(plan),
+                    outbound_before,
                     with_wasm_file(&filters.outbound, target.wasm),
                     access_log(&target.access_log, "outbound", tag_header),
                     tracing(),

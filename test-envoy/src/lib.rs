@@ -10,6 +10,11 @@
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
 pub mod bins;
+/// The demo app's gRPC service (`proto/demo.proto`), client and server.
+#[allow(missing_docs, clippy::all)]
+pub mod demo_grpc {
+    tonic::include_proto!("hopwatch.demo.v1");
+}
 pub mod bootstrap;
 pub mod httpc;
 pub mod manifests;

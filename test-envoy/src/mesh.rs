@@ -397,6 +397,9 @@ impl Mesh {
                 .arg(&inst.tag)
                 .arg("--fail-on-error")
                 .arg(inst.fail_on_error.to_string());
+            if inst.app_error {
+                c.arg("--app-error");
+            }
             if let Some(s) = inst.sidecar {
                 c.arg("--outbound").arg(loopback(s.outbound).to_string());
             }

@@ -40,8 +40,11 @@ pub struct InstancePlan {
     /// The app is not started (its sidecar's inbound cluster refuses connections).
     pub app_down: bool,
     pub sidecar: Option<SidecarPorts>,
-    /// FQDNs the app calls, in order.
+    /// What the app calls, in order: an FQDN (HTTP), or `grpc://FQDN` for a service
+    /// whose port is named `grpc*` (the app calls it with gRPC).
     pub calls: Vec<String>,
+    /// The app answers every request with an error of its own (500 / gRPC INTERNAL).
+    pub app_error: bool,
     /// Header patterns the app copies onto its calls.
     pub copy: Vec<String>,
     pub fail_on_error: bool,
@@ -206,7 +209,18 @@ impl Plan {
                     app_port,
                     app_down: w.instance_down(i),
                     sidecar,
-                    calls: w.calls.iter().map(|c| topology.fqdn(c)).collect(),
+                    calls: w
+                        .calls
+                        .iter()
+                        .map(|c| {
+                            if topology.calls_grpc(c) {
+                                format!("grpc://{}", topology.fqdn(c))
+                            } else {
+                                topology.fqdn(c)
+                            }
+                        })
+                        .collect(),
+                    app_error: w.app_error,
                     copy: w.copied_headers(&topology.tag_header),
                     fail_on_error: w.fail_on_error,
                     app_label: w.app_label().to_string(),

@@ -237,6 +237,9 @@ services:
                 "--fail-on-error".into(),
                 inst.fail_on_error.to_string(),
             ];
+            if inst.app_error {
+                args.push("--app-error".into());
+            }
             if let Some(s) = inst.sidecar {
                 args.push("--outbound".into());
                 args.push(format!("127.0.0.1:{}", s.outbound));

@@ -41,6 +41,15 @@
 //! mtls: off                          # off | permissive | strict (PeerAuthentication)
 //! # per workload: peer_authentication: permissive|strict|off (overrides mtls),
 //! #               destination_rule_without_tls: true (callers send plain text: UC)
+//!   - name: payments
+//!     port: grpc-api              # the Service port name: grpc-* / http2-* give HTTP/2
+//!                                 # clusters and h2c app<->sidecar (as Istio does); the
+//!                                 # app is then called with gRPC (default: http)
+//!     app_error: true             # the app answers 500 (gRPC: INTERNAL) itself
+//!     deny_all: true              # an AuthorizationPolicy DENY on it: Envoy's RBAC
+//!                                 # filter before hopwatch on its inbound side
+//!     fault_abort: 503            # a VirtualService fault abort for it: Envoy's fault
+//!                                 # filter before hopwatch on every caller's outbound side
 //! ```
 //!
 //! Header groups: `b3` (`x-b3-*`, `b3`), `w3c` (`traceparent`, `tracestate`), `trace`
@@ -200,6 +209,22 @@ pub struct Workload {
     /// text to it even when the mesh uses mTLS (into a STRICT listener: 503 UC).
     #[serde(default)]
     pub destination_rule_without_tls: bool,
+    /// The Service port name; Istio takes the protocol from its prefix: `grpc`/`grpc-*`
+    /// (gRPC over HTTP/2), `http2`/`http2-*` (HTTP/2), `http`/`http-*` (HTTP/1.1).
+    #[serde(default = "default_port")]
+    pub port: String,
+    /// The app answers every request with a 500 (gRPC: INTERNAL) of its own.
+    #[serde(default)]
+    pub app_error: bool,
+    /// An AuthorizationPolicy with action DENY for every request selects this workload:
+    /// its inbound sidecar runs Envoy's RBAC filter before hopwatch (Istio's order).
+    #[serde(default)]
+    pub deny_all: bool,
+    /// A VirtualService fault abort with this HTTP status for this service: every
+    /// caller's outbound sidecar runs Envoy's fault filter before hopwatch, configured on
+    /// the routes to this service (as istiod renders it).
+    #[serde(default)]
+    pub fault_abort: Option<u16>,
 }
 
 /// One instance (Deployment) of a workload, in one virtual environment.
@@ -243,6 +268,9 @@ fn default_namespace() -> String {
 }
 fn default_tag_header() -> String {
     DEFAULT_TAG_HEADER.to_string()
+}
+fn default_port() -> String {
+    "http".to_string()
 }
 fn yes() -> bool {
     true
@@ -346,6 +374,16 @@ impl Workload {
         self.service_account.as_deref().unwrap_or(&self.name)
     }
 
+    /// The port speaks gRPC (`grpc`, `grpc-*`): callers' apps call it with gRPC.
+    pub fn grpc(&self) -> bool {
+        self.port == "grpc" || self.port.starts_with("grpc-")
+    }
+
+    /// The port speaks HTTP/2 between sidecars and to the app (`grpc*`, `http2*`).
+    pub fn http2(&self) -> bool {
+        self.grpc() || self.port == "http2" || self.port.starts_with("http2-")
+    }
+
     /// Is this instance's app down?
     pub fn instance_down(&self, instance: &Instance) -> bool {
         instance.app_down.unwrap_or(self.app_down)
@@ -378,6 +416,11 @@ impl Topology {
         self.workloads
             .iter()
             .find(|w| target == w.name || target == format!("{}.{}", w.name, w.namespace(self)))
+    }
+
+    /// Whether the workload behind a call target is called with gRPC.
+    pub fn calls_grpc(&self, target: &str) -> bool {
+        self.find_workload(target).is_some_and(Workload::grpc)
     }
 
     /// Whether any sidecar uses mTLS (the mesh then needs its certificates).
@@ -485,6 +528,21 @@ impl Topology {
                     w.name
                 )));
             }
+            let port_ok = ["http", "http2", "grpc"]
+                .iter()
+                .any(|p| w.port == *p || w.port.starts_with(&format!("{p}-")));
+            if !port_ok {
+                return Err(bad(format!(
+                    "workload {}: port name {:?} must be http, http2 or grpc, alone or with a -suffix",
+                    w.name, w.port
+                )));
+            }
+            if w.fault_abort.is_some_and(|c| !(200..600).contains(&c)) {
+                return Err(bad(format!(
+                    "workload {}: fault_abort must be an HTTP status (200-599)",
+                    w.name
+                )));
+            }
             if let CopySpec::Word(word) = &w.copy {
                 if word.is_empty() {
                     return Err(bad(format!("workload {}: empty copy", w.name)));
@@ -537,6 +595,20 @@ mod tests {
         );
         assert!(header_matches("x-b3-*", "x-b3-traceid"));
         assert!(!header_matches("b3", "x-b3-traceid"));
+    }
+
+    #[test]
+    fn port_names_give_the_protocol() {
+        let t = Topology::parse(
+            "workloads:\n  - name: a\n    calls: [b, c]\n  - name: b\n    port: grpc-api\n  - name: c\n    port: http2\n",
+            "t",
+        )
+        .unwrap();
+        assert!(!t.workloads[0].http2() && !t.calls_grpc("a"));
+        assert!(t.workloads[1].grpc() && t.workloads[1].http2() && t.calls_grpc("b"));
+        assert!(!t.workloads[2].grpc() && t.workloads[2].http2());
+        let err = Topology::parse("workloads:\n  - name: a\n    port: tcp-x\n", "t").unwrap_err();
+        assert!(err.to_string().contains("port name"), "{err}");
     }
 
     #[test]

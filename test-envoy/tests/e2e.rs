@@ -583,6 +583,283 @@ fn collector_down_never_fails_requests_and_drops_are_counted() {
     }
 }
 
+// ---------------------------------------------------------------- gRPC, app errors, policies
+
+/// The finding of kind `k` at `workload` (panics listing what was reported).
+fn finding_at<'a>(breaks: &'a [Value], k: &str, workload: &str) -> &'a Value {
+    breaks
+        .iter()
+        .find(|b| kind(b) == k && b["workload"].as_str() == Some(workload))
+        .unwrap_or_else(|| panic!("no {k} at {workload}: {}", summary(breaks)))
+}
+
+fn text<'a>(b: &'a Value, field: &str) -> &'a str {
+    b[field].as_str().unwrap_or("")
+}
+
+/// The protocol and gRPC status of the hops of an analysed trace, per workload and
+/// direction, as `hopwatch trace --output json` shows them.
+fn hop_protocols(trace: &Value) -> Vec<(String, String, String, Value)> {
+    fn walk(n: &Value, out: &mut Vec<(String, String, String, Value)>) {
+        for side in ["outbound", "inbound"] {
+            let h = &n[side];
+            if h.is_object() {
+                out.push((
+                    text(h, "workload").to_string(),
+                    side.to_string(),
+                    text(h, "protocol").to_string(),
+                    h["grpc_status"].clone(),
+                ));
+            }
+        }
+        for c in n["children"].as_array().into_iter().flatten() {
+            walk(c, out);
+        }
+    }
+    let mut out = Vec::new();
+    for r in trace["roots"].as_array().into_iter().flatten() {
+        walk(r, &mut out);
+    }
+    out
+}
+
+#[test]
+fn grpc_healthy_chain_reports_nothing_and_carries_the_tag() {
+    let s = start("grpc-healthy.yaml", "grpc-healthy");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // alpha called bravo with gRPC, bravo called charlie@dev.proj1 with gRPC.
+    let to_bravo = call(&body, &[0]);
+    assert_eq!(to_bravo["grpc_status"], 0, "{to_bravo}");
+    assert_eq!(
+        call(&body, &[0, 0])["body"]["workload"],
+        "charlie-dev-proj1"
+    );
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1");
+    assert_eq!(charlie["x-b3-traceid"], trace.as_str());
+    assert_eq!(charlie["content-type"], "application/grpc");
+
+    let t = wait_analysed(&s, &trace, 5);
+    let hops = hop_protocols(&t);
+    let bravo_in = hops
+        .iter()
+        .find(|(w, side, _, _)| w == "bravo" && side == "inbound")
+        .unwrap_or_else(|| panic!("no inbound hop of bravo: {hops:?}"));
+    assert_eq!(
+        (bravo_in.2.as_str(), &bravo_in.3),
+        ("gRPC", &Value::from("OK"))
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(breaks.is_empty(), "{}", summary(&breaks));
+}
+
+#[test]
+fn grpc_call_to_a_service_without_endpoints_is_upstream_failure_uh() {
+    let s = start("grpc-no-endpoints.yaml", "grpc-no-endpoints");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    // Envoy's own trailers-only reply: HTTP 200, grpc-status 14, annotated in its headers.
+    let first = call(&body, &[0]);
+    assert_eq!(
+        (&first["status"], &first["grpc_status"]),
+        (&Value::from(200), &Value::from(14)),
+        "{first}"
+    );
+    let annotation = text(&first["headers"], "x-hopwatch");
+    assert!(
+        annotation.contains("grpc_status=14") && annotation.contains("flags=UH"),
+        "x-hopwatch on the trailers-only reply: {annotation:?}"
+    );
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UH at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = finding_at(&breaks, "UPSTREAM_FAILURE", "alpha");
+    assert_eq!(flags(f), vec!["UH".to_string()], "{}", summary(&breaks));
+    assert!(text(f, "peer").contains("bravo"), "{f}");
+    assert!(
+        text(f, "summary").contains("gRPC UNAVAILABLE (14, HTTP 200)"),
+        "{f}"
+    );
+    assert!(text(f, "hint").contains("no endpoint of bravo"), "{f}");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert_no_finding(&breaks, "APP_ERROR");
+}
+
+#[test]
+fn grpc_callee_app_down_is_upstream_failure_uf_at_the_callee() {
+    let s = start("grpc-app-down.yaml", "grpc-app-down");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    // bravo's app answered INTERNAL after its call failed.
+    assert_eq!(call(&body, &[0])["grpc_status"], 13, "{body}");
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UF at charlie", |b| {
+        has(b, "UPSTREAM_FAILURE", "charlie")
+    });
+    let f = finding_at(&breaks, "UPSTREAM_FAILURE", "charlie");
+    assert!(flags(f).contains(&"UF".to_string()), "{}", summary(&breaks));
+    assert!(
+        text(f, "summary").contains("gRPC UNAVAILABLE (14, HTTP 200)"),
+        "{f}"
+    );
+    assert!(text(f, "hint").contains("refused the connection"), "{f}");
+    // The callers' errors are consequences.
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "bravo");
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "alpha");
+    assert_no_finding(&breaks, "APP_ERROR");
+}
+
+#[test]
+fn grpc_app_dropping_the_tag_is_repaired_and_reported() {
+    let s = start("grpc-tag-dropped.yaml", "grpc-tag-dropped");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sent = &call(&body, &[0, 0])["sent"];
+    assert!(
+        sent.get(TAG).is_none(),
+        "bravo's app must not send the tag: {sent}"
+    );
+    assert_eq!(sent["x-b3-traceid"], trace.as_str());
+    // Restored by bravo's outbound filter: charlie@dev.proj1 answered.
+    assert_eq!(last_received(&s, "charlie", "dev.proj1")[TAG], "dev.proj1");
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+    let breaks = wait_for(&s, "TAG_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TAG_NOT_PROPAGATED", "bravo")
+    });
+    assert_eq!(
+        finding_at(&breaks, "TAG_NOT_PROPAGATED", "bravo")["severity"],
+        "WARNING"
+    );
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn app_answering_500_through_two_callers_is_app_error_at_the_origin_only() {
+    let s = start("app-error.yaml", "app-error");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(call(&body, &[0, 0])["status"], 500, "{body}");
+    let breaks = wait_for(&s, "APP_ERROR at charlie", |b| {
+        has(b, "APP_ERROR", "charlie")
+    });
+    let f = finding_at(&breaks, "APP_ERROR", "charlie");
+    assert_eq!(
+        (text(f, "peer"), text(f, "severity")),
+        ("bravo", "ERROR"),
+        "{f}"
+    );
+    assert!(text(f, "summary").contains("answered 500 to bravo"), "{f}");
+    assert!(
+        text(f, "summary").contains("passed on by bravo, alpha"),
+        "{f}"
+    );
+    assert_eq!(
+        of_kind(&breaks, "APP_ERROR").len(),
+        1,
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn grpc_app_error_through_a_grpc_caller_is_app_error_at_the_origin_only() {
+    let s = start("grpc-app-error.yaml", "grpc-app-error");
+    let (reply, body) = send(&s, &gateway(&new_trace_id()));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["grpc_status"], 13, "{body}");
+    let breaks = wait_for(&s, "APP_ERROR at charlie", |b| {
+        has(b, "APP_ERROR", "charlie")
+    });
+    let f = finding_at(&breaks, "APP_ERROR", "charlie");
+    assert_eq!(
+        (text(f, "peer"), text(f, "severity")),
+        ("bravo", "ERROR"),
+        "{f}"
+    );
+    assert!(
+        text(f, "summary").contains("answered gRPC INTERNAL (13, HTTP 200) \"app error\""),
+        "{f}"
+    );
+    assert_eq!(
+        of_kind(&breaks, "APP_ERROR").len(),
+        1,
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn rbac_deny_before_the_filter_is_policy_denied_not_hop_missing() {
+    let s = start("policy-rbac-deny.yaml", "policy-rbac-deny");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["status"], 403, "{body}");
+    assert_eq!(
+        received_count(&s, "bravo", ""),
+        0,
+        "RBAC refused before the app"
+    );
+    let breaks = wait_for(&s, "POLICY_DENIED at bravo", |b| {
+        has(b, "POLICY_DENIED", "bravo")
+    });
+    let f = finding_at(&breaks, "POLICY_DENIED", "bravo");
+    assert_eq!(text(f, "peer"), "alpha", "{f}");
+    assert!(
+        text(f, "summary").contains("403 by RBAC policy ns[e2e]-policy[deny-bravo]-rule[0]"),
+        "{f}"
+    );
+    assert!(
+        text(f, "hint").contains("AuthorizationPolicy deny-bravo in namespace e2e"),
+        "{f}"
+    );
+    // The refusing sidecar's hop joined the call: nothing is missing, and alpha's 502 is
+    // a consequence.
+    let t = wait_analysed(&s, &trace, 3);
+    assert!(
+        t.to_string().contains("\"answered_before_filter\":true"),
+        "bravo's on_log-only hop in the trace: {t}"
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert_no_finding(&breaks, "APP_ERROR");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+}
+
+#[test]
+fn fault_abort_before_the_filter_is_policy_denied_not_hop_missing() {
+    let s = start("policy-fault-abort.yaml", "policy-fault-abort");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["status"], 503, "{body}");
+    assert_eq!(
+        received_count(&s, "bravo", ""),
+        0,
+        "aborted on alpha's side"
+    );
+    let breaks = wait_for(&s, "POLICY_DENIED at alpha", |b| {
+        has(b, "POLICY_DENIED", "alpha")
+    });
+    let f = finding_at(&breaks, "POLICY_DENIED", "alpha");
+    assert!(text(f, "peer").contains("bravo"), "{f}");
+    assert!(flags(f).contains(&"FI".to_string()), "{f}");
+    assert!(text(f, "summary").contains("fault injection abort"), "{f}");
+    assert!(text(f, "hint").contains("VirtualService"), "{f}");
+    wait_analysed(&s, &trace, 2);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert_no_finding(&breaks, "UPSTREAM_FAILURE");
+    assert_no_finding(&breaks, "TAG_DROPPED");
+    assert_no_finding(&breaks, "APP_ERROR");
+}
+
 // ---------------------------------------------------------------- Istio's defaults
 
 /// A UUID request id as Envoy's UUID extension makes them (version digit 4).

@@ -44,6 +44,9 @@ impl Calls {
 }
 
 struct CountingHost {
+    /// `response.flags` / `response.code` the host answers (a failing case sets them).
+    flags: std::cell::Cell<u64>,
+    code: std::cell::Cell<u64>,
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     headers: RefCell<std::rc::Rc<Vec<(String, String)>>>,
     calls: RefCell<Calls>,
@@ -54,6 +57,8 @@ struct CountingHost {
 impl CountingHost {
     fn new(direction: &str, counting: bool) -> Self {
         CountingHost {
+            flags: std::cell::Cell::new(0),
+            code: std::cell::Cell::new(200),
             shared: RefCell::default(),
             headers: RefCell::default(),
             calls: RefCell::default(),
@@ -68,11 +73,12 @@ impl CountingHost {
     }
 }
 
-fn prop_value(path: &[&str]) -> Option<Vec<u8>> {
+fn prop_value(path: &[&str], flags: u64, code: u64) -> Option<Vec<u8>> {
     let s = |v: &str| Some(v.as_bytes().to_vec());
     match path {
-        ["response", "flags"] => Some(0u64.to_le_bytes().to_vec()),
-        ["response", "code"] => Some(200u64.to_le_bytes().to_vec()),
+        ["response", "flags"] => Some(flags.to_le_bytes().to_vec()),
+        ["response", "code"] => Some(code.to_le_bytes().to_vec()),
+        ["request", "protocol"] => s("HTTP/1.1"),
         ["response", "code_details"] => s("via_upstream"),
         ["xds", "cluster_name"] => s("outbound|8080||upstream.bench.svc.cluster.local"),
         ["xds", "route_name"] => s("default"),
@@ -109,7 +115,7 @@ impl Host for CountingHost {
         SetStatus::Ok
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let v = prop_value(path);
+        let v = prop_value(path, self.flags.get(), self.code.get());
         self.note("get_property", v.as_ref().map(Vec::len).unwrap_or(0));
         v
     }
@@ -146,7 +152,7 @@ impl Host for CountingHost {
 
 /// The request headers of one pool entry; `traced`: with B3 trace headers, else only
 /// `x-request-id` (a mesh without a tracer, Istio's default since 1.22).
-fn headers(e: &PoolEntry, inbound: bool, traced: bool) -> Vec<(String, String)> {
+fn headers(e: &PoolEntry, inbound: bool, grpc: bool, traced: bool) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = vec![
         (
             ":authority".into(),
@@ -161,6 +167,12 @@ fn headers(e: &PoolEntry, inbound: bool, traced: bool) -> Vec<(String, String)> 
         ("x-b3-sampled".into(), "1".into()),
         ("x-forwarded-proto".into(), "http".into()),
     ];
+    if grpc {
+        h[1].1 = "/shop.v1.Cart/GetItems".into();
+        h[2].1 = "POST".into();
+        h.push(("content-type".into(), "application/grpc".into()));
+        h.push(("te".into(), "trailers".into()));
+    }
     if inbound {
         h.push(("x-b3-spanid".into(), e.inbound_span.clone()));
         h.push(("x-virtual-env".into(), "dev.proj1.alice".into()));
@@ -200,6 +212,21 @@ fn core(inbound: bool, rate: f64, overrides: &[(&str, serde_json::Value)]) -> Re
     Ok(Core::new(cfg, identity))
 }
 
+/// How the response of a case goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Reply {
+    /// HTTP 200, end of stream at its body.
+    HttpOk,
+    /// Envoy's own HTTP 503 with UF.
+    HttpUf,
+    /// gRPC: headers (200), a message, trailers with `grpc-status: 0`.
+    GrpcOk,
+    /// gRPC: an app error in the trailers (`grpc-status: 13`), no flag.
+    GrpcAppError,
+    /// gRPC: Envoy's own trailers-only reply, HTTP 200 + `grpc-status: 14`, UH.
+    GrpcUh,
+}
+
 /// One request through the glue's sequence; returns the encoded report, if any.
 fn one(
     core: &Core,
@@ -207,6 +234,7 @@ fn one(
     local: &LocalStore,
     h: &std::rc::Rc<Vec<(String, String)>>,
     map: &[u8],
+    reply: Reply,
 ) -> Option<Vec<u8>> {
     // proxy_on_request_headers: get_header_map_pairs, then the logic, then the tag edit.
     host.note("get_header_map_pairs", map.len());
@@ -218,15 +246,63 @@ fn one(
         TagEdit::Set(v) => host.note("replace_header_map_value", v.len()),
         TagEdit::Remove => host.note("remove_header_map_value", 0),
     }
-    // proxy_on_response_headers: `:status` only when annotation is possible.
-    if st.may_annotate(core) {
-        host.note("get_header_map_value", 3);
-        if let Some(v) = st.annotation(core, host, 200) {
-            host.note("add_header_map_value", v.len());
+    let (flags, code) = match reply {
+        Reply::HttpUf => (1u64 << 5, 503),
+        Reply::GrpcUh => (1u64 << 1, 200),
+        _ => (0, 200),
+    };
+    host.flags.set(flags);
+    host.code.set(code);
+    let grpc_map = |pairs: &[(&str, &str)]| hopwatch_filter::headers::serialize(pairs);
+    match reply {
+        Reply::HttpOk | Reply::HttpUf => {
+            // proxy_on_response_headers: `:status` only when annotation is possible.
+            if st.may_annotate(core) {
+                host.note("get_header_map_value", 3);
+                if let Some(v) = st.annotation(core, host, code) {
+                    host.note("add_header_map_value", v.len());
+                }
+            }
+            // The response ends (end_of_stream at headers or its body): no host call.
+            st.response_complete();
+        }
+        Reply::GrpcUh => {
+            // Trailers-only: the whole response header map in one call.
+            st.response_complete();
+            let m = grpc_map(&[
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("grpc-status", "14"),
+                ("grpc-message", "no healthy upstream"),
+            ]);
+            host.note("get_header_map_pairs", m.len());
+            st.grpc_reply(hopwatch_filter::grpc::read_reply(&m));
+            if st.may_annotate(core) {
+                if let Some(v) = st.annotation(core, host, st.response_status()) {
+                    host.note("add_header_map_value", v.len());
+                }
+            }
+        }
+        Reply::GrpcOk | Reply::GrpcAppError => {
+            // Response headers (not the end): `:status` when annotation is possible,
+            // the annotation waits for the trailers.
+            if st.may_annotate(core) {
+                host.note("get_header_map_value", 3);
+                st.note_status(200);
+            }
+            // Trailers: their map in one call.
+            st.response_complete();
+            let status = if reply == Reply::GrpcOk { "0" } else { "13" };
+            let m = grpc_map(&[("grpc-status", status), ("grpc-message", "db down")]);
+            host.note("get_header_map_pairs", m.len());
+            st.grpc_reply(hopwatch_filter::grpc::read_reply(&m));
+            if st.may_annotate(core) {
+                if let Some(v) = st.annotation(core, host, st.response_status()) {
+                    host.note("add_header_map_value", v.len());
+                }
+            }
         }
     }
-    // The response ends (end_of_stream at headers or its body): no host call.
-    st.response_complete();
     // proxy_on_log: the hop, queued (encoded when the batch is sent).
     st.on_log(core, host).map(|hop| hop.encode_to_vec())
 }
@@ -241,6 +317,9 @@ struct Case {
     other_worker: bool,
     /// Requests carry B3 trace headers (else only `x-request-id`).
     traced: bool,
+    /// gRPC requests (content-type application/grpc).
+    grpc: bool,
+    reply: Reply,
 }
 
 fn main() -> Result<()> {
@@ -254,6 +333,47 @@ fn main() -> Result<()> {
             overrides: vec![],
             other_worker: false,
             traced: true,
+            grpc: false,
+            reply: Reply::HttpOk,
+        });
+    }
+    for (inbound, rate) in [(false, 0.01), (false, 1.0), (true, 0.01)] {
+        cases.push(Case {
+            name: format!(
+                "hopwatch-{}@{rate} gRPC healthy",
+                if inbound { "in" } else { "out" }
+            ),
+            inbound,
+            rate,
+            overrides: vec![],
+            other_worker: false,
+            traced: true,
+            grpc: true,
+            reply: Reply::GrpcOk,
+        });
+    }
+    for (name, grpc, reply) in [
+        ("HTTP 503 UF", false, Reply::HttpUf),
+        (
+            "gRPC UH (Envoy's trailers-only 200 + grpc-status 14)",
+            true,
+            Reply::GrpcUh,
+        ),
+        (
+            "gRPC app error in trailers (grpc-status 13)",
+            true,
+            Reply::GrpcAppError,
+        ),
+    ] {
+        cases.push(Case {
+            name: format!("hopwatch-out@0.01 {name}"),
+            inbound: false,
+            rate: 0.01,
+            overrides: vec![],
+            other_worker: false,
+            traced: true,
+            grpc,
+            reply,
         });
     }
     cases.push(Case {
@@ -263,6 +383,8 @@ fn main() -> Result<()> {
         overrides: vec![],
         other_worker: true,
         traced: true,
+        grpc: false,
+        reply: Reply::HttpOk,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+annotate_response=never".into(),
@@ -271,6 +393,8 @@ fn main() -> Result<()> {
         overrides: vec![("annotate_response", serde_json::json!("never"))],
         other_worker: false,
         traced: true,
+        grpc: false,
+        reply: Reply::HttpOk,
     });
     cases.push(Case {
         name: "hopwatch-out@0.01+correlation_buckets=256".into(),
@@ -279,6 +403,8 @@ fn main() -> Result<()> {
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
         other_worker: true,
         traced: true,
+        grpc: false,
+        reply: Reply::HttpOk,
     });
 
     // A mesh without a tracer: only x-request-id, the app passes it on.
@@ -293,6 +419,8 @@ fn main() -> Result<()> {
             overrides: vec![],
             other_worker: false,
             traced: false,
+            grpc: false,
+            reply: Reply::HttpOk,
         });
     }
     println!(
@@ -320,8 +448,15 @@ fn main() -> Result<()> {
         let vm_local = LocalStore::new(4096);
         // Warm the correlation store as the sidecar's inbound side does.
         for e in &pool {
-            let h = std::rc::Rc::new(headers(e, true, c.traced));
-            one(&inb_core, &host, &vm_local, &h, &map_bytes(&h));
+            let h = std::rc::Rc::new(headers(e, true, c.grpc, c.traced));
+            one(
+                &inb_core,
+                &host,
+                &vm_local,
+                &h,
+                &map_bytes(&h),
+                Reply::HttpOk,
+            );
         }
         // Count over one pass of the pool.
         let counting = CountingHost {
@@ -332,13 +467,13 @@ fn main() -> Result<()> {
         let mut reported = 0usize;
         let reqs: Vec<std::rc::Rc<Vec<(String, String)>>> = pool
             .iter()
-            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.traced)))
+            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.grpc, c.traced)))
             .collect();
         let maps: Vec<Vec<u8>> = reqs.iter().map(|h| map_bytes(h)).collect();
         let other = LocalStore::new(4096);
         let local = if c.other_worker { &other } else { &vm_local };
         for (h, m) in reqs.iter().zip(&maps) {
-            if one(&core_, &counting, local, h, m).is_some() {
+            if one(&core_, &counting, local, h, m, c.reply).is_some() {
                 reported += 1;
             }
         }
@@ -363,7 +498,7 @@ fn main() -> Result<()> {
         let mut sink = 0usize;
         for _ in 0..passes {
             for (h, m) in reqs.iter().zip(&maps) {
-                sink += one(&core_, &host, local, h, m)
+                sink += one(&core_, &host, local, h, m, c.reply)
                     .map(|v| v.len())
                     .unwrap_or(0);
             }
