@@ -238,24 +238,53 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
     let ins: Vec<u32> = (0..n as u32)
         .filter(|&i| hops[i as usize].is_inbound())
         .collect();
-    // 1. The span id the outbound sidecar sent upstream is the callee's span id.
-    let mut by_span: FxHashMap<u64, u32> = FxHashMap::default();
+    // 1. The span id the outbound sidecar sent upstream is the callee's span id. Without
+    // a tracer no sidecar makes new spans, so apps that copy B3 verbatim send the same
+    // span id along the whole chain: among several inbound hops with it, take one that
+    // is not the caller's own, of the destination service, and closest in time.
+    let mut by_span: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
     for &i in &ins {
         let s = hops[i as usize].span_id;
         if s != 0 {
-            by_span.entry(s).or_insert(i);
+            by_span.entry(s).or_default().push(i);
         }
     }
     for &o in &outs {
-        let up = hops[o as usize].upstream_span_id;
+        let oh = &hops[o as usize];
+        let up = oh.upstream_span_id;
         if up == 0 {
             continue;
         }
-        if let Some(&i) = by_span.get(&up) {
-            if caller[i as usize] == NONE {
-                caller[i as usize] = o;
-                callee[o as usize] = i;
-            }
+        let Some(cands) = by_span.get(&up) else {
+            continue;
+        };
+        let pick = if cands.len() == 1 {
+            cands
+                .first()
+                .copied()
+                .filter(|&i| caller[i as usize] == NONE)
+        } else {
+            cands
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let ih = &hops[i as usize];
+                    caller[i as usize] == NONE
+                        && !(ih.pod == oh.pod && ih.workload == oh.workload)
+                        && ih.start_us + slack_us >= oh.start_us
+                        && ih.start_us <= oh.end_us() + slack_us
+                })
+                .max_by_key(|&i| {
+                    let ih = &hops[i as usize];
+                    let svc = !oh.dest_service.is_empty()
+                        && (ih.service == oh.dest_service
+                            || ih.authority_service == oh.dest_service);
+                    (svc, -((ih.start_us as i64 - oh.start_us as i64).abs()))
+                })
+        };
+        if let Some(i) = pick {
+            caller[i as usize] = o;
+            callee[o as usize] = i;
         }
     }
     // 2. Same request id (or none to compare) + destination service + timing. A request
@@ -362,14 +391,21 @@ fn join_retry_attempts(hops: &[CHop], callee: &mut [u32], caller: &mut [u32], sl
                 continue;
             }
             let first = &hops[callee[o] as usize];
-            let same_call = if oh.upstream_span_id != 0 && ih.span_id != 0 {
-                oh.upstream_span_id == ih.span_id
-            } else {
-                ih.request_id.is_some()
-                    && ih.request_id == oh.request_id
-                    && ih.request_id == first.request_id
-                    && (ih.service == first.service || ih.service == oh.dest_service)
-            };
+            // An attempt reaches the callee's service, never the caller itself (apps
+            // that copy B3 verbatim without a tracer send one span id along the chain).
+            let same_service = ih.service == first.service
+                || (!oh.dest_service.is_empty()
+                    && (ih.service == oh.dest_service || ih.authority_service == oh.dest_service));
+            let callers_own = ih.pod == oh.pod && ih.workload == oh.workload;
+            let same_call = same_service
+                && !callers_own
+                && if oh.upstream_span_id != 0 && ih.span_id != 0 {
+                    oh.upstream_span_id == ih.span_id
+                } else {
+                    ih.request_id.is_some()
+                        && ih.request_id == oh.request_id
+                        && ih.request_id == first.request_id
+                };
             let within =
                 ih.start_us + slack_us >= oh.start_us && ih.start_us <= oh.end_us() + slack_us;
             if !same_call || !within {

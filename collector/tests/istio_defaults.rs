@@ -240,3 +240,28 @@ fn no_hop_missing_when_the_callers_tracer_started_the_callees_trace() {
     let f = run(&hops);
     assert_eq!(kinds(&f), vec![BreakKind::TraceNotPropagated], "{f:?}");
 }
+
+#[test]
+fn b3_copied_verbatim_without_a_tracer_joins_each_call_to_its_callee() {
+    // No tracer: nobody makes new spans, the apps copy the client's B3 headers, so every
+    // hop carries the same span id and every outbound hop "sent" it upstream.
+    let t = trace_id(30);
+    let mut hops = healthy_chain(&t, base(), "");
+    for h in hops.iter_mut() {
+        h.span_id = "c000000000000001".into();
+        if h.direction == hopwatch_proto::v1::Direction::Outbound as i32 {
+            h.upstream_span_id = "c000000000000001".into();
+        }
+    }
+    let mut core = Core::new(Limits::default());
+    core.ingest(&hops, NOW);
+    let v = core.trace(&t, NOW).expect("trace");
+    assert_eq!(v.roots.len(), 1, "{:?}", v.roots);
+    let reviews = &v.roots[0].children[0];
+    assert_eq!(reviews.inbound.as_ref().unwrap().workload, "reviews-v1");
+    assert_eq!(
+        reviews.children[0].inbound.as_ref().unwrap().workload,
+        "ratings-v1"
+    );
+    assert!(core.flush_all(NOW)[0].findings.is_empty());
+}
