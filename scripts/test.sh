@@ -2,8 +2,14 @@
 # Runs every hopwatch test, exactly what CI runs (`.ci/run` calls this):
 #   lints, native unit/integration tests, the filter's logic on wasm32 under
 #   wasm-bindgen-test, the filter inside a real Envoy 1.40, the collector's gRPC and CLI
-#   tests, the manifest validation (real `envoy --mode validate`), and the end-to-end
-#   local-mesh scenarios. Installs what it needs on a fresh machine.
+#   tests, the manifest validation (real `envoy --mode validate`), the end-to-end
+#   local-mesh scenarios, the operator checks (`promtool check metrics` on a live
+#   collector's /metrics and `promtool check rules` on the shipped PrometheusRule:
+#   collector/tests/monitoring.rs; the web view in headless Chromium:
+#   test-envoy/tests/web_view.rs; the quick start's Envoy install into a fresh venv:
+#   test-envoy/tests/quickstart.rs). Installs what it needs on a fresh machine
+#   (scripts/ensure-tools.sh: Envoy into target/venv; Debian prometheus, chromium,
+#   chromium-driver, nodejs as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -14,6 +20,7 @@ trap 'rm -f "$results"' EXIT
 
 # shellcheck source=scripts/ensure-tools.sh
 source scripts/ensure-tools.sh
+echo "tools: $(envoy --version 2>/dev/null | grep -o '/1\.40\.[0-9]*/' | tr -d /) envoy ($(command -v envoy)), $(promtool --version 2>/dev/null | head -1), $(chromium --version 2>/dev/null)"
 
 log "build: the filter (wasm32-wasip1, release) that the Envoy tests load"
 cargo build --locked -p hopwatch-filter --target wasm32-wasip1 --release

@@ -22,6 +22,16 @@ pub fn parse_kind(s: &str) -> Result<BreakKind, String> {
         })
 }
 
+/// A break kind's name ("UNKNOWN" for a value this build does not know).
+pub fn kind_str(k: i32) -> &'static str {
+    kind_name(k)
+}
+
+/// A severity's name.
+pub fn severity_str(s: i32) -> &'static str {
+    severity_name(s)
+}
+
 fn kind_name(k: i32) -> &'static str {
     BreakKind::try_from(k)
         .map(|k| k.as_str_name())
@@ -180,6 +190,11 @@ pub fn trace_json(t: &GetTraceResponse) -> Value {
         "hop_count": t.hop_count,
         "roots": t.roots.iter().map(node_json).collect::<Vec<_>>(),
         "breaks": breaks_json(&t.breaks),
+        "fragments": t.fragments.iter().map(|f| json!({
+            "trace_id": f.trace_id,
+            "relation": f.relation,
+            "request_id": f.request_id,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -207,8 +222,46 @@ pub fn summary_json(s: &SummaryResponse) -> Value {
     })
 }
 
+/// How tables are rendered: fitted to a width, coloured, or wide.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Style {
+    /// Fit each line into this many columns by truncating the last column (`None`: no
+    /// limit, e.g. output to a pipe or a file).
+    pub width: Option<usize>,
+    /// ANSI colour for severities.
+    pub color: bool,
+    /// `-o wide`: more columns, nothing truncated.
+    pub wide: bool,
+}
+
+/// The ANSI colour of a severity name (ERROR red, WARNING yellow, INFO cyan).
+fn severity_color(s: &str) -> Option<&'static str> {
+    match s {
+        "ERROR" => Some("\x1b[31m"),
+        "WARNING" => Some("\x1b[33m"),
+        "INFO" => Some("\x1b[36m"),
+        _ => None,
+    }
+}
+
+/// Truncates `s` to `max` characters, ending in "…" when cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
 /// Renders rows as an aligned table (the last column is not padded).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    table_styled(header, rows, &Style::default())
+}
+
+/// [`table`] fitted to `style.width` (the last column is truncated, never below 10
+/// characters) with column 0 coloured by severity when `style.color`.
+pub fn table_styled(header: &[&str], rows: &[Vec<String>], style: &Style) -> String {
     let ncol = header.len();
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
@@ -216,24 +269,39 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             w[i] = w[i].max(c.chars().count());
         }
     }
+    let prefix: usize = w.iter().take(ncol.saturating_sub(1)).map(|x| x + 2).sum();
+    let last_max = style.width.map(|t| t.saturating_sub(prefix).max(10));
     let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
+    let mut line = |cells: Vec<&str>, is_header: bool| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
+            let painted = (style.color && !is_header && i == 0)
+                .then(|| severity_color(c))
+                .flatten();
             if i + 1 == cells.len() {
-                s.push_str(c);
+                match last_max {
+                    Some(m) => s.push_str(&truncate(c, m)),
+                    None => s.push_str(c),
+                }
             } else {
                 let pad = w[i] - c.chars().count();
-                s.push_str(c);
+                match painted {
+                    Some(code) => {
+                        s.push_str(code);
+                        s.push_str(c);
+                        s.push_str("\x1b[0m");
+                    }
+                    None => s.push_str(c),
+                }
                 s.push_str(&" ".repeat(pad + 2));
             }
         }
         out.push_str(s.trim_end());
         out.push('\n');
     };
-    line(header.to_vec());
+    line(header.to_vec(), true);
     for r in rows {
-        line(r.iter().map(|s| s.as_str()).collect());
+        line(r.iter().map(|s| s.as_str()).collect(), false);
     }
     out
 }
@@ -260,13 +328,19 @@ fn dash(s: &str) -> String {
 }
 
 pub fn breaks_table(bs: &[Break], now_ms: u64) -> String {
+    breaks_table_styled(bs, now_ms, &Style::default())
+}
+
+/// `hopwatch breaks` as a table; `style.wide` adds FIRST SEEN, TRACE (the newest sample
+/// trace id) and HINT columns and truncates nothing.
+pub fn breaks_table_styled(bs: &[Break], now_ms: u64, style: &Style) -> String {
     if bs.is_empty() {
         return "no breaks found\n".into();
     }
     let rows: Vec<Vec<String>> = bs
         .iter()
         .map(|b| {
-            vec![
+            let mut r = vec![
                 severity_name(b.severity).to_string(),
                 kind_name(b.kind).to_string(),
                 dash(&b.namespace),
@@ -279,27 +353,46 @@ pub fn breaks_table(bs: &[Break], now_ms: u64) -> String {
                     b.flags.join(",")
                 },
                 ago(b.last_seen_unix_ms, now_ms),
-                b.summary.clone(),
-            ]
+            ];
+            if style.wide {
+                r.push(ago(b.first_seen_unix_ms, now_ms));
+                r.push(dash(b.trace_ids.first().map(String::as_str).unwrap_or("")));
+                r.push(b.summary.clone());
+                r.push(b.hint.clone());
+            } else {
+                r.push(b.summary.clone());
+            }
+            r
         })
         .collect();
-    table(
-        &[
-            "SEVERITY",
-            "KIND",
-            "NAMESPACE",
-            "WORKLOAD",
-            "PEER",
-            "COUNT",
-            "FLAGS",
-            "LAST SEEN",
-            "SUMMARY",
-        ],
-        &rows,
-    )
+    let mut header = vec![
+        "SEVERITY",
+        "KIND",
+        "NAMESPACE",
+        "WORKLOAD",
+        "PEER",
+        "COUNT",
+        "FLAGS",
+        "LAST SEEN",
+    ];
+    if style.wide {
+        header.extend(["FIRST SEEN", "TRACE", "SUMMARY", "HINT"]);
+    } else {
+        header.push("SUMMARY");
+    }
+    let style = Style {
+        width: if style.wide { None } else { style.width },
+        ..*style
+    };
+    table_styled(&header, &rows, &style)
 }
 
 pub fn summary_table(s: &SummaryResponse) -> String {
+    summary_table_styled(s, &Style::default())
+}
+
+/// `hopwatch summary` as a table, the FLAGS column truncated to `style.width` unless wide.
+pub fn summary_table_styled(s: &SummaryResponse, style: &Style) -> String {
     let mut out = format!(
         "hops received: {}  traces analysed: {}  open traces: {}  findings: {}  reports dropped by filters: {}\n\n",
         s.hops_received, s.traces_analysed, s.open_traces, s.findings, s.reports_dropped_by_filters
@@ -330,7 +423,12 @@ pub fn summary_table(s: &SummaryResponse) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(
+    let style = Style {
+        width: if style.wide { None } else { style.width },
+        color: false,
+        wide: style.wide,
+    };
+    out.push_str(&table_styled(
         &[
             "NAMESPACE",
             "WORKLOAD",
@@ -342,6 +440,7 @@ pub fn summary_table(s: &SummaryResponse) -> String {
             "FLAGS",
         ],
         &rows,
+        &style,
     ));
     out
 }
@@ -495,6 +594,22 @@ pub fn trace_tree(t: &GetTraceResponse) -> String {
                 },
                 b.summary,
                 b.hint
+            );
+        }
+    }
+    if !t.fragments.is_empty() {
+        out.push_str("\nfragments of the same requests (hopwatch trace ID):\n");
+        for f in &t.fragments {
+            let _ = writeln!(
+                out,
+                "  {} {} (x-request-id {})",
+                if f.relation == "continued_from" {
+                    "continued from"
+                } else {
+                    "continued in"
+                },
+                f.trace_id,
+                f.request_id
             );
         }
     }

@@ -10,16 +10,28 @@
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
+//! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
+//!   scrape-time snapshot); [`process`]: the `process_*` figures from /proc.
+//! - [`web`]: the web view at `/` (embedded assets, JSON API); [`graph`]: its service
+//!   graph; [`fragments`]: request id -> trace pieces ("continued in ...").
 //! - [`server`]: tonic + HTTP front ends, background loops, graceful shutdown.
-//! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON).
+//! - [`cli`]: the `hopwatch` command's rendering (tables, trees, JSON); [`term`]: terminal
+//!   width and colour; [`watch`]: what `hopwatch watch` prints when.
 
 pub mod analysis;
 pub mod app_error;
 pub mod cli;
 pub mod core;
+pub mod fragments;
+pub mod graph;
 pub mod grpc;
+pub mod metrics;
 pub mod model;
 pub mod policy_denied;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod term;
+pub mod watch;
+pub mod web;

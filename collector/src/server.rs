@@ -1,4 +1,5 @@
-//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz) front ends,
+//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz, the web view
+//! at `/`) front ends,
 //! the background tasks (analysis, persistence, retention) and graceful shutdown.
 
 use std::net::SocketAddr;
@@ -62,7 +63,7 @@ pub struct ServerArgs {
     /// gRPC listen address (Collector, Query, Health, reflection).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub listen: SocketAddr,
-    /// HTTP listen address (/metrics, /healthz).
+    /// HTTP listen address (/metrics, /healthz, the web view at /).
     #[arg(long, default_value = "0.0.0.0:9091")]
     pub http_listen: SocketAddr,
     /// Directory of the findings database.
@@ -105,6 +106,17 @@ pub struct ServerArgs {
     /// (TAG_MISROUTED compares against the instances still known).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub instance_ttl: Duration,
+    /// Log lines: `text` (ANSI colour only on a terminal, never with NO_COLOR) or `json`
+    /// (one JSON object per line, for log collectors). Level from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` of the collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl ServerArgs {
@@ -296,13 +308,16 @@ impl query_server::Query for QuerySvc {
 
 async fn metrics_handler(
     axum::extract::State(c): axum::extract::State<Arc<Collector>>,
+    headers: axum::http::HeaderMap,
 ) -> impl axum::response::IntoResponse {
+    let format = crate::metrics::Format::from_accept(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        c.render_metrics(),
+        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+        c.render_metrics_as(format),
     )
 }
 
@@ -365,7 +380,8 @@ pub async fn serve(
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics_handler))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .with_state(collector.clone());
+        .with_state(collector.clone())
+        .merge(crate::web::routes(collector.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, app)

@@ -1,21 +1,27 @@
 //! The collector's shared state: the aggregator, the findings index, the database, the
 //! metrics and the watch channel. Transport-independent (the gRPC layer is in `server`).
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hopwatch_proto::v1::{
-    Break, BreakKind, GetTraceResponse, ReportRequest, SummaryResponse, WorkloadSummary,
+    Break, BreakKind, CallNode, GetTraceResponse, ReportRequest, SummaryResponse, TraceFragment,
+    WorkloadSummary,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
+use crate::fragments::FragmentIndex;
+use crate::graph::ServiceGraph;
+use crate::metrics::{
+    build_info, process_metrics, BreakLabels, BreaksCounter, Format, LagHistogram, Snapshot,
+};
 use crate::model::FLAG_NAMES;
 use crate::store::{finding_id, Db, Filter, FindingStore, StoreError};
+use prometheus_client::registry::Unit;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -65,7 +71,7 @@ pub enum QueryError {
     BadFilter(String),
 }
 
-/// Counters exported on /metrics.
+/// Counters exported on /metrics (see [`Collector::render_metrics_as`]).
 #[derive(Default)]
 pub struct Metrics {
     pub batches_received: AtomicU64,
@@ -74,8 +80,8 @@ pub struct Metrics {
     pub batches_rejected_malformed: AtomicU64,
     pub hops_received: AtomicU64,
     pub reports_dropped_by_filters: AtomicU64,
-    pub ingest_lag_ms_sum: AtomicU64,
-    pub ingest_lag_samples: AtomicU64,
+    /// Ingest lag per batch (seconds).
+    pub ingest_lag: LagHistogram,
     pub ingest_lag_ms_last: AtomicU64,
     pub queries_rejected_not_found: AtomicU64,
     pub queries_rejected_invalid: AtomicU64,
@@ -83,6 +89,8 @@ pub struct Metrics {
     pub findings_persisted: AtomicU64,
     pub findings_expired: AtomicU64,
     pub watch_lagged: AtomicU64,
+    /// `hopwatch_breaks_total{kind,severity,namespace,workload,peer}`.
+    pub breaks: BreaksCounter,
 }
 
 pub struct Collector {
@@ -96,6 +104,10 @@ pub struct Collector {
     watch: broadcast::Sender<Break>,
     /// Serialises database flushes.
     flush_lock: Mutex<()>,
+    /// Services calling services, for the web view's graph.
+    pub graph: Mutex<ServiceGraph>,
+    /// Request id -> trace groups: links the fragments of a broken trace.
+    pub fragments: Mutex<FragmentIndex>,
 }
 
 impl Collector {
@@ -123,6 +135,9 @@ impl Collector {
             db,
             metrics: Metrics::default(),
             watch,
+            graph: Mutex::new(ServiceGraph::new(10_000)),
+            // ~100 bytes per request id: ~10 MB at most.
+            fragments: Mutex::new(FragmentIndex::new(100_000)),
             settings,
             flush_lock: Mutex::new(()),
         }
@@ -167,12 +182,13 @@ impl Collector {
             .unwrap_or(0);
         if newest_end_ms > 0 {
             let lag = now_ms.saturating_sub(newest_end_ms);
-            m.ingest_lag_ms_sum.fetch_add(lag, Relaxed);
-            m.ingest_lag_samples.fetch_add(1, Relaxed);
+            m.ingest_lag.0.observe(lag as f64 / 1000.0);
             m.ingest_lag_ms_last.store(lag, Relaxed);
         }
         // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
         let converted = Core::convert(&self.shared, &req.hops);
+        self.graph.lock().observe(converted.iter().map(|(_, h)| h));
+        self.fragments.lock().observe(&req.hops);
         let (accepted, evicted) = self
             .core
             .lock()
@@ -190,10 +206,30 @@ impl Collector {
         }
         let mut updated = Vec::new();
         {
+            let fragments = self.fragments.lock();
             let mut store = self.store.write();
             for r in &results {
+                // A trace that broke apart: the piece after the break has no trace id
+                // and is keyed by the request id. Its sample is the trace id of the piece
+                // the app was serving (what `hopwatch trace` and tracing UIs know), which
+                // links on to this piece ("continued in").
+                let traced = fragments.traced_for_request_group(&r.trace_id);
                 for f in &r.findings {
-                    updated.push(store.merge(f, &r.trace_id));
+                    let sample = match (&traced, f.kind) {
+                        (Some(t), BreakKind::TraceNotPropagated) => t.as_str(),
+                        _ => r.trace_id.as_str(),
+                    };
+                    updated.push(store.merge(f, sample));
+                    self.metrics
+                        .breaks
+                        .get_or_create(&BreakLabels {
+                            kind: f.kind.as_str_name().to_string(),
+                            severity: f.severity.as_str_name().to_string(),
+                            namespace: f.namespace.clone(),
+                            workload: f.workload.clone(),
+                            peer: f.peer.clone(),
+                        })
+                        .inc();
                 }
             }
         }
@@ -331,13 +367,74 @@ impl Collector {
                 }
             })
             .collect();
+        let fragments = self.trace_fragments(&v.trace_id, &v.roots);
         Ok(GetTraceResponse {
             trace_id: v.trace_id,
             roots: v.roots,
             breaks,
             hop_count: v.hop_count,
             open: v.open,
+            fragments,
         })
+    }
+
+    /// The other groups holding hops of this trace's requests.
+    fn trace_fragments(&self, trace_id: &str, roots: &[CallNode]) -> Vec<TraceFragment> {
+        // Earliest start per request id in this trace.
+        let mut requests: Vec<(String, u64)> = Vec::new();
+        fn walk(n: &CallNode, out: &mut Vec<(String, u64)>) {
+            for h in [&n.outbound, &n.inbound].into_iter().flatten() {
+                if h.request_id.is_empty() {
+                    continue;
+                }
+                match out.iter_mut().find(|(r, _)| *r == h.request_id) {
+                    Some(e) => e.1 = e.1.min(h.start_time_unix_micros),
+                    None => out.push((h.request_id.clone(), h.start_time_unix_micros)),
+                }
+            }
+            for c in &n.children {
+                walk(c, out);
+            }
+        }
+        for r in roots {
+            walk(r, &mut requests);
+        }
+        let index = self.fragments.lock();
+        let mut out: Vec<(u64, TraceFragment)> = Vec::new();
+        for (rid, start) in &requests {
+            for g in index.groups(rid) {
+                if g.id.eq_ignore_ascii_case(trace_id)
+                    || out.iter().any(|(_, f)| *f.trace_id == *g.id)
+                {
+                    continue;
+                }
+                let relation = if g.first_us >= *start {
+                    "continued_in"
+                } else {
+                    "continued_from"
+                };
+                out.push((
+                    g.first_us,
+                    TraceFragment {
+                        trace_id: g.id.to_string(),
+                        relation: relation.into(),
+                        request_id: rid.clone(),
+                    },
+                ));
+            }
+        }
+        // In time order: where the request came from, then where it went on (the caller's
+        // piece before the callee's).
+        out.sort_by_key(|(t, _)| *t);
+        out.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// The service graph with the stored findings on it (the web view's `/api/graph`).
+    pub fn graph_json(&self) -> serde_json::Value {
+        let findings = self.store.read().list(&Filter::default(), 10_000);
+        let g = self.graph.lock();
+        let s = self.shared.read();
+        g.to_json(&s.it, &findings)
     }
 
     pub fn summary(&self) -> SummaryResponse {
@@ -391,8 +488,14 @@ impl Collector {
         }
     }
 
-    /// Prometheus text exposition.
+    /// `/metrics` in the Prometheus text format 0.0.4.
     pub fn render_metrics(&self) -> String {
+        self.render_metrics_as(Format::PrometheusText)
+    }
+
+    /// `/metrics` in `format`: the live instruments plus a snapshot of the counters and
+    /// gauges read now. Counter names are given without `_total` (the encoder adds it).
+    pub fn render_metrics_as(&self, format: Format) -> String {
         let m = &self.metrics;
         let (cs, open, open_hops, recent) = {
             let c = self.core.lock();
@@ -402,200 +505,153 @@ impl Collector {
             let s = self.shared.read();
             (s.pods.len(), s.it.len(), s.it.overflowed)
         };
-        let mut by_kind = [0u64; 9];
-        let total = {
+        let mut by_kind: rustc_hash::FxHashMap<i32, u64> = Default::default();
+        {
             let s = self.store.read();
             for b in s.all() {
-                if let Some(x) = by_kind.get_mut(b.kind as usize) {
-                    *x += 1;
-                }
+                *by_kind.entry(b.kind).or_default() += 1;
             }
-            s.len()
-        };
-        let mut o = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                if labels.is_empty() {
-                    let _ = writeln!(o, "{name} {v}");
-                } else {
-                    let _ = writeln!(o, "{name}{{{labels}}} {v}");
-                }
-            }
-        };
+        }
         let l = |a: &AtomicU64| a.load(Relaxed);
-        metric(
-            "hopwatch_hops_received_total",
-            "counter",
+        let mut s = Snapshot::default();
+        s.counter(
+            "hopwatch_hops_received",
             "Hops received in accepted batches.",
-            &[("", l(&m.hops_received))],
+            l(&m.hops_received),
         );
-        metric(
-            "hopwatch_hops_dropped_total",
-            "counter",
+        s.counter_by(
+            "hopwatch_hops_dropped",
             "Hops dropped by the collector.",
-            &[("reason=\"trace_full\"", cs.hops_dropped_trace_full)],
+            "reason",
+            &[("trace_full", cs.hops_dropped_trace_full)],
         );
-        metric(
-            "hopwatch_batches_received_total",
-            "counter",
+        s.counter(
+            "hopwatch_batches_received",
             "Report batches received.",
-            &[("", l(&m.batches_received))],
+            l(&m.batches_received),
         );
-        metric(
-            "hopwatch_batches_rejected_total",
-            "counter",
+        s.counter_by(
+            "hopwatch_batches_rejected",
             "Report batches rejected, by reason.",
+            "reason",
             &[
-                ("reason=\"empty\"", l(&m.batches_rejected_empty)),
-                ("reason=\"too_large\"", l(&m.batches_rejected_too_large)),
-                ("reason=\"malformed\"", l(&m.batches_rejected_malformed)),
+                ("empty", l(&m.batches_rejected_empty)),
+                ("too_large", l(&m.batches_rejected_too_large)),
+                ("malformed", l(&m.batches_rejected_malformed)),
             ],
         );
-        metric(
-            "hopwatch_reports_dropped_by_filters_total",
-            "counter",
+        s.counter(
+            "hopwatch_reports_dropped_by_filters",
             "Reports the filters dropped before sending (dropped_since_last_batch).",
-            &[("", l(&m.reports_dropped_by_filters))],
+            l(&m.reports_dropped_by_filters),
         );
-        metric(
+        s.gauge(
             "hopwatch_open_traces",
-            "gauge",
             "Traces open (not analysed yet).",
-            &[("", open as u64)],
+            open as u64,
         );
-        metric(
+        s.gauge(
             "hopwatch_open_hops",
-            "gauge",
             "Hops held in open traces.",
-            &[("", open_hops as u64)],
+            open_hops as u64,
         );
-        metric(
+        s.gauge(
             "hopwatch_recent_traces",
-            "gauge",
             "Analysed traces kept for GetTrace.",
-            &[("", recent as u64)],
+            recent as u64,
         );
-        metric(
-            "hopwatch_traces_analysed_total",
-            "counter",
+        s.counter(
+            "hopwatch_traces_analysed",
             "Traces analysed.",
-            &[("", cs.traces_analysed)],
+            cs.traces_analysed,
         );
-        metric(
-            "hopwatch_traces_analysed_at_max_age_total",
-            "counter",
+        s.counter(
+            "hopwatch_traces_analysed_at_max_age",
             "Traces analysed because they reached the maximum age.",
-            &[("", cs.traces_analysed_at_max_age)],
+            cs.traces_analysed_at_max_age,
         );
-        metric(
-            "hopwatch_late_trace_merges_total",
-            "counter",
+        s.counter(
+            "hopwatch_late_trace_merges",
             "Analyses of hops that arrived after their trace was analysed (merged with it).",
-            &[("", cs.late_merges)],
+            cs.late_merges,
         );
-        metric(
-            "hopwatch_trace_evictions_total",
-            "counter",
+        s.counter(
+            "hopwatch_trace_evictions",
             "Open traces evicted (analysed early) because max open traces or max open hops was reached.",
-            &[("", cs.traces_evicted)],
+            cs.traces_evicted,
         );
-        metric(
-            "hopwatch_trace_evictions_cut_short_total",
-            "counter",
+        s.counter(
+            "hopwatch_trace_evictions_cut_short",
             "Evicted traces analysed as cut short, without HOP_MISSING (a hop of theirs arrived less than 2s, or trace quiet if shorter, before).",
-            &[("", cs.traces_evicted_cut_short)],
+            cs.traces_evicted_cut_short,
         );
-        metric(
+        s.gauge(
             "hopwatch_pods_indexed",
-            "gauge",
             "Pods in the cross-trace inbound index.",
-            &[("", pods as u64)],
+            pods as u64,
         );
-        metric(
+        s.gauge(
             "hopwatch_interned_strings",
-            "gauge",
             "Distinct interned strings.",
-            &[("", interned as u64)],
+            interned as u64,
         );
-        metric(
-            "hopwatch_interner_overflow_total",
-            "counter",
+        s.counter(
+            "hopwatch_interner_overflow",
             "Strings not interned because the interner is full.",
-            &[("", overflow)],
+            overflow,
         );
-        let kinds: Vec<(String, u64)> = (1..=8)
+        // Every known kind, zero included, so that a dashboard shows all of them.
+        let kinds = (1..=i32::MAX)
+            .map_while(|k| BreakKind::try_from(k).ok())
             .map(|k| {
-                let name = BreakKind::try_from(k)
-                    .map(|k| k.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                (format!("kind=\"{name}\""), by_kind[k as usize])
+                (
+                    vec![("kind", k.as_str_name().to_string())],
+                    by_kind.get(&(k as i32)).copied().unwrap_or(0),
+                )
             })
             .collect();
-        let kinds_ref: Vec<(&str, u64)> = kinds.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        metric(
+        s.gauge_labelled(
             "hopwatch_findings",
-            "gauge",
-            "Stored findings by kind.",
-            &kinds_ref,
+            "Stored findings (deduplicated by kind, namespace, workload, peer), by kind.",
+            kinds,
         );
-        metric(
-            "hopwatch_findings_total",
-            "gauge",
-            "Stored findings.",
-            &[("", total as u64)],
-        );
-        metric(
-            "hopwatch_findings_expired_total",
-            "counter",
+        s.counter(
+            "hopwatch_findings_expired",
             "Findings removed by retention.",
-            &[("", l(&m.findings_expired))],
+            l(&m.findings_expired),
         );
-        metric(
-            "hopwatch_findings_persisted_total",
-            "counter",
+        s.counter(
+            "hopwatch_findings_persisted",
             "Finding writes to the database.",
-            &[("", l(&m.findings_persisted))],
+            l(&m.findings_persisted),
         );
-        metric(
-            "hopwatch_persist_errors_total",
-            "counter",
+        s.counter(
+            "hopwatch_persist_errors",
             "Failed database flushes.",
-            &[("", l(&m.persist_errors))],
+            l(&m.persist_errors),
         );
-        metric(
-            "hopwatch_ingest_lag_milliseconds_last",
-            "gauge",
+        s.gauge_unit(
+            "hopwatch_ingest_lag_last",
             "Lag from the end of the newest hop of the last batch to its arrival.",
-            &[("", l(&m.ingest_lag_ms_last))],
+            Unit::Seconds,
+            l(&m.ingest_lag_ms_last) as f64 / 1000.0,
         );
-        metric(
-            "hopwatch_ingest_lag_milliseconds_sum",
-            "counter",
-            "Sum of per-batch ingest lags.",
-            &[("", l(&m.ingest_lag_ms_sum))],
-        );
-        metric(
-            "hopwatch_ingest_lag_milliseconds_count",
-            "counter",
-            "Batches with an ingest lag sample.",
-            &[("", l(&m.ingest_lag_samples))],
-        );
-        metric(
-            "hopwatch_queries_rejected_total",
-            "counter",
+        s.counter_by(
+            "hopwatch_queries_rejected",
             "Queries rejected, by status.",
+            "code",
             &[
-                ("code=\"not_found\"", l(&m.queries_rejected_not_found)),
-                ("code=\"invalid_argument\"", l(&m.queries_rejected_invalid)),
+                ("not_found", l(&m.queries_rejected_not_found)),
+                ("invalid_argument", l(&m.queries_rejected_invalid)),
             ],
         );
-        metric(
-            "hopwatch_watch_lagged_total",
-            "counter",
+        s.counter(
+            "hopwatch_watch_lagged",
             "Findings a slow WatchBreaks client missed.",
-            &[("", l(&m.watch_lagged))],
+            l(&m.watch_lagged),
         );
-        o
+        build_info(&mut s);
+        process_metrics(&mut s);
+        crate::metrics::encode(format, &m.breaks, &m.ingest_lag, s)
     }
 }

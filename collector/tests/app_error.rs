@@ -208,6 +208,7 @@ fn the_cli_shows_protocol_and_grpc_status_per_hop_and_takes_the_new_kinds() {
         breaks: vec![],
         hop_count: v.hop_count,
         open: v.open,
+        ..Default::default()
     });
     assert!(
         tree.contains("reviews-v1 → ratings-v1  gRPC GET /ratings  200 grpc=INTERNAL(13)"),

@@ -260,6 +260,11 @@ async fn every_rpc_end_to_end() {
     assert!(m.contains("hopwatch_findings{kind=\"UPSTREAM_FAILURE\"} 1"));
     assert!(m.contains("hopwatch_reports_dropped_by_filters_total 7"));
     assert!(m.contains("hopwatch_open_traces 0"));
+    // One occurrence of the finding, with where it happened.
+    assert!(
+        m.contains("hopwatch_breaks_total{kind=\"UPSTREAM_FAILURE\",severity=\"ERROR\",namespace=\"default\","),
+        "{m}"
+    );
     assert!(http_get(s.http, "/healthz").await.ends_with("ok\n"));
 
     drop(watch);

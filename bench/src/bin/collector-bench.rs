@@ -182,6 +182,16 @@ impl Collector {
         self.metrics().get(name).copied().unwrap_or(f64::NAN)
     }
 
+    /// Sum over every label set of `name` (e.g. the stored findings of all kinds).
+    fn metric_sum(&self, name: &str) -> f64 {
+        let prefix = format!("{name}{{");
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k.as_str() == name || k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     fn rss_mib(&self) -> f64 {
         proc_status_kib(self.proc.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0
     }
@@ -899,9 +909,9 @@ fn query_phase(
         Ok::<(), anyhow::Error>(())
     })?;
     let stored = wait_until(Duration::from_secs(180), || {
-        c.metric("hopwatch_findings_total") >= n as f64
+        c.metric_sum("hopwatch_findings") >= n as f64
     });
-    let findings = c.metric("hopwatch_findings_total");
+    let findings = c.metric_sum("hopwatch_findings");
     println!(
         "  sent {} failing traces in {:.1}s; {} findings stored{}",
         n,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use hopwatch_collector::server::{bind, serve, ServerArgs};
+use hopwatch_collector::server::{bind, serve, LogFormat, ServerArgs};
 use hopwatch_collector::service::Collector;
 
 #[global_allocator]
@@ -36,13 +36,26 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = ServerArgs::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            // Colour codes only for a person at a terminal: a file, a pipe or a
+            // container log gets plain text.
+            let ansi = std::io::stdout().is_terminal() && !hopwatch_collector::term::no_color_env();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(ansi)
+                .init()
+        }
+    }
     let collector = Arc::new(
         Collector::open(args.settings(), &args.data_dir).with_context(|| {
             format!(

@@ -103,7 +103,7 @@ fn install_signal_handler() -> anyhow::Result<mpsc::Receiver<()>> {
 fn print_ports(mesh: &Mesh) {
     let plan: &Plan = mesh.plan();
     println!(
-        "collector   gRPC {}  (HTTP 127.0.0.1:{})",
+        "collector   gRPC {}  (HTTP 127.0.0.1:{}: /metrics, the web view at /)",
         mesh.collector_url(),
         plan.collector_http
     );
