@@ -163,7 +163,7 @@ mod tests {
         );
         assert_eq!(
             sni(80, "", "cart.shop.svc.cluster.local"),
-            "outbound_.80__.cart.shop.svc.cluster.local"
+            "outbound_.80_._.cart.shop.svc.cluster.local"
         );
     }
 }
