@@ -184,7 +184,12 @@ pub struct Ctx<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Node {
     pub out: Option<u32>,
+    /// The callee's inbound hop; with retries, the last attempt (whose answer the caller
+    /// got).
     pub inb: Option<u32>,
+    /// The earlier attempts of a retried call (Istio retries every outbound route by
+    /// default): inbound hops of the same call on the callee's side, oldest first.
+    pub attempts: Vec<u32>,
     pub children: Vec<u32>,
     pub breaks: Vec<BreakKind>,
 }
@@ -233,24 +238,53 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
     let ins: Vec<u32> = (0..n as u32)
         .filter(|&i| hops[i as usize].is_inbound())
         .collect();
-    // 1. The span id the outbound sidecar sent upstream is the callee's span id.
-    let mut by_span: FxHashMap<u64, u32> = FxHashMap::default();
+    // 1. The span id the outbound sidecar sent upstream is the callee's span id. Without
+    // a tracer no sidecar makes new spans, so apps that copy B3 verbatim send the same
+    // span id along the whole chain: among several inbound hops with it, take one that
+    // is not the caller's own, of the destination service, and closest in time.
+    let mut by_span: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
     for &i in &ins {
         let s = hops[i as usize].span_id;
         if s != 0 {
-            by_span.entry(s).or_insert(i);
+            by_span.entry(s).or_default().push(i);
         }
     }
     for &o in &outs {
-        let up = hops[o as usize].upstream_span_id;
+        let oh = &hops[o as usize];
+        let up = oh.upstream_span_id;
         if up == 0 {
             continue;
         }
-        if let Some(&i) = by_span.get(&up) {
-            if caller[i as usize] == NONE {
-                caller[i as usize] = o;
-                callee[o as usize] = i;
-            }
+        let Some(cands) = by_span.get(&up) else {
+            continue;
+        };
+        let pick = if cands.len() == 1 {
+            cands
+                .first()
+                .copied()
+                .filter(|&i| caller[i as usize] == NONE)
+        } else {
+            cands
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let ih = &hops[i as usize];
+                    caller[i as usize] == NONE
+                        && !(ih.pod == oh.pod && ih.workload == oh.workload)
+                        && ih.start_us + slack_us >= oh.start_us
+                        && ih.start_us <= oh.end_us() + slack_us
+                })
+                .max_by_key(|&i| {
+                    let ih = &hops[i as usize];
+                    let svc = !oh.dest_service.is_empty()
+                        && (ih.service == oh.dest_service
+                            || ih.authority_service == oh.dest_service);
+                    (svc, -((ih.start_us as i64 - oh.start_us as i64).abs()))
+                })
+        };
+        if let Some(i) = pick {
+            caller[i as usize] = o;
+            callee[o as usize] = i;
         }
     }
     // 2. Same request id (or none to compare) + destination service + timing. A request
@@ -332,7 +366,63 @@ pub fn join(hops: &[CHop], slack_us: u64) -> (Vec<u32>, Vec<u32>) {
             callee[o as usize] = i;
         }
     }
+    join_retry_attempts(hops, &mut callee, &mut caller, slack_us);
     (callee, caller)
+}
+
+/// Step 4 of [`join`], retry attempts: Istio's default route retries a failed call up to twice, each
+/// attempt with the same span id and request id, often on another pod, so one outbound
+/// hop meets up to three inbound hops. An inbound hop still unjoined that matches an
+/// already joined outbound hop (its upstream span id, else its request id and
+/// destination service) and started within that call is one of its attempts: its caller
+/// is that outbound hop, and the outbound hop's callee becomes the latest attempt (the
+/// answer the caller got). [`build_tree`] keeps the others as the node's `attempts`.
+fn join_retry_attempts(hops: &[CHop], callee: &mut [u32], caller: &mut [u32], slack_us: u64) {
+    let n = hops.len();
+    for i in 0..n {
+        let ih = &hops[i];
+        if !ih.is_inbound() || caller[i] != NONE {
+            continue;
+        }
+        let mut best: Option<(u64, u32)> = None;
+        for o in 0..n {
+            let oh = &hops[o];
+            if !oh.is_outbound() || callee[o] == NONE {
+                continue;
+            }
+            let first = &hops[callee[o] as usize];
+            // An attempt reaches the callee's service, never the caller itself (apps
+            // that copy B3 verbatim without a tracer send one span id along the chain).
+            let same_service = ih.service == first.service
+                || (!oh.dest_service.is_empty()
+                    && (ih.service == oh.dest_service || ih.authority_service == oh.dest_service));
+            let callers_own = ih.pod == oh.pod && ih.workload == oh.workload;
+            let same_call = same_service
+                && !callers_own
+                && if oh.upstream_span_id != 0 && ih.span_id != 0 {
+                    oh.upstream_span_id == ih.span_id
+                } else {
+                    ih.request_id.is_some()
+                        && ih.request_id == oh.request_id
+                        && ih.request_id == first.request_id
+                };
+            let within =
+                ih.start_us + slack_us >= oh.start_us && ih.start_us <= oh.end_us() + slack_us;
+            if !same_call || !within {
+                continue;
+            }
+            if best.is_none_or(|b| oh.start_us > b.0) {
+                best = Some((oh.start_us, o as u32));
+            }
+        }
+        if let Some((_, o)) = best {
+            caller[i] = o;
+            let current = callee[o as usize] as usize;
+            if hops[i].start_us > hops[current].start_us {
+                callee[o as usize] = i as u32;
+            }
+        }
+    }
 }
 
 /// For each outbound hop, the inbound hop of the same pod (same trace) it was made while
@@ -408,6 +498,21 @@ pub fn build_tree(hops: &[CHop], slack_us: u64) -> (Vec<Node>, Vec<u32>, Vec<u32
             });
             node_of_in[h] = id;
         }
+    }
+    // Earlier retry attempts belong to their call's node (what their apps called while
+    // serving them too).
+    for (h, hop) in hops.iter().enumerate() {
+        let c = caller[h];
+        if hop.is_inbound() && c != NONE && callee[c as usize] != h as u32 {
+            let id = node_of_out[c as usize];
+            if id != NONE {
+                nodes[id as usize].attempts.push(h as u32);
+                node_of_in[h] = id;
+            }
+        }
+    }
+    for node in nodes.iter_mut() {
+        node.attempts.sort_by_key(|&h| hops[h as usize].start_us);
     }
     let mut parent_node = vec![NONE; nodes.len()];
     for (id, node) in nodes.iter().enumerate() {
@@ -541,6 +646,31 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             } else {
                 cross.map(|e| e.tag).unwrap_or_default()
             };
+            // Without a tracer (Istio's default) x-request-id is the only context: an app
+            // that served a request and called on with a new one dropped it.
+            let lost_request_id = lost_trace
+                && !oh.has_trace_id
+                && cross.is_some_and(|e| !e.traced && e.req != 0 && e.req != req_hash(oh));
+            if lost_request_id {
+                out.push((
+                    nid,
+                    mk(
+                        BreakKind::TraceNotPropagated,
+                        oh,
+                        peer.clone(),
+                        vec![],
+                        format!(
+                            "{} served a request but called {} with a new x-request-id (no tracer: x-request-id is the only context): the chain broke here",
+                            r(oh.workload),
+                            peer
+                        ),
+                        format!(
+                            "Make the app of {} copy x-request-id (and any trace headers) from the request it serves onto its outgoing calls: hopwatch restores the tag through it.",
+                            r(oh.workload)
+                        ),
+                    ),
+                ));
+            }
             if lost_trace && cross.is_some_and(|e| e.traced) {
                 let missing = oh.missing_header_names();
                 let what = if missing.is_empty() {
@@ -677,7 +807,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 && !oh.answered_before_filter()
                 && policy_denied::denial(oh, it).is_none()
                 && oh.sampled_report()
-                && oh.has_trace_id
+                // A trace id, or (a mesh without a tracer) the request id: the callee's
+                // sidecar would have reported the same one, so its hop would be here. Not
+                // when this sidecar's tracer sent a span of a trace it started itself (the
+                // app sent none): the callee's hop is in that other trace.
+                && (oh.has_trace_id || (oh.request_id.is_some() && oh.upstream_span_id == 0))
                 && oh.response_code != 0
                 && oh.response_flags == 0
                 && !oh.upstream_host.is_empty()
@@ -871,6 +1005,23 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             what,
             hint,
         );
+        if !node.attempts.is_empty() && hh.is_inbound() {
+            // A retried call: say how often it was tried and what the caller got.
+            let caller_flags = node
+                .out
+                .map(|o| flag_names(hops[o as usize].response_flags).join(","))
+                .filter(|f| !f.is_empty())
+                .map(|f| format!(" {f}"))
+                .unwrap_or_default();
+            let caller_code = node
+                .out
+                .map(|o| hops[o as usize].response_code)
+                .unwrap_or(0);
+            f.summary.push_str(&format!(
+                " ({} attempts; the caller's sidecar retried and answered {caller_code}{caller_flags})",
+                node.attempts.len() + 1
+            ));
+        }
         if hh.response_flags == DC {
             // Only "downstream closed": the client gave up (often a cancel), not a failure
             // of the mesh itself.

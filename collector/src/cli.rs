@@ -178,6 +178,7 @@ fn node_json(n: &CallNode) -> Value {
         "outbound": n.outbound.as_ref().map(hop_json),
         "inbound": n.inbound.as_ref().map(hop_json),
         "breaks": n.breaks.iter().map(|k| kind_name(*k)).collect::<Vec<_>>(),
+        "earlier_attempts": n.earlier_attempts.iter().map(hop_json).collect::<Vec<_>>(),
         "children": n.children.iter().map(node_json).collect::<Vec<_>>(),
     })
 }
@@ -525,6 +526,26 @@ fn node_line(n: &CallNode) -> String {
             _ => String::new(),
         };
         let _ = write!(s, "  {tag}  trace={}", trace_context_name(h.trace_context));
+    }
+    if !n.earlier_attempts.is_empty() {
+        let earlier: Vec<String> = n
+            .earlier_attempts
+            .iter()
+            .map(|a| {
+                let flags = a.response_flag_names.join(",");
+                if flags.is_empty() {
+                    a.response_code.to_string()
+                } else {
+                    format!("{} {flags}", a.response_code)
+                }
+            })
+            .collect();
+        let _ = write!(
+            s,
+            "  ({} attempts, earlier: {})",
+            n.earlier_attempts.len() + 1,
+            earlier.join("; ")
+        );
     }
     for k in &n.breaks {
         let _ = write!(s, "  ✗ {}", kind_name(*k));

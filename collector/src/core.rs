@@ -567,6 +567,11 @@ impl Core {
                         .collect()
                 },
                 breaks: n.breaks.iter().map(|&k| k as i32).collect(),
+                earlier_attempts: n
+                    .attempts
+                    .iter()
+                    .map(|&h| hops[h as usize].to_proto(tid, it))
+                    .collect(),
             }
         }
         TraceView {

@@ -156,7 +156,7 @@ pub const TRACE_HEADERS: &[&str] = &[
 
 pub const BIT_TAG_MALFORMED: u8 = 1;
 pub const BIT_SAMPLED_REPORT: u8 = 2;
-/// The destination is an in-mesh Kubernetes service (`*.svc.cluster.local` cluster).
+/// The destination is an in-mesh Kubernetes service (`<svc>.<ns>.svc.<domain>` cluster).
 pub const BIT_DEST_IN_MESH: u8 = 4;
 /// The destination is outside the mesh (PassthroughCluster, BlackHoleCluster, external host).
 pub const BIT_DEST_EXTERNAL: u8 = 8;
@@ -294,7 +294,9 @@ impl CHop {
             upstream_span_id: span_u64(&h.upstream_span_id),
             start_us: h.start_time_unix_micros,
             response_flags: h.response_flags,
-            request_id: non_empty_box(&h.request_id),
+            // The join form: hops of one request compare equal whatever digit Envoy's
+            // UUID extension wrote.
+            request_id: non_empty_box(&request_id_key(&h.request_id)),
             path: non_empty_box(&h.path),
             duration_us: h.duration_micros.min(u32::MAX as u64) as u32,
             workload: it.intern(&h.workload),
@@ -427,8 +429,30 @@ pub fn hash64(b: &[u8], seed: u64) -> u64 {
     h
 }
 
+/// The join form of an `x-request-id`: for a UUID, the version digit (char 14) reset to
+/// `4`. Envoy's UUID request-id extension packs its trace decision there (`9` sampled,
+/// `a`/`b` forced) and may rewrite it at every sidecar, so the hops of one request may
+/// report ids that differ in that digit only. (The filter keys its correlation store the
+/// same way.)
+pub fn request_id_key(rid: &str) -> std::borrow::Cow<'_, str> {
+    let b = rid.as_bytes();
+    let uuid = b.len() == 36
+        && [8usize, 13, 18, 23]
+            .iter()
+            .all(|&i| b.get(i) == Some(&b'-'));
+    if uuid && b.get(14) != Some(&b'4') && rid.is_char_boundary(14) && rid.is_char_boundary(15) {
+        let mut k = String::with_capacity(36);
+        k.push_str(rid.get(..14).unwrap_or_default());
+        k.push('4');
+        k.push_str(rid.get(15..).unwrap_or_default());
+        return std::borrow::Cow::Owned(k);
+    }
+    std::borrow::Cow::Borrowed(rid)
+}
+
 /// The key of a trace group: a trace id (hex, up to 32 digits, parsed) or, for hops without
-/// one, the request id (hashed, in a separate key space).
+/// one (a mesh without a tracer), the request id's join form (hashed, in a separate key
+/// space).
 pub fn group_key(trace_id: &str, request_id: &str) -> u128 {
     if !trace_id.is_empty() {
         let t = trace_id.to_ascii_lowercase();
@@ -443,6 +467,7 @@ pub fn group_key(trace_id: &str, request_id: &str) -> u128 {
         let h = ((hash64(t.as_bytes(), 1) as u128) << 64) | hash64(t.as_bytes(), 2) as u128;
         return h & !(3u128 << 126) | (1u128 << 126);
     }
+    let request_id = request_id_key(request_id);
     let h = ((hash64(request_id.as_bytes(), 3) as u128) << 64)
         | hash64(request_id.as_bytes(), 4) as u128;
     h | (1u128 << 127)
@@ -499,7 +524,8 @@ fn classify_host(host: &str) -> (String, String, u8) {
     let labels: Vec<&str> = host.split('.').collect();
     let svc = labels[0].to_string();
     let ns = labels.get(1).map(|s| s.to_string()).unwrap_or_default();
-    let bits = if host.ends_with(".svc.cluster.local") || host.ends_with(".svc") {
+    // `<svc>.<ns>.svc.<cluster domain>`: any cluster domain, not only cluster.local.
+    let bits = if labels.get(2) == Some(&"svc") {
         BIT_DEST_IN_MESH
     } else if labels.len() == 1 || labels.len() == 2 {
         // Short names ("reviews", "reviews.default") resolve through the search path:
@@ -620,6 +646,17 @@ mod tests {
         );
         assert_eq!(destination("", "10.0.0.1:80").0, "10.0.0.1");
         assert_eq!(host_of("[::1]:80"), "::1");
+        // Another cluster domain than cluster.local.
+        assert_eq!(
+            destination("outbound|80||reviews.shop.svc.corp.example", "x"),
+            ("reviews".into(), "shop".into(), BIT_DEST_IN_MESH)
+        );
+        // Request ids compare in their join form.
+        assert_eq!(
+            request_id_key("0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11"),
+            "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11"
+        );
+        assert_eq!(request_id_key("req-1"), "req-1");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! ```text
 //! value  := version:u8(=1) entry*
 //! entry  := expires_at_secs:u32le kind:u8 flags:u8 id_len:u8 tag_len:u8 id tag
+//! flags  := bit 0 serving (always set), bit 1 the request carried B3, bit 2 W3C
 //! ```
 //!
 //! Why: one key per id would cost a host call per id and leave expired keys behind
@@ -31,7 +32,7 @@
 //! closest to expiry when the bucket is full; a CAS mismatch is retried a bounded
 //! number of times, then given up (counted), never blocking the request.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::host::{Host, SetStatus};
@@ -92,10 +93,64 @@ pub struct Entry {
     pub id: String,
     /// The tag the inbound request carried (empty: none).
     pub tag: String,
+    /// The trace contexts the inbound request carried.
+    pub contexts: Contexts,
 }
 
 const VERSION: u8 = 1;
 const FLAG_SERVING: u8 = 1;
+/// The inbound request carried a B3 trace context.
+const FLAG_B3: u8 = 2;
+/// The inbound request carried a W3C trace context.
+const FLAG_W3C: u8 = 4;
+
+/// Which trace contexts an inbound request carried, as its filter saw it (before the
+/// sidecar's own tracer added one of its own).
+///
+/// Why it is remembered: an outbound call correlated to a request that had a context,
+/// but sent without one, lost it in the app; without any (a mesh with no tracer, where
+/// requests carry only `x-request-id`) there was nothing to lose. And a second context
+/// of the other kind on the app's call, one the request did not have, was added by the
+/// sidecar's tracer, not made up by the app.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Contexts {
+    /// B3 (`x-b3-*` or `b3`).
+    pub b3: bool,
+    /// W3C `traceparent`.
+    pub w3c: bool,
+}
+
+impl Contexts {
+    /// No trace context at all.
+    pub const NONE: Contexts = Contexts {
+        b3: false,
+        w3c: false,
+    };
+
+    /// Either context.
+    pub fn traced(self) -> bool {
+        self.b3 || self.w3c
+    }
+
+    fn from_flags(flags: u8) -> Contexts {
+        Contexts {
+            b3: flags & FLAG_B3 != 0,
+            w3c: flags & FLAG_W3C != 0,
+        }
+    }
+}
+
+/// The entry flags byte of an inbound request with these contexts.
+fn entry_flags(ctx: Contexts) -> u8 {
+    let mut f = FLAG_SERVING;
+    if ctx.b3 {
+        f |= FLAG_B3;
+    }
+    if ctx.w3c {
+        f |= FLAG_W3C;
+    }
+    f
+}
 
 /// Store dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,14 +180,14 @@ pub fn bucket_key(bucket: u32) -> String {
 }
 
 /// Appends one encoded entry; skips it when the id or tag is longer than 255 bytes.
-fn push_entry(out: &mut Vec<u8>, expires_at: u32, kind: IdKind, id: &str, tag: &str) {
+fn push_entry(out: &mut Vec<u8>, expires_at: u32, kind: IdKind, id: &str, tag: &str, flags: u8) {
     let (id, tag) = (id.as_bytes(), tag.as_bytes());
     if id.len() > 255 || tag.len() > 255 {
         return;
     }
     out.extend_from_slice(&expires_at.to_le_bytes());
     out.push(kind as u8);
-    out.push(FLAG_SERVING);
+    out.push(flags);
     out.push(id.len() as u8);
     out.push(tag.len() as u8);
     out.extend_from_slice(id);
@@ -144,7 +199,14 @@ pub fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + entries.len() * 48);
     out.push(VERSION);
     for e in entries {
-        push_entry(&mut out, e.expires_at, e.kind, &e.id, &e.tag);
+        push_entry(
+            &mut out,
+            e.expires_at,
+            e.kind,
+            &e.id,
+            &e.tag,
+            entry_flags(e.contexts),
+        );
     }
     out
 }
@@ -158,27 +220,32 @@ pub fn decode(bytes: &[u8]) -> Vec<Entry> {
                 kind: IdKind::from_u8(e.kind)?,
                 id: std::str::from_utf8(e.id).ok()?.to_string(),
                 tag: std::str::from_utf8(e.tag).ok()?.to_string(),
+                contexts: Contexts::from_flags(e.flags),
             })
         })
         .collect()
 }
 
 /// Remembers ids with `tag` (inbound side), in this VM's `local` copy and in shared
-/// data. Returns the number of bucket writes given up. Ids longer than 255 bytes or
-/// empty are skipped.
+/// data; `contexts`: the trace contexts the request carried. Returns the number
+/// of bucket writes given up. Ids longer than 255 bytes or empty are skipped.
 pub fn remember<H: Host + ?Sized>(
     host: &H,
     local: &LocalStore,
     cfg: &StoreConfig,
     ids: &[(IdKind, &str)],
     tag: &str,
+    contexts: Contexts,
     now: u32,
 ) -> u32 {
     let expires_at = now.saturating_add(cfg.ttl_secs);
+    if contexts.traced() {
+        local.saw_traced_inbound(expires_at);
+    }
     if tag.len() <= 255 {
         let shared_tag: Rc<str> = Rc::from(tag);
         for &(kind, id) in ids {
-            local.put(kind, id, &shared_tag, expires_at);
+            local.put(kind, id, &shared_tag, contexts, expires_at);
         }
     }
     if tag.len() > 255 {
@@ -202,7 +269,15 @@ pub fn remember<H: Host + ?Sized>(
         let mut done = false;
         for _ in 0..CAS_ATTEMPTS {
             let (old, cas) = host.shared_get(&key).unwrap_or_default();
-            let value = upsert_encoded(&old, &new_ids, tag, expires_at, now, cfg.per_bucket);
+            let value = upsert_encoded(
+                &old,
+                &new_ids,
+                tag,
+                contexts,
+                expires_at,
+                now,
+                cfg.per_bucket,
+            );
             match host.shared_set(&key, &value, cas) {
                 SetStatus::Ok => {
                     done = true;
@@ -223,6 +298,7 @@ pub fn remember<H: Host + ?Sized>(
 struct RawEntry<'b> {
     expires_at: u32,
     kind: u8,
+    flags: u8,
     id: &'b [u8],
     tag: &'b [u8],
     /// The whole encoded entry (header, id, tag), copied as is when kept.
@@ -261,7 +337,7 @@ impl<'b> Iterator for RawEntries<'b> {
 
     fn next(&mut self) -> Option<RawEntry<'b>> {
         let (head, tail) = self.rest.split_first_chunk::<8>()?;
-        let [a, b, c, d, kind, _flags, id_len, tag_len] = *head;
+        let [a, b, c, d, kind, flags, id_len, tag_len] = *head;
         let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
         let len = 8 + id_len + tag_len;
         let (Some(id), Some(tag), Some(bytes)) = (
@@ -276,6 +352,7 @@ impl<'b> Iterator for RawEntries<'b> {
         Some(RawEntry {
             expires_at: u32::from_le_bytes([a, b, c, d]),
             kind,
+            flags,
             id,
             tag,
             bytes,
@@ -286,7 +363,8 @@ impl<'b> Iterator for RawEntries<'b> {
 /// One entry of the rewritten bucket: (expiry, a kept entry, or a new id).
 type BucketSlot<'e, 'b> = (u32, Option<&'e RawEntry<'b>>, Option<(IdKind, &'e str)>);
 
-/// The new value of an encoded bucket after remembering `ids` with `tag`: expired
+/// The new value of an encoded bucket after remembering `ids` with `tag` (and the
+/// request's trace `contexts`): expired
 /// entries and the entries of the same ids dropped, the new entries appended, then the
 /// entries closest to expiry evicted beyond `cap` (the earliest first among equals).
 /// Computed on the bytes: the kept entries are copied as they are, nothing is decoded
@@ -296,6 +374,7 @@ pub fn upsert_encoded(
     old: &[u8],
     ids: &[(IdKind, &str)],
     tag: &str,
+    contexts: Contexts,
     expires_at: u32,
     now: u32,
     cap: usize,
@@ -340,7 +419,7 @@ pub fn upsert_encoded(
             out.extend_from_slice(e.bytes);
         }
         if let Some((kind, id)) = new_id {
-            push_entry(&mut out, expires_at, *kind, id, tag);
+            push_entry(&mut out, expires_at, *kind, id, tag, entry_flags(contexts));
         }
     }
     out
@@ -349,9 +428,24 @@ pub fn upsert_encoded(
 /// The live entry for (kind, id) in an encoded bucket, read in place: the tag is
 /// borrowed from `bytes` (no entry is decoded into owned strings on the lookup path).
 pub fn find_encoded<'b>(bytes: &'b [u8], kind: IdKind, id: &str, now: u32) -> Option<&'b str> {
+    find_encoded_entry(bytes, kind, id, now).map(|(tag, _)| tag)
+}
+
+/// Like [`find_encoded`], with the trace contexts of the inbound request.
+pub fn find_encoded_entry<'b>(
+    bytes: &'b [u8],
+    kind: IdKind,
+    id: &str,
+    now: u32,
+) -> Option<(&'b str, Contexts)> {
     raw_entries(bytes)
         .find(|e| e.kind == kind as u8 && e.id == id.as_bytes() && e.expires_at > now)
-        .and_then(|e| std::str::from_utf8(e.tag).ok())
+        .and_then(|e| {
+            Some((
+                std::str::from_utf8(e.tag).ok()?,
+                Contexts::from_flags(e.flags),
+            ))
+        })
 }
 
 /// A correlation hit: the tag the inbound request carried (empty: none) and which id
@@ -362,6 +456,8 @@ pub struct Hit {
     pub kind: IdKind,
     /// The tag (empty: the inbound request had none).
     pub tag: Rc<str>,
+    /// The trace contexts the inbound request carried.
+    pub contexts: Contexts,
 }
 
 /// Longest id the [`LocalStore`] holds (hex trace ids are 16 or 32 bytes, a UUID
@@ -375,6 +471,7 @@ struct Slot {
     id_len: u8,
     id: [u8; LOCAL_ID_MAX],
     tag: Rc<str>,
+    contexts: Contexts,
 }
 
 /// This VM's own copy of the correlation entries its inbound side wrote.
@@ -392,6 +489,11 @@ struct Slot {
 pub struct LocalStore {
     slots: RefCell<Vec<Option<Slot>>>,
     mask: usize,
+    /// Until when (seconds since the epoch) this VM's inbound side has recently seen a
+    /// request with a trace context: the mesh runs a tracer, so an outbound call with
+    /// none that correlates to nothing lost its context in the app. On a mesh without a
+    /// tracer this stays 0 and such calls are sampled like any other.
+    traced_until: Cell<u32>,
 }
 
 impl LocalStore {
@@ -402,6 +504,7 @@ impl LocalStore {
         LocalStore {
             slots: RefCell::new(vec![None; n]),
             mask: n - 1,
+            traced_until: Cell::new(0),
         }
     }
 
@@ -421,8 +524,20 @@ impl LocalStore {
         (h >> 32) as usize & self.mask
     }
 
-    /// Remembers `id` with `tag` until `expires_at`.
-    pub fn put(&self, kind: IdKind, id: &str, tag: &Rc<str>, expires_at: u32) {
+    /// Notes that the inbound side saw a traced request (remembered until `expires_at`).
+    pub fn saw_traced_inbound(&self, expires_at: u32) {
+        if expires_at > self.traced_until.get() {
+            self.traced_until.set(expires_at);
+        }
+    }
+
+    /// Whether this VM's inbound side saw a traced request within the entry lifetime.
+    pub fn traced_recently(&self, now: u32) -> bool {
+        self.traced_until.get() > now
+    }
+
+    /// Remembers `id` with `tag` (and its request's trace `contexts`) until `expires_at`.
+    pub fn put(&self, kind: IdKind, id: &str, tag: &Rc<str>, contexts: Contexts, expires_at: u32) {
         if id.is_empty() || id.len() > LOCAL_ID_MAX {
             return;
         }
@@ -438,12 +553,18 @@ impl LocalStore {
                 id_len: id.len() as u8,
                 id: buf,
                 tag: tag.clone(),
+                contexts,
             });
         }
     }
 
     /// The live tag remembered for `id`, if any.
     pub fn get(&self, kind: IdKind, id: &str, now: u32) -> Option<Rc<str>> {
+        self.get_entry(kind, id, now).map(|(tag, _)| tag)
+    }
+
+    /// The live tag remembered for `id` and its request's trace contexts.
+    pub fn get_entry(&self, kind: IdKind, id: &str, now: u32) -> Option<(Rc<str>, Contexts)> {
         if id.is_empty() || id.len() > LOCAL_ID_MAX {
             return None;
         }
@@ -452,7 +573,7 @@ impl LocalStore {
         let same = s.kind == kind as u8
             && s.id.get(..usize::from(s.id_len)) == Some(id.as_bytes())
             && s.expires_at > now;
-        same.then(|| s.tag.clone())
+        same.then(|| (s.tag.clone(), s.contexts))
     }
 }
 
@@ -469,15 +590,20 @@ pub fn recall<H: Host + ?Sized>(
         if id.is_empty() || id.len() > 255 {
             continue;
         }
-        if let Some(tag) = local.get(kind, id, now) {
-            return Some(Hit { kind, tag });
+        if let Some((tag, contexts)) = local.get_entry(kind, id, now) {
+            return Some(Hit {
+                kind,
+                tag,
+                contexts,
+            });
         }
         let key = bucket_key(bucket_of(cfg, kind, id));
         if let Some((bytes, _)) = host.shared_get(&key) {
-            if let Some(tag) = find_encoded(&bytes, kind, id, now) {
+            if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
                 return Some(Hit {
                     kind,
                     tag: Rc::from(tag),
+                    contexts,
                 });
             }
         }

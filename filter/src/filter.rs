@@ -19,7 +19,7 @@ use hopwatch_proto::v1::{Hop, Protocol, TagSource, TraceContext};
 use crate::baggage;
 use crate::config::{Annotate, Direction, PluginConfig, TagAlias};
 use crate::cookie;
-use crate::correlation::{self, IdKind, LocalStore, StoreConfig};
+use crate::correlation::{self, Contexts, IdKind, LocalStore, StoreConfig};
 use crate::grpc;
 use crate::headers::{self, RequestView};
 use crate::host::{prop_string, prop_u64, Host};
@@ -137,6 +137,10 @@ pub struct Stream {
     correlated: Option<Rc<str>>,
     /// The trace is in the report sample.
     sampled: bool,
+    /// Outbound: a trace context was expected on this call (the correlated inbound
+    /// request carried one, or, uncorrelated, this VM's inbound side has recently seen
+    /// traced requests), so a call without one lost it in the app.
+    context_expected: bool,
     /// The request carried `debug_header`.
     debug: bool,
     /// `:status` as read at response headers (0: not read). Saves `on_log` a
@@ -266,11 +270,24 @@ fn secs(nanos: u64) -> u32 {
 }
 
 /// Whether a hop is anomalous (always reported, whatever the sampling).
-pub fn is_anomalous(direction: Direction, class: TraceContext, tag: &TagDecision) -> bool {
+///
+/// An outbound call without the trace context of the request being served (MISSING, or
+/// NEW: a trace of its own) is anomalous only when there was a context to keep:
+/// `context_expected`. On a mesh without a tracer (Istio's default since 1.22) requests
+/// carry only `x-request-id`, so nothing was lost and such a call is sampled like any
+/// other; otherwise `report_sample_rate` 0.01 would cost as much as 1.0 there.
+pub fn is_anomalous(
+    direction: Direction,
+    class: TraceContext,
+    tag: &TagDecision,
+    context_expected: bool,
+) -> bool {
     tag.malformed
         || match class {
             TraceContext::Partial | TraceContext::Malformed | TraceContext::Inconsistent => true,
-            TraceContext::Missing | TraceContext::New => direction == Direction::Outbound,
+            TraceContext::Missing | TraceContext::New => {
+                direction == Direction::Outbound && context_expected
+            }
             _ => false,
         }
 }
@@ -329,16 +346,33 @@ impl Stream {
         let store = core.store();
         let mut class = trace.class;
         let mut correlated = None;
+        let mut context_expected = false;
+        let contexts = Contexts {
+            b3: !trace.b3_trace_id.is_empty(),
+            w3c: !trace.w3c_trace_id.is_empty(),
+        };
+        // B3 and W3C carrying different traces, each well-formed: two tracers' contexts.
+        let two_tracers =
+            class == TraceContext::Inconsistent && trace.detail == trace::B3_W3C_DISAGREE;
         let tag = match cfg.direction {
             Direction::Inbound => {
+                // A caller's sidecar tracer may have added the second context: the
+                // caller's outbound side, which knows what its app received, judges.
+                if two_tracers {
+                    class = TraceContext::Valid;
+                }
                 let d = tag::resolve_inbound_found(view.tag, found);
-                let failed = correlation::remember(host, local, &store, ids, &d.sent, now);
+                let failed =
+                    correlation::remember(host, local, &store, ids, &d.sent, contexts, now);
                 if failed > 0 {
                     host.count(metrics::CORRELATION_WRITE_FAILURES, u64::from(failed));
                 }
                 d
             }
             Direction::Outbound => {
+                if two_tracers && second_context_is_the_tracers(host, local, &store, ids, now) {
+                    class = TraceContext::Valid;
+                }
                 let hit = correlation::recall(host, local, &store, ids, now);
                 if class == TraceContext::Valid {
                     class = if hit.as_ref().is_some_and(|h| h.kind.is_trace()) {
@@ -348,6 +382,12 @@ impl Stream {
                     };
                 }
                 let source = hit.as_ref().map(|h| correlated_source(h.kind));
+                // Decided from what is already at hand (the hit, this VM's memory of its
+                // inbound side): no host call.
+                context_expected = match &hit {
+                    Some(h) => h.contexts.traced(),
+                    None => local.traced_recently(now),
+                };
                 correlated = hit.map(|h| h.tag).filter(|t| !t.is_empty());
                 tag::resolve_outbound_found(
                     view.tag,
@@ -383,12 +423,15 @@ impl Stream {
         if let Some(m) = metrics::trace_metric(trace::class_name(class)) {
             host.count(m, 1);
         }
+        // Without a trace id the decision comes from another tracer's trace id, else the
+        // request id's correlation key, so every hop of an `x-request-id`-only chain agrees
+        // although Envoy's UUID extension rewrites one digit of the id on the way.
         let sample_id = if trace.trace_id.is_empty() {
             trace.other.first()
         } else {
             &trace.trace_id
         };
-        let sampled = sampling::sampled(cfg.report_sample_rate, sample_id, &trace.request_id);
+        let sampled = sampling::sampled(cfg.report_sample_rate, sample_id, &rid_key);
         let debug = view.debug;
         let grpc = view.is_grpc();
         let edit = tag.edit.clone();
@@ -399,6 +442,7 @@ impl Stream {
             tag,
             correlated,
             sampled,
+            context_expected,
             debug,
             response_status: Cell::new(0),
             response_complete: Cell::new(false),
@@ -441,6 +485,7 @@ impl Stream {
             tag,
             correlated: None,
             sampled: false,
+            context_expected: false,
             debug: false,
             response_status: Cell::new(0),
             response_complete: Cell::new(true),
@@ -621,7 +666,7 @@ impl Stream {
             || code >= 500
             || grpc_failed
             || self.answered_before_filter
-            || is_anomalous(cfg.direction, self.class, &self.tag);
+            || is_anomalous(cfg.direction, self.class, &self.tag, self.context_expected);
         if !self.sampled && !must {
             return None;
         }
@@ -721,6 +766,33 @@ impl Stream {
             hop.upstream_span_id = upstream_span_id(host);
         }
         Some(hop)
+    }
+}
+
+/// Whether an outbound call whose B3 and W3C trace ids differ carries one context the app
+/// received and a second one its sidecar's tracer added: the inbound request it serves
+/// (found through one of the two ids) did not carry a context of the other kind (the
+/// inbound filter runs before the tracer injects its own), or it carried both and the
+/// app passed both on. Otherwise the app made one of them up: INCONSISTENT stays.
+/// Only called for such calls (rare): it may cost a shared-data read per id.
+fn second_context_is_the_tracers<H: Host + ?Sized>(
+    host: &H,
+    local: &LocalStore,
+    store: &StoreConfig,
+    ids: &[(IdKind, &str)],
+    now: u32,
+) -> bool {
+    let find = |kind: IdKind| {
+        let id = ids.iter().find(|(k, _)| *k == kind)?;
+        correlation::recall(host, local, store, &[*id], now)
+    };
+    let by_b3 = find(IdKind::B3);
+    let by_w3c = find(IdKind::W3c);
+    match (by_b3, by_w3c) {
+        (Some(_), Some(_)) => true,
+        (Some(h), None) => !h.contexts.w3c,
+        (None, Some(h)) => !h.contexts.b3,
+        (None, None) => false,
     }
 }
 

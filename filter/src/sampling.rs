@@ -3,8 +3,10 @@
 //! The key is the low 64 bits of the trace id (its last 16 hex digits), so a 64-bit B3
 //! id and the same id widened to 128 bits (as Envoy does) give the same decision. Trace
 //! ids are random, so comparing the key against `rate * 2^64` samples that fraction of
-//! traces. Without a trace id the request id is hashed instead (FNV-1a): such a hop has
-//! no trace to agree with.
+//! traces. Without a trace id (a mesh with no tracer, Istio's default) the request id's
+//! correlation key ([`crate::trace::request_id_key`]) is hashed instead (FNV-1a), so the
+//! hops of an `x-request-id`-only chain agree too although Envoy's UUID extension
+//! rewrites one digit of the id from hop to hop.
 
 /// FNV-1a 64-bit hash (stable across hosts, no random seed).
 pub fn fnv1a(bytes: &[u8]) -> u64 {

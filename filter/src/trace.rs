@@ -337,6 +337,12 @@ pub fn request_id_key(rid: &str) -> Cow<'_, str> {
     Cow::Borrowed(rid)
 }
 
+/// The detail of an INCONSISTENT context whose B3 and W3C trace ids differ. Each may be
+/// valid on its own: two tracers (e.g. a client's OpenTelemetry SDK and the sidecars'
+/// Zipkin) each keep their own trace. Whether that is an app's fault is decided from
+/// what the inbound request carried (see `filter`).
+pub const B3_W3C_DISAGREE: &str = "B3 trace id disagrees with traceparent";
+
 /// Longest request id kept in reports / the correlation store.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -484,7 +490,7 @@ pub fn classify<'a>(h: &TraceHeaders<'a>) -> TraceInfo<'a> {
     if let Some(w) = &w3c {
         if !info.b3_trace_id.is_empty() && !same_trace(&info.b3_trace_id, &w.trace) {
             info.class = TraceContext::Inconsistent;
-            info.detail = Cow::Borrowed("B3 trace id disagrees with traceparent");
+            info.detail = Cow::Borrowed(B3_W3C_DISAGREE);
             return info;
         }
     }

@@ -75,9 +75,11 @@ fn manifest_filters(edit: &dyn Fn(&mut Value)) -> (Value, Value) {
                 serde_json::from_str(plugin.as_str().expect("plugin config string")).unwrap();
             edit(&mut pj);
             *plugin = json!(pj.to_string());
+            // The first patch per side is the one for current proxies (Istio >= 1.25,
+            // failure_policy); the later ones, for Istio 1.22-1.24, carry fail_open.
             match p["match"]["context"].as_str() {
-                Some("SIDECAR_INBOUND") => inbound = Some(f),
-                Some("SIDECAR_OUTBOUND") => outbound = Some(f),
+                Some("SIDECAR_INBOUND") if inbound.is_none() => inbound = Some(f),
+                Some("SIDECAR_OUTBOUND") if outbound.is_none() => outbound = Some(f),
                 _ => {}
             }
         }
@@ -321,11 +323,11 @@ fn cluster(name: &str, port: Option<u16>, http2: bool) -> Value {
 /// An HTTP connection manager whose HTTP filters are `before` (Envoy filters that run
 /// before hopwatch, as Istio places RBAC, JWT and fault before an EnvoyFilter inserted
 /// before the router), then `filter`, then the router.
-fn hcm_with(stat: &str, routes: Value, before: &[Value], filter: Value) -> Value {
+fn hcm_with(stat: &str, routes: Value, before: &[Value], filter: Value, tracer: bool) -> Value {
     let mut http_filters: Vec<Value> = before.to_vec();
     http_filters.push(filter);
     http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
-    json!({
+    let mut v = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -349,7 +351,14 @@ fn hcm_with(stat: &str, routes: Value, before: &[Value], filter: Value) -> Value
             ]},
             "http_filters": http_filters
         }
-    })
+    });
+    // No tracer: Istio's default since 1.22 (requests carry only x-request-id).
+    if !tracer {
+        if let Some(c) = v["typed_config"].as_object_mut() {
+            c.remove("tracing");
+        }
+    }
+    v
 }
 
 fn listener(name: &str, port: u16, direction: &str, hcm: Value) -> Value {
@@ -363,6 +372,21 @@ fn listener(name: &str, port: u16, direction: &str, hcm: Value) -> Value {
 
 fn route(prefix: &str, cluster: &str) -> Value {
     json!({"name": format!("route{}", prefix.replace('/', "_")), "match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "5s"}})
+}
+
+/// Starts Envoy without a tracer (Istio's default since 1.22) and waits until it is ready.
+fn start_envoy_without_tracer(
+    echo: &Echo,
+    collector_port: Option<u16>,
+    edit: &dyn Fn(&mut Value),
+) -> Envoy {
+    let extras = Extras {
+        no_tracer: true,
+        ..Extras::default()
+    };
+    let envoy = spawn_envoy_with(echo, collector_port, edit, Some(ENV_TAG), 1, &extras);
+    envoy.wait_ready();
+    envoy
 }
 
 /// Starts Envoy with both listeners and waits until it is ready. `collector_port`: where
@@ -403,6 +427,8 @@ struct Extras {
     /// HTTP filters before hopwatch on the inbound / outbound listener.
     inbound_before: Vec<Value>,
     outbound_before: Vec<Value>,
+    /// No tracer on the listeners (default: Zipkin at 100 %).
+    no_tracer: bool,
 }
 
 fn spawn_envoy_with(
@@ -427,7 +453,14 @@ fn spawn_envoy_with(
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
     let closed = free_port();
     let inbound_routes = json!([route("/", "app")]);
+    // `/steer`: the tag-subset route matches the tag header (as a VirtualService does);
+    // without it the request falls through to a closed port.
+    let mut steer_tagged = route("/steer", "app");
+    steer_tagged["name"] = json!("steer_tagged");
+    steer_tagged["match"]["headers"] = json!([{"name": TAG, "string_match": {"exact": ENV_TAG}}]);
     let mut outbound_routes = vec![
+        steer_tagged,
+        route("/steer", "closed"),
         route("/closed", "closed"),
         route("/empty", "empty"),
         route("/app", "app"),
@@ -473,8 +506,8 @@ fn spawn_envoy_with(
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [
-                listener("inbound", inbound, "INBOUND", hcm_with("inbound", inbound_routes, &extras.inbound_before, inf)),
-                listener("outbound", outbound, "OUTBOUND", hcm_with("outbound", outbound_routes, &extras.outbound_before, outf)),
+                listener("inbound", inbound, "INBOUND", hcm_with("inbound", inbound_routes, &extras.inbound_before, inf, !extras.no_tracer)),
+                listener("outbound", outbound, "OUTBOUND", hcm_with("outbound", outbound_routes, &extras.outbound_before, outf, !extras.no_tracer)),
             ],
             "clusters": clusters
         }
@@ -1678,4 +1711,122 @@ fn envoy_stat_eventually(envoy: &Envoy, name: &str, at_least: u64) -> u64 {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// On a mesh without a tracer (Istio's default since 1.22) requests carry only the
+/// `x-request-id` Envoy generates. At `report_sample_rate` 0.01 about 1 % of such healthy
+/// hops are reported, not all of them: an outbound call without trace headers lost
+/// nothing when its inbound request had none. Each inbound request gets a fresh id from
+/// Envoy (read back from the echo); the app passes it on to its outbound call. The
+/// reported hops are exactly the ones whose request id samples in (every hop of a chain
+/// agrees), a deterministic check; their share is about 1 % (the ids are random UUIDs:
+/// at 400 chains the expected 4 is tested against a bound of 3 %, i.e. 12, which a
+/// binomial(400, 0.01) exceeds with probability below 1e-3, and the filter before this
+/// change reported 100 %). A call whose inbound request was traced (B3, unsampled) and
+/// that lost the context is still reported, on this same VM.
+#[test]
+fn untraced_healthy_hops_are_sampled_at_the_rate() {
+    use hopwatch_filter::{sampling, trace};
+    const CHAINS: usize = 400;
+    let echo = start_echo();
+    let rx = start_receiver();
+    let envoy = start_envoy_without_tracer(&echo, Some(rx.port), &|c| {
+        c["report_sample_rate"] = json!(0.01);
+    });
+    let mut ids = Vec::with_capacity(CHAINS);
+    for i in 0..CHAINS {
+        let r = get(envoy.inbound, &format!("/in/untraced/{i}"), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.echoed("x-b3-traceid").is_none() && r.echoed("traceparent").is_none());
+        let rid = r
+            .echoed("x-request-id")
+            .expect("Envoy generates x-request-id");
+        let r = get(
+            envoy.outbound,
+            &format!("/app/untraced/{i}"),
+            &[("x-request-id", &rid)],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        ids.push(rid);
+    }
+    let expected: Vec<&String> = ids
+        .iter()
+        .filter(|rid| sampling::sampled(0.01, "", &trace::request_id_key(rid)))
+        .collect();
+    assert!(
+        expected.len() <= CHAINS * 3 / 100,
+        "{} of {CHAINS} request ids sample in at 1 %",
+        expected.len()
+    );
+    // A traced inbound request (a Zipkin tracer at 1 %: unsampled B3) whose app kept
+    // x-request-id but dropped the trace headers: the lost context is reported.
+    let lost = "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11";
+    let r = get(
+        envoy.inbound,
+        "/in/traced",
+        &[
+            ("x-request-id", lost),
+            ("x-b3-traceid", &hex_id(77, 32)),
+            ("x-b3-spanid", &hex_id(78, 16)),
+            ("x-b3-sampled", "0"),
+        ],
+    );
+    let lost = r.echoed("x-request-id").unwrap_or_else(|| lost.to_string());
+    get(envoy.outbound, "/app/lost", &[("x-request-id", &lost)]);
+    // A marker that is always reported (503 UF): reports leave in order, so once it has
+    // arrived every hop before it has too.
+    get(envoy.outbound, "/closed/marker", &[]);
+    rx.wait_hop("outbound /app/lost", |h| h.path == "/app/lost");
+    rx.wait_hop("marker", |h| h.path == "/closed/marker");
+    let hops = rx.hops();
+    let reported = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = hops
+            .iter()
+            .filter(|h| h.path.starts_with(prefix))
+            .map(|h| trace::request_id_key(&h.request_id).into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<String> = expected
+        .iter()
+        .map(|r| trace::request_id_key(r).into_owned())
+        .collect();
+    want.sort();
+    assert_eq!(reported("/in/untraced/"), want, "inbound hops reported");
+    assert_eq!(reported("/app/untraced/"), want, "outbound hops reported");
+    let lost_hop = hops.iter().find(|h| h.path == "/app/lost").unwrap();
+    assert_eq!(lost_hop.trace_context, TraceContext::Missing as i32);
+    assert!(!lost_hop.sampled_report || want.contains(&trace::request_id_key(&lost).into_owned()));
+    eprintln!(
+        "untraced chains: {} of {CHAINS} reported at 0.01 ({:.2} %)",
+        want.len(),
+        100.0 * want.len() as f64 / CHAINS as f64
+    );
+}
+
+/// The module exports proxy-wasm ABI 0.2.1: from Envoy 1.33 on, only for that ABI does
+/// Envoy clear the route cache after a filter's header edit, so the tag the filter
+/// stamps (or restores) is what routing matches. Here an untagged request to a route
+/// that exists only for the tag reaches it.
+#[test]
+fn a_tag_the_filter_writes_steers_routing() {
+    let bytes = std::fs::read(wasm_path()).unwrap();
+    let abi = b"proxy_abi_version_0_2_1";
+    assert!(
+        bytes.windows(abi.len()).any(|w| w == abi),
+        "the module does not export proxy_abi_version_0_2_1"
+    );
+    for newer in [&b"proxy_abi_version_0_2_2"[..], b"proxy_abi_version_0_3_0"] {
+        assert!(!bytes.windows(newer.len()).any(|w| w == newer));
+    }
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|_| {});
+    // The app sent no tag: the filter stamps the workload's own, and the tag route wins.
+    let r = get(envoy.outbound, "/steer/untagged", &[]);
+    assert_eq!(r.status, 200, "routed without the stamped tag: {r:?}");
+    assert_eq!(r.echoed(TAG).as_deref(), Some(ENV_TAG));
+    // A tag the app set to something else is kept: the request falls through.
+    let r = get(envoy.outbound, "/steer/other", &[(TAG, "qa")]);
+    assert_eq!(r.status, 503, "{r:?}");
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use hopwatch_filter::batch::{Batcher, Push};
 use hopwatch_filter::config::{Annotate, ConfigError, Direction, PluginConfig};
-use hopwatch_filter::correlation::{self, Entry, IdKind, LocalStore, StoreConfig};
+use hopwatch_filter::correlation::{self, Contexts, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::headers::RequestView;
 use hopwatch_filter::host::{Host, SetStatus};
@@ -476,8 +476,8 @@ fn store_cfg() -> StoreConfig {
 
 t!(correlation_encoding_roundtrip_and_garbage {
     let e = vec![
-        Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into() },
-        Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into() },
+        Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into(), contexts: Contexts { b3: true, w3c: false } },
+        Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into(), contexts: Contexts { b3: false, w3c: true } },
     ];
     assert_eq!(correlation::decode(&correlation::encode(&e)), e);
     assert_eq!(correlation::decode(&[]), vec![]);
@@ -500,19 +500,19 @@ t!(correlation_encoding_roundtrip_and_garbage {
 t!(correlation_upsert_bounded_and_expiring {
     let mut b = correlation::encode(&[]);
     for i in 0..20u32 {
-        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", 100 + i, 50, 8);
+        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8);
     }
     let v = correlation::decode(&b);
     assert_eq!(v.len(), 8);
     assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
     // Replace same id.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 1);
     // Same id, other kind: distinct.
-    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 2);
     // Expired entries go on the next write.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", 1000, 400, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8);
     assert!(correlation::decode(&b).iter().all(|e| e.expires_at > 400));
     assert_eq!(correlation::find_encoded(&b, IdKind::B3, "new", 999), Some(""));
     assert!(correlation::find_encoded(&b, IdKind::B3, "new", 1000).is_none());
@@ -522,7 +522,7 @@ t!(correlation_remember_recall_ttl {
     let h = FakeHost::new();
     let sc = store_cfg();
     let now = 1_000_000u32;
-    let fails = correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, ""), (IdKind::RequestId, "rid-1")], "dev.x", now);
+    let fails = correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, ""), (IdKind::RequestId, "rid-1")], "dev.x", Contexts::NONE, now);
     assert_eq!(fails, 0);
     // Another worker (its own empty local copy) finds it in shared data.
     let e = correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], now + 59).unwrap();
@@ -537,7 +537,7 @@ t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
     let h = FakeHost::new();
     let sc = store_cfg();
     let now = 1_000_000u32;
-    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::RequestId, "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")], "dev.x", now);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::RequestId, "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")], "dev.x", Contexts::NONE, now);
     h.reset_calls();
     // Same worker: answered from the local copy, no shared-data read.
     let e = correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, T128)], now + 1).unwrap();
@@ -546,7 +546,7 @@ t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
     // Order still wins over locality: a B3 id missing locally is looked up in shared
     // data before the request id found locally.
     let other = LocalStore::new(64);
-    correlation::remember(&h, &other, &sc, &[(IdKind::B3, T64)], "dev.y", now);
+    correlation::remember(&h, &other, &sc, &[(IdKind::B3, T64)], "dev.y", Contexts::NONE, now);
     h.reset_calls();
     let e = correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, T64), (IdKind::RequestId, "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11")], now).unwrap();
     assert_eq!((e.kind, &*e.tag), (IdKind::B3, "dev.y"));
@@ -557,14 +557,14 @@ t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
     assert_eq!(h.calls("shared_get"), 1, "a local miss falls back to shared data");
     // Ids too long for the local copy are still correlated through shared data.
     let long = "r".repeat(correlation::LOCAL_ID_MAX + 1);
-    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &long)], "dev.z", now);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &long)], "dev.z", Contexts::NONE, now);
     assert!(h.local.get(IdKind::RequestId, &long, now).is_none());
     assert_eq!(&*correlation::recall(&h, &h.local, &sc, &[(IdKind::RequestId, &long)], now).unwrap().tag, "dev.z");
     // The table is bounded: many ids overwrite slots, every answer stays exact.
     let small = LocalStore::new(8);
     let tag: std::rc::Rc<str> = "t".into();
     for i in 0..100 {
-        small.put(IdKind::B3, &format!("{i:032x}"), &tag, now + 10);
+        small.put(IdKind::B3, &format!("{i:032x}"), &tag, Contexts::NONE, now + 10);
     }
     let kept = (0..100).filter(|i| small.get(IdKind::B3, &format!("{i:032x}"), now).is_some()).count();
     assert!((1..=8).contains(&kept), "{kept}");
@@ -591,6 +591,7 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
                 kind: kinds[rnd(3) as usize],
                 id: ids[rnd(8) as usize].to_string(),
                 tag: if rnd(2) == 0 { String::new() } else { format!("dev.t{}", rnd(3)) },
+                contexts: Contexts::NONE,
             });
         }
         let mut old_bytes = correlation::encode(&old);
@@ -610,13 +611,13 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
         let mut want = correlation::decode(&old_bytes);
         want.retain(|e| e.expires_at > now && !new_ids.iter().any(|&(k, id)| e.kind == k && e.id == id));
         for &(kind, id) in &new_ids {
-            want.push(Entry { expires_at, kind, id: id.into(), tag: "dev.new".into() });
+            want.push(Entry { expires_at, kind, id: id.into(), tag: "dev.new".into(), contexts: Contexts::NONE });
         }
         while want.len() > cap {
             let i = want.iter().enumerate().min_by_key(|(_, e)| e.expires_at).unwrap().0;
             want.remove(i);
         }
-        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", expires_at, now, cap);
+        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap);
         assert_eq!(got, correlation::encode(&want), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
     }
 });
@@ -625,7 +626,7 @@ t!(correlation_memory_is_bounded {
     let h = FakeHost::new();
     let sc = store_cfg();
     for i in 0..5000u32 {
-        correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", 1000);
+        correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", Contexts::NONE, 1000);
     }
     let shared = h.shared.borrow();
     assert!(shared.len() <= sc.buckets as usize);
@@ -639,20 +640,20 @@ t!(correlation_cas_retry_and_give_up {
     let h = FakeHost::new();
     let sc = store_cfg();
     h.cas_conflicts.set(2);
-    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128)], "dev", 10), 0);
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128)], "dev", Contexts::NONE, 10), 0);
     assert!(correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], 10).is_some());
     h.cas_conflicts.set(100);
-    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T64)], "dev", 10), 1);
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T64)], "dev", Contexts::NONE, 10), 1);
     assert_eq!(h.calls("shared_set"), 3 + correlation::CAS_ATTEMPTS);
     h.cas_conflicts.set(0);
     h.shared_broken.set(true);
-    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", 10), 2);
+    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", Contexts::NONE, 10), 2);
 });
 
 t!(correlation_ids_in_one_bucket_cost_one_write {
     let h = FakeHost::new();
     let sc = StoreConfig { buckets: 1, per_bucket: 8, ttl_secs: 60 };
-    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", 10);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", Contexts::NONE, 10);
     assert_eq!(h.calls("shared_get"), 1);
     assert_eq!(h.calls("shared_set"), 1);
 });
@@ -864,7 +865,7 @@ t!(complete_healthy_response_costs_no_property_read {
     let h = FakeHost::new();
     let mut c = core("outbound", "dev");
     c.config.report_sample_rate = 0.0;
-    h.local.put(IdKind::B3, T128, &"dev.p".into(), u32::MAX);
+    h.local.put(IdKind::B3, T128, &"dev.p".into(), Contexts::NONE, u32::MAX);
     let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
     assert_eq!(s.class(), TraceContext::Propagated);
     h.prop_u64("response.flags", 1 << 4);
@@ -987,6 +988,118 @@ t!(unsampled_healthy_hops_cost_two_properties {
     o.config.report_sample_rate = 0.0;
     let (s, _) = Stream::on_request_headers(&o, &h, &h.local, hdrs(&[]));
     assert!(s.on_log(&o, &h).is_some(), "outbound without trace headers: not propagated");
+});
+
+// On a mesh without a tracer (Istio's default) requests carry only `x-request-id`: an
+// outbound call without trace headers lost nothing and is sampled like any other hop.
+// A call that lost a context its inbound request had stays an anomaly, from the
+// correlation entry (shared data: another worker) or this VM's memory of traced inbound
+// traffic, with no extra host call.
+t!(untraced_outbound_is_sampled_unless_a_context_was_lost {
+    const RID: &str = "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11";
+    // The same request id as Envoy's UUID extension rewrites it (trace decision digit).
+    const RID_REWRITTEN: &str = "0b1e7c5e-2d43-9f7a-9d4b-6a2d9b1c0e11";
+    let mut inb = core("inbound", "dev");
+    inb.config.report_sample_rate = 0.0;
+    let mut out = core("outbound", "dev");
+    out.config.report_sample_rate = 0.0;
+    let healthy = |s: &Stream, c: &Core, h: &FakeHost| {
+        s.annotation(c, h, 200);
+        s.response_complete();
+        s.on_log(c, h)
+    };
+    // Tracer-less mesh: inbound with only x-request-id, the app keeps it.
+    let h = FakeHost::new();
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-request-id", RID)]));
+    assert!(healthy(&s, &inb, &h).is_none());
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", RID_REWRITTEN)]));
+    assert_eq!(s.class(), TraceContext::Missing);
+    h.reset_calls();
+    assert!(healthy(&s, &out, &h).is_none(), "no context anywhere: nothing was lost");
+    // The app dropped even x-request-id (Envoy made a new one): uncorrelated, and this
+    // VM never saw a traced request, so still nothing to report at rate 0.
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", "fresh-id")]));
+    assert!(healthy(&s, &out, &h).is_none());
+    // An app that starts its own trace on a tracer-less mesh is not an anomaly either.
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", RID), ("traceparent", &format!("00-{T128}-{S1}-01"))]));
+    assert_eq!(s.class(), TraceContext::New);
+    assert!(healthy(&s, &out, &h).is_none());
+
+    // The inbound request was traced (B3, even unsampled), the app kept x-request-id but
+    // dropped the trace headers; the call runs on another worker (empty local copy).
+    let h = FakeHost::new();
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-request-id", RID), ("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-b3-sampled", "0")]));
+    assert!(healthy(&s, &inb, &h).is_none());
+    let other_worker = LocalStore::new(64);
+    let (s, _) = Stream::on_request_headers(&out, &h, &other_worker, hdrs(&[("x-request-id", RID_REWRITTEN)]));
+    let hop = healthy(&s, &out, &h).expect("the trace context the inbound request had was lost");
+    assert_eq!(hop.trace_context, TraceContext::Missing as i32);
+    // The same on this worker (local copy).
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", RID)]));
+    assert!(healthy(&s, &out, &h).is_some());
+    // Uncorrelated (x-request-id dropped too) on the worker that serves traced requests.
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", "fresh-id")]));
+    assert!(healthy(&s, &out, &h).is_some(), "this workload's callers send trace context");
+    h.reset_calls();
+    Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("x-request-id", "fresh-id-2")]));
+    assert_eq!(h.calls("property"), 0);
+    assert!(h.calls("shared_get") <= 1, "one lookup for the request id, as before");
+
+    // Sampling of an x-request-id-only chain: every hop agrees although the UUID
+    // extension rewrote a digit, and about `rate` of chains are sampled.
+    let rate = 0.01;
+    let mut n_sampled = 0;
+    for i in 0..20_000u32 {
+        let rid = format!("{:08x}-2d43-4f7a-9d4b-{:012x}", i.wrapping_mul(2_654_435_761), u64::from(i) * 7919);
+        let rewritten = format!("{}9{}", &rid[..14], &rid[15..]);
+        let key = trace::request_id_key(&rewritten);
+        let a = sampling::sampled(rate, "", &trace::request_id_key(&rid));
+        assert_eq!(a, sampling::sampled(rate, "", &key), "{rid}");
+        n_sampled += usize::from(a);
+    }
+    assert!((100..=300).contains(&n_sampled), "{n_sampled} of 20000 sampled at 1 %");
+});
+
+// A client's OpenTelemetry SDK sends W3C only through sidecars whose tracer is B3 (or the
+// reverse): the app passes on the context it received and the one its sidecar's tracer
+// added; their trace ids differ. Not the app's fault, so no INCONSISTENT anywhere; an
+// app that replaces a context it received by one of its own is still INCONSISTENT.
+t!(a_tracers_second_context_is_not_inconsistent {
+    const OTHER: &str = "563ac35c9f6413ad48485a3953bb6124";
+    let inb = core("inbound", "dev");
+    let out = core("outbound", "dev");
+    let tp = |t: &str| format!("00-{t}-{S1}-01");
+    // W3C client, B3 sidecar: the inbound filter saw traceparent only.
+    let h = FakeHost::new();
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-request-id", "r1")]));
+    assert_eq!(s.class(), TraceContext::Valid);
+    // The app copies traceparent and the B3 headers the sidecar's tracer injected.
+    let (s, _) = Stream::on_request_headers(&out, &h, &LocalStore::new(64), hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S2), ("x-request-id", "r1")]));
+    assert_eq!(s.class(), TraceContext::Propagated);
+    // The next sidecar receives both (its caller judged them): valid, and its app's call
+    // passing both on is propagated.
+    let h = FakeHost::new();
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    assert_eq!(s.class(), TraceContext::Valid);
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.class(), TraceContext::Propagated);
+    // The reverse: B3 client, OpenTelemetry sidecar.
+    let h = FakeHost::new();
+    Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1)]));
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.class(), TraceContext::Propagated);
+    // App-made: it received both, consistent, and replaced traceparent by a trace of its own.
+    let h = FakeHost::new();
+    Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("traceparent", &tp(T128))]));
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.class(), TraceContext::Inconsistent);
+    // Made up from nothing it received: inconsistent.
+    let h = FakeHost::new();
+    let (s, _) = Stream::on_request_headers(&out, &h, &h.local, hdrs(&[("traceparent", &tp(OTHER)), ("x-b3-traceid", T128), ("x-b3-spanid", S2)]));
+    assert_eq!(s.class(), TraceContext::Inconsistent);
+    // b3 against x-b3-* (one tracer's two encodings) stays inconsistent on inbound.
+    let (s, _) = Stream::on_request_headers(&inb, &h, &h.local, hdrs(&[("x-b3-traceid", T128), ("x-b3-spanid", S1), ("b3", &format!("{OTHER}-{S1}"))]));
+    assert_eq!(s.class(), TraceContext::Inconsistent);
 });
 
 t!(request_headers_host_calls {

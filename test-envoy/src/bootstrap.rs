@@ -3,8 +3,10 @@
 //! (`inbound|<port>||`), an outbound listener routing by authority to
 //! `outbound|80|<subset>|<fqdn>` clusters with virtual-environment subset routes (most
 //! specific tag first, each matching the tag and its sub-environments, then the default
-//! subset), request ids generated and the Zipkin tracer on. The hopwatch wasm filters
-//! come verbatim from the sidecar EnvoyFilter manifest.
+//! subset) with Istio's default retry policy and no route timeout, request ids generated
+//! by Envoy's UUID extension, and the topology's tracer (none by default, as in Istio
+//! since 1.22; Zipkin or OpenTelemetry with a sampling percentage). The hopwatch wasm
+//! filters come verbatim from the sidecar EnvoyFilter manifest.
 //!
 //! Services whose port is named `grpc*`/`http2*` get HTTP/2 clusters (sidecar to sidecar
 //! and inbound sidecar to app, h2c), as Istio does. Policies render as istiod renders
@@ -19,7 +21,9 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::manifests::{plugin_configuration_json, with_wasm_file, SidecarFilters};
+use crate::mtls;
 use crate::plan::{InstancePlan, Plan};
+use crate::topology::{MtlsMode, RetryMode, Topology, TracingMode};
 
 /// Where a rendered bootstrap points at files and hosts.
 #[derive(Debug, Clone)]
@@ -30,6 +34,9 @@ pub struct RenderTarget<'a> {
     pub access_log: String,
     /// Address every port lives on (loopback).
     pub host: &'a str,
+    /// Where the mesh CA and workload certificates are ([`crate::mtls`]); needed when the
+    /// topology uses mTLS.
+    pub tls_dir: Option<&'a Path>,
 }
 
 /// The collector cluster name the manifest's plugin configuration names.
@@ -87,11 +94,16 @@ pub fn access_log(path: &str, side: &str, tag_header: &str) -> Value {
     })
 }
 
-/// Istio's tracing block: Zipkin with 128-bit trace ids and one span per side.
-fn tracing(sampling: f64) -> Value {
-    json!({
-        "random_sampling": {"value": sampling},
-        "provider": {
+/// The cluster the OpenTelemetry tracer exports spans to (gRPC; a dead port here).
+pub const OTEL_CLUSTER: &str = "opentelemetry";
+
+/// Istio's tracing block for the topology's provider (None: no tracer, Istio's default
+/// since 1.22). Zipkin: 128-bit trace ids and one span per side; OpenTelemetry: W3C
+/// trace context only. `random_sampling` is the provider's sampling percentage.
+pub fn tracing(mode: TracingMode, sampling: f64, service: &str) -> Option<Value> {
+    let provider = match mode {
+        TracingMode::None => return None,
+        TracingMode::Zipkin => json!({
             "name": "envoy.tracers.zipkin",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
@@ -101,7 +113,51 @@ fn tracing(sampling: f64) -> Value {
                 "trace_id_128bit": true,
                 "shared_span_context": false,
             }
+        }),
+        TracingMode::Opentelemetry => json!({
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+                "service_name": service,
+            }
+        }),
+    };
+    Some(json!({
+        "client_sampling": {"value": 100.0},
+        "random_sampling": {"value": sampling},
+        "overall_sampling": {"value": 100.0},
+        "provider": provider,
+    }))
+}
+
+/// Envoy's UUID request-id extension as Istio configures it: the trace decision is
+/// packed into (and read from) one digit of `x-request-id`.
+fn request_id_extension() -> Value {
+    json!({
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+            "pack_trace_reason": true,
+            "use_request_id_for_trace_sampling": true,
         }
+    })
+}
+
+/// Istio's default retry policy of every outbound route
+/// (`pilot/pkg/networking/core/route/retry`): every attempt carries the same trace
+/// context and request id, and the upstream sees `x-envoy-attempt-count`.
+pub fn istio_retry_policy() -> Value {
+    json!({
+        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "num_retries": 2,
+        "retriable_status_codes": [503],
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+            },
+        }],
+        "host_selection_retry_max_attempts": "5",
     })
 }
 
@@ -123,10 +179,23 @@ pub fn listener(
     before: Vec<Value>,
     wasm_filter: Value,
     access_log: Value,
+    tracing: Option<Value>,
 ) -> Value {
     let mut http_filters = before;
     http_filters.push(wasm_filter);
     http_filters.push(router());
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "generate_request_id": true,
+        "request_id_extension": request_id_extension(),
+        "access_log": [access_log],
+        "route_config": route_config,
+        "http_filters": http_filters,
+    });
+    if let Some(t) = tracing {
+        hcm["tracing"] = t;
+    }
     json!({
         "name": name,
         "traffic_direction": direction,
@@ -134,15 +203,7 @@ pub fn listener(
         "filter_chains": [{
             "filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": stat_prefix,
-                    "generate_request_id": true,
-                    "tracing": tracing(100.0),
-                    "access_log": [access_log],
-                    "route_config": route_config,
-                    "http_filters": http_filters,
-                }
+                "typed_config": hcm,
             }]
         }]
     })
@@ -163,6 +224,16 @@ pub fn tag_regex(tag: &str) -> String {
 /// The Istio cluster name of a subset (`""` = the default subset).
 pub fn outbound_cluster(subset: &str, fqdn: &str) -> String {
     format!("outbound|80|{subset}|{fqdn}")
+}
+
+/// An outbound route action as istiod writes it: no route timeout (`0s`), and the
+/// topology's retry policy.
+fn route_action(topology: &Topology, cluster: &str) -> Value {
+    let mut action = json!({"cluster": cluster, "timeout": "0s"});
+    if topology.retries == RetryMode::Istio {
+        action["retry_policy"] = istio_retry_policy();
+    }
+    action
 }
 
 /// Envoy's RBAC filter denying every request, as istiod renders an AuthorizationPolicy
@@ -204,9 +275,9 @@ fn route_fault_abort(status: u16) -> Value {
 pub fn outbound_routes(plan: &Plan) -> Value {
     let topology = &plan.topology;
     let mut virtual_hosts = Vec::new();
-    for w in &topology.workloads {
+    for w in topology.workloads.iter().filter(|w| !w.external) {
         let ns = w.namespace(topology);
-        let fqdn = format!("{}.{}.svc.cluster.local", w.name, ns);
+        let fqdn = topology.service_fqdn(&w.name, ns);
         let mut tags: Vec<&str> = w
             .instances
             .iter()
@@ -232,7 +303,7 @@ pub fn outbound_routes(plan: &Plan) -> Value {
                             "string_match": {"safe_regex": {"regex": tag_regex(t)}},
                         }],
                     },
-                    "route": {"cluster": outbound_cluster(t, &fqdn)},
+                    "route": route_action(topology, &outbound_cluster(t, &fqdn)),
                     "decorator": {"operation": format!("{fqdn}:80/*")},
                 })
             })
@@ -240,7 +311,7 @@ pub fn outbound_routes(plan: &Plan) -> Value {
         routes.push(json!({
             "name": "default",
             "match": {"prefix": "/"},
-            "route": {"cluster": outbound_cluster("", &fqdn)},
+            "route": route_action(topology, &outbound_cluster("", &fqdn)),
             "decorator": {"operation": format!("{fqdn}:80/*")},
         }));
         if let Some(status) = w.fault_abort {
@@ -253,63 +324,176 @@ pub fn outbound_routes(plan: &Plan) -> Value {
             "name": format!("{fqdn}:80"),
             "domains": [fqdn.clone(), format!("{fqdn}:80"), w.name.clone(), format!("{}:80", w.name), short.clone(), format!("{short}:80")],
             "routes": routes,
+            "include_request_attempt_count": true,
         }));
     }
+    // Hosts the topology leaves unrouted: a virtual host without routes, so Envoy
+    // answers 404 NR (a VirtualService whose route is missing).
+    if !topology.unrouted_services.is_empty() {
+        let domains: Vec<String> = topology
+            .unrouted_services
+            .iter()
+            .flat_map(|u| {
+                let fqdn = topology.fqdn(u);
+                [
+                    u.clone(),
+                    format!("{u}:80"),
+                    fqdn.clone(),
+                    format!("{fqdn}:80"),
+                ]
+            })
+            .collect();
+        virtual_hosts.push(json!({"name": "unrouted", "domains": domains, "routes": []}));
+    }
+    // Any other host: outside the mesh, through PassthroughCluster (Istio's
+    // outboundTrafficPolicy ALLOW_ANY, the default).
+    virtual_hosts.push(json!({
+        "name": "allow_any",
+        "domains": ["*"],
+        "routes": [{
+            "name": "allow_any",
+            "match": {"prefix": "/"},
+            "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+        }],
+        "include_request_attempt_count": true,
+    }));
     json!({"name": "80", "validate_clusters": false, "virtual_hosts": virtual_hosts})
 }
 
-/// The outbound clusters of every Service: the default subset and one per tag.
-fn outbound_clusters(plan: &Plan, host: &str) -> Vec<Value> {
+/// The outbound clusters of every Service: the default subset and one per tag; over mTLS
+/// (the caller's certificate, Istio's SNI and ALPN) where the callee is called so.
+fn outbound_clusters(
+    plan: &Plan,
+    host: &str,
+    caller: &InstancePlan,
+    tls_dir: Option<&Path>,
+) -> Vec<Value> {
     let topology = &plan.topology;
     let mut clusters = Vec::new();
-    for w in &topology.workloads {
-        let fqdn = format!("{}.{}.svc.cluster.local", w.name, w.namespace(topology));
+    for w in topology.workloads.iter().filter(|w| !w.external) {
+        let fqdn = topology.service_fqdn(&w.name, w.namespace(topology));
+        let tls = |subset: &str| {
+            let dir = tls_dir.filter(|_| w.called_over_mtls(topology))?;
+            Some(mtls::upstream_transport_socket(
+                dir,
+                caller,
+                &topology.cluster_domain,
+                &mtls::sni(80, subset, &fqdn),
+                w.namespace(topology),
+                w.service_account(),
+            ))
+        };
+        let with_tls = |mut c: Value, subset: &str| {
+            if let Some(t) = tls(subset) {
+                c["transport_socket"] = t;
+            }
+            c
+        };
         let ports = |tag: &str| -> Vec<u16> {
             plan.instances_of(&w.name)
                 .filter(|i| i.tag == tag)
                 .map(InstancePlan::endpoint_port)
                 .collect()
         };
-        clusters.push(static_cluster(
-            &outbound_cluster("", &fqdn),
-            host,
-            &ports(""),
-            w.http2(),
+        clusters.push(with_tls(
+            static_cluster(&outbound_cluster("", &fqdn), host, &ports(""), w.http2()),
+            "",
         ));
         for i in &w.instances {
             if !i.tag.is_empty() {
-                clusters.push(static_cluster(
-                    &outbound_cluster(&i.tag, &fqdn),
-                    host,
-                    &ports(&i.tag),
-                    w.http2(),
+                clusters.push(with_tls(
+                    static_cluster(
+                        &outbound_cluster(&i.tag, &fqdn),
+                        host,
+                        &ports(&i.tag),
+                        w.http2(),
+                    ),
+                    &i.tag,
                 ));
             }
         }
     }
+    // Istio's PassthroughCluster is ORIGINAL_DST (the address the app connected to,
+    // before iptables redirected it); here apps call their sidecar's outbound listener
+    // directly, so it is the one destination outside the mesh the topology defines (or
+    // no endpoint at all).
+    let external: Vec<u16> = plan
+        .instances
+        .iter()
+        .filter(|i| i.external)
+        .map(|i| i.app_port)
+        .collect();
+    clusters.push(static_cluster(PASSTHROUGH_CLUSTER, host, &external, false));
     clusters
 }
 
-/// The node block of a sidecar, as Istio fills it.
-pub fn node(instance: &InstancePlan, host: &str) -> Value {
+/// The cluster of destinations outside the mesh.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// The node block of a sidecar, as Istio's injector and istio-agent fill it: every pod
+/// label in `LABELS` (the canonical name from `app.kubernetes.io/name`, else `app`),
+/// `node.cluster` = `<app>.<ns>`, the pod's service account, IPs and cluster id.
+pub fn node(instance: &InstancePlan, host: &str, cluster_domain: &str) -> Value {
     let mut labels = json!({
-        "app": instance.service,
-        "service.istio.io/canonical-name": instance.service,
+        "app": instance.app_label,
+        "service.istio.io/canonical-name": instance.canonical_name,
+        "service.istio.io/canonical-revision": "latest",
+        "security.istio.io/tlsMode": "istio",
+        "pod-template-hash": "5d8f7c9b6",
     });
+    if let Some(name) = &instance.k8s_name {
+        labels["app.kubernetes.io/name"] = json!(name);
+    }
     if !instance.tag.is_empty() {
         labels["virtual-env"] = json!(instance.tag);
     }
     json!({
-        "id": format!("sidecar~{host}~{}.{}~{}.svc.cluster.local", instance.pod, instance.namespace, instance.namespace),
-        "cluster": format!("{}.{}", instance.workload_name, instance.namespace),
+        "id": format!("sidecar~{host}~{}.{}~{}.svc.{cluster_domain}", instance.pod, instance.namespace, instance.namespace),
+        "cluster": format!("{}.{}", instance.app_label, instance.namespace),
         "metadata": {
             "NAME": instance.pod,
             "NAMESPACE": instance.namespace,
             "WORKLOAD_NAME": instance.workload_name,
             "CLUSTER_ID": "Kubernetes",
+            "INSTANCE_IPS": host,
+            "SERVICE_ACCOUNT": instance.service_account,
+            "MESH_ID": cluster_domain,
+            "ISTIO_VERSION": "1.28.0",
+            "INTERCEPTION_MODE": "REDIRECT",
+            "APP_CONTAINERS": instance.service,
+            "OWNER": format!("kubernetes://apis/apps/v1/namespaces/{}/deployments/{}", instance.namespace, instance.workload_name),
             "LABELS": labels,
         }
     })
+}
+
+/// Turns the inbound listener's one plain-text filter chain into what a
+/// PeerAuthentication sets up: STRICT, one TLS chain requiring a mesh client certificate;
+/// PERMISSIVE, that chain for TLS connections and the plain one for the rest (the TLS
+/// inspector tells them apart), as Istio's virtualInbound does.
+fn inbound_mtls(
+    listener: &mut Value,
+    mode: MtlsMode,
+    dir: &Path,
+    instance: &InstancePlan,
+    trust_domain: &str,
+) {
+    let plain = listener["filter_chains"][0].clone();
+    let mut tls_chain = plain.clone();
+    tls_chain["transport_socket"] = mtls::inbound_transport_socket(dir, instance, trust_domain);
+    let chains = if mode == MtlsMode::Strict {
+        vec![tls_chain]
+    } else {
+        tls_chain["filter_chain_match"] = json!({"transport_protocol": "tls"});
+        let mut plain = plain;
+        plain["filter_chain_match"] = json!({"transport_protocol": "raw_buffer"});
+        vec![tls_chain, plain]
+    };
+    listener["filter_chains"] = json!(chains);
+    listener["listener_filters"] = json!([{
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    }]);
 }
 
 /// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).
@@ -363,24 +547,39 @@ pub fn sidecar_bootstrap(
             true,
         ),
         static_cluster("zipkin", host, &[plan.zipkin_port], false),
+        static_cluster(OTEL_CLUSTER, host, &[plan.zipkin_port], true),
     ];
-    clusters.extend(outbound_clusters(plan, host));
+    let topology = &plan.topology;
+    let tracing = || {
+        tracing(
+            topology.tracing,
+            topology.sampling_percent(),
+            &format!("{}.{}", instance.service, instance.namespace),
+        )
+    };
+    clusters.extend(outbound_clusters(plan, host, instance, target.tls_dir));
+    let mut inbound = listener(
+        "virtualInbound",
+        "INBOUND",
+        host,
+        ports.inbound,
+        &format!("inbound_0.0.0.0_{}", instance.app_port),
+        inbound_routes,
+        inbound_before,
+        with_wasm_file(&filters.inbound, target.wasm),
+        access_log(&target.access_log, "inbound", tag_header),
+        tracing(),
+    );
+    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
+    if let (Some(dir), true) = (target.tls_dir, mode != MtlsMode::Off) {
+        inbound_mtls(&mut inbound, mode, dir, instance, &topology.cluster_domain);
+    }
     Some(json!({
-        "node": node(instance, host),
+        "node": node(instance, host, &plan.topology.cluster_domain),
         "admin": {"address": socket(host, ports.admin)},
         "static_resources": {
             "listeners": [
-                listener(
-                    "virtualInbound",
-                    "INBOUND",
-                    host,
-                    ports.inbound,
-                    &format!("inbound_0.0.0.0_{}", instance.app_port),
-                    inbound_routes,
-                    inbound_before,
-                    with_wasm_file(&filters.inbound, target.wasm),
-                    access_log(&target.access_log, "inbound", tag_header),
-                ),
+                inbound,
                 listener(
                     "virtualOutbound",
                     "OUTBOUND",
@@ -391,6 +590,7 @@ pub fn sidecar_bootstrap(
                     outbound_before,
                     with_wasm_file(&filters.outbound, target.wasm),
                     access_log(&target.access_log, "outbound", tag_header),
+                    tracing(),
                 ),
             ],
             "clusters": clusters,

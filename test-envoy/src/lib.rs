@@ -6,7 +6,8 @@
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
 //! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
-//! - [`render`]: writes the configuration for a docker-compose setup (host networking).
+//! - [`mtls`]: the mesh CA, workload certificates and TLS contexts (mTLS between sidecars).
+//! - [`render`]: writes the kube YAML / configuration of a rendered mesh.
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
 pub mod bins;
@@ -19,6 +20,7 @@ pub mod bootstrap;
 pub mod httpc;
 pub mod manifests;
 pub mod mesh;
+pub mod mtls;
 pub mod plan;
 pub mod pods;
 pub mod render;

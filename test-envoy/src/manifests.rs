@@ -64,7 +64,10 @@ pub fn read_yaml_documents(path: &Path) -> Result<Vec<Value>, ManifestError> {
     Ok(docs)
 }
 
-/// Loads the inbound and outbound wasm filters from the sidecar EnvoyFilter under `root`.
+/// Loads the inbound and outbound wasm filters from the sidecar EnvoyFilter under `root`:
+/// the first HTTP_FILTER patch per side, the one for current proxies (Istio >= 1.25,
+/// `failure_policy`; the later ones, matched by `proxy.proxyVersion` to Istio 1.22-1.24,
+/// carry `fail_open` instead).
 pub fn load_sidecar_filters(root: &Path) -> Result<SidecarFilters, ManifestError> {
     let path = root.join(SIDECAR_ENVOYFILTER);
     let shape = |what: &str| ManifestError::Shape {

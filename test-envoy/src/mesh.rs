@@ -430,6 +430,15 @@ impl Mesh {
             )?;
             self.track(p);
         }
+        // mTLS: a throwaway CA and the workloads' certificates, made for this run.
+        let tls_dir = self.run_dir.join("tls");
+        let tls = plan.topology.uses_mtls();
+        if tls {
+            crate::mtls::write_mesh_certs(&plan, &tls_dir).map_err(|e| MeshError::Io {
+                what: "making the mesh certificates".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         for inst in &plan.instances {
             let access_log = self
                 .run_dir
@@ -438,6 +447,7 @@ impl Mesh {
                 wasm,
                 access_log: access_log.display().to_string(),
                 host: "127.0.0.1",
+                tls_dir: tls.then_some(tls_dir.as_path()),
             };
             let Some(bootstrap) = sidecar_bootstrap(&plan, inst, filters, &target) else {
                 continue;

@@ -48,6 +48,17 @@ pub struct InstancePlan {
     /// Header patterns the app copies onto its calls.
     pub copy: Vec<String>,
     pub fail_on_error: bool,
+    /// The pods' `app` label.
+    pub app_label: String,
+    /// Istio's canonical service name (`service.istio.io/canonical-name`).
+    pub canonical_name: String,
+    /// The `app.kubernetes.io/name` label, when the topology sets one.
+    pub k8s_name: Option<String>,
+    pub service_account: String,
+    /// `svc.ns.svc.<cluster domain>`.
+    pub service_fqdn: String,
+    /// A destination outside the mesh (reached through `PassthroughCluster`).
+    pub external: bool,
 }
 
 impl InstancePlan {
@@ -56,9 +67,9 @@ impl InstancePlan {
         self.sidecar.map_or(self.app_port, |s| s.inbound)
     }
 
-    /// `svc.ns.svc.cluster.local`.
+    /// `svc.ns.svc.<cluster domain>`.
     pub fn fqdn(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.service, self.namespace)
+        self.service_fqdn.clone()
     }
 
     /// A short label for logs and file names: `service` or `service@tag`.
@@ -70,9 +81,13 @@ impl InstancePlan {
         }
     }
 
-    /// File-name-safe form of the label.
+    /// File-name-safe form of the label (the pod for a second replica).
     pub fn file_stem(&self) -> String {
-        self.workload_name.clone()
+        if self.pod.ends_with("-0") {
+            self.workload_name.clone()
+        } else {
+            self.pod.clone()
+        }
     }
 }
 
@@ -167,7 +182,7 @@ impl Plan {
         let count: usize = topology
             .workloads
             .iter()
-            .map(|w| w.instances.len() * if w.sidecar { 4 } else { 1 })
+            .map(|w| w.instances.len() * if w.has_sidecar() { 4 } else { 1 })
             .sum::<usize>()
             + 3;
         let mut ports = reserve_ports(count, source)?.into_iter();
@@ -179,7 +194,7 @@ impl Plan {
         for w in &topology.workloads {
             for i in &w.instances {
                 let app_port = next();
-                let sidecar = w.sidecar.then(|| SidecarPorts {
+                let sidecar = w.has_sidecar().then(|| SidecarPorts {
                     inbound: next(),
                     outbound: next(),
                     admin: next(),
@@ -189,7 +204,7 @@ impl Plan {
                     service: w.name.clone(),
                     namespace: w.namespace(topology).to_string(),
                     tag: i.tag.clone(),
-                    pod: format!("{workload_name}-0"),
+                    pod: format!("{workload_name}-{}", i.replica),
                     workload_name,
                     app_port,
                     app_down: w.instance_down(i),
@@ -208,6 +223,12 @@ impl Plan {
                     app_error: w.app_error,
                     copy: w.copied_headers(&topology.tag_header),
                     fail_on_error: w.fail_on_error,
+                    app_label: w.app_label().to_string(),
+                    canonical_name: w.canonical().to_string(),
+                    k8s_name: w.canonical_name.clone(),
+                    service_account: w.service_account().to_string(),
+                    service_fqdn: topology.fqdn(&w.name),
+                    external: w.external,
                 });
             }
         }

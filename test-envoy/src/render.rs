@@ -97,10 +97,20 @@ pub fn render(
     let plan = Plan::new(topology, &PortSource::From(base_port))?;
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
     let wasm = Path::new(WASM_IN_CONTAINER);
+    // mTLS topologies: the throwaway CA and certificates next to the configs.
+    let tls_dir = out.join("tls");
+    let tls = plan.topology.uses_mtls();
+    if tls {
+        crate::mtls::write_mesh_certs(&plan, &tls_dir).map_err(|e| RenderError::Io {
+            what: "making the mesh certificates".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
     let target = RenderTarget {
         wasm,
         access_log: "/dev/stdout".into(),
         host: "127.0.0.1",
+        tls_dir: tls.then_some(tls_dir.as_path()),
     };
     let mut files = Vec::new();
     for inst in &plan.instances {

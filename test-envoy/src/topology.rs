@@ -8,6 +8,9 @@
 //! unrouted_services: [ghost]      # hosts callers may call but have no route for (NR)
 //! filter_config:                  # keys set over the manifest's plugin configuration,
 //!   tag_baggage_key: sd-routing-key  #   on both sides of every sidecar (optional)
+//! tracing: none                   # none (Istio's default) | zipkin | opentelemetry
+//! sampling: 1                     # % of requests the tracer samples (Istio's default 1)
+//! retries: istio                  # istio (Istio's default policy) | none
 //! workloads:
 //!   - name: frontend              # = the Service name and the `app` label
 //!     calls: [cart, ghost]        # in order, per request ("svc" or "svc.ns")
@@ -21,10 +24,25 @@
 //!     sidecar: false              # no Envoy: callers reach the app directly
 //!   - name: stock
 //!     app_down: true              # sidecar up, app not listening (UF)
+//!     instances:
+//!       - tag: ""
+//!       - tag: ""
+//!         replica: 1              # a second pod of the same subset
+//!         app_down: true          # (per instance) a flaky subset: retries go to pod 0
 //!   - name: empty
 //!     instances: []               # a Service with no endpoints (UH)
 //!   - name: cart
 //!     missing_tag_routes: [dev.mia]  # callers have no route for this subset
+//!     app_label: cart-app            # the pods' `app` label (default: name)
+//!     canonical_name: shop-cart      # `app.kubernetes.io/name` = Istio's canonical name
+//!     service_account: cart-sa       # default: name
+//!   - name: api
+//!     external: true                 # outside the mesh: reached via PassthroughCluster
+//!     host: api.example.com          # the name apps call it by
+//! cluster_domain: cluster.local      # the cluster domain (and SPIFFE trust domain)
+//! mtls: off                          # off | permissive | strict (PeerAuthentication)
+//! # per workload: peer_authentication: permissive|strict|off (overrides mtls),
+//! #               destination_rule_without_tls: true (callers send plain text: UC)
 //!   - name: payments
 //!     port: grpc-api              # the Service port name: grpc-* / http2-* give HTTP/2
 //!                                 # clusters and h2c app<->sidecar (as Istio does); the
@@ -84,7 +102,69 @@ pub struct Topology {
     /// (e.g. `tag_baggage_key`, `tag_aliases`, `correlation_headers`).
     #[serde(default)]
     pub filter_config: serde_json::Map<String, serde_json::Value>,
+    /// The tracer of every sidecar, as an Istio telemetry provider sets it up.
+    #[serde(default)]
+    pub tracing: TracingMode,
+    /// Percentage of requests the tracer samples (`random_sampling`); Istio's default
+    /// is 1 %. Only meaningful with a tracer.
+    #[serde(default)]
+    pub sampling: Option<f64>,
+    /// The retry policy of every outbound route.
+    #[serde(default)]
+    pub retries: RetryMode,
+    /// mTLS between sidecars: the PeerAuthentication mode of every sidecar's inbound side
+    /// (`off`: plain text everywhere). With `permissive` or `strict`, callers' sidecars
+    /// use mTLS towards every workload with a sidecar (Istio's auto mTLS).
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    /// The Kubernetes cluster domain (`<svc>.<ns>.svc.<domain>`) and SPIFFE trust domain.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
     pub workloads: Vec<Workload>,
+}
+
+/// Which tracer the sidecars run (Istio's `meshConfig.defaultProviders.tracing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TracingMode {
+    /// No tracer (Istio's default since 1.22): Envoy injects no trace headers, requests
+    /// carry only `x-request-id` (Envoy's UUID request-id extension).
+    #[default]
+    None,
+    /// A Zipkin provider: B3 headers on every request, `x-b3-sampled: 0` on the ones
+    /// not sampled.
+    Zipkin,
+    /// An OpenTelemetry provider: W3C `traceparent` / `tracestate` only.
+    Opentelemetry,
+}
+
+/// PeerAuthentication mode of a sidecar's inbound side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// No mTLS at all (plain text between sidecars).
+    #[default]
+    Off,
+    /// mTLS and plain text accepted on the same port.
+    Permissive,
+    /// Only mTLS with a client certificate of the mesh.
+    Strict,
+}
+
+/// Istio's sampling percentage when a tracer is on and none is set.
+pub const ISTIO_DEFAULT_SAMPLING: f64 = 1.0;
+
+/// The retry policy of the outbound routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    /// Istio's default on every outbound route: 2 retries on connect-failure,
+    /// refused-stream, unavailable, cancelled and 503, other hosts first, with
+    /// `x-envoy-attempt-count`.
+    #[default]
+    Istio,
+    /// No retries (a VirtualService with `retries: {attempts: 0}`).
+    None,
 }
 
 /// One workload (= one Kubernetes Service with its Deployments, one per environment).
@@ -112,6 +192,31 @@ pub struct Workload {
     /// requests for them fall back to a less specific subset.
     #[serde(default)]
     pub missing_tag_routes: Vec<String>,
+    /// The pods' `app` label (default: the Service name `name`).
+    #[serde(default)]
+    pub app_label: Option<String>,
+    /// The pods' `app.kubernetes.io/name` label, which Istio's injector makes the
+    /// canonical service name (default: none, so the canonical name is the `app` label).
+    #[serde(default)]
+    pub canonical_name: Option<String>,
+    /// The pods' service account (default: the Service name).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// A destination outside the mesh (no Service, no sidecar): callers' sidecars have
+    /// no route for it and send it through `PassthroughCluster`. The test starts it as
+    /// a plain listener on 127.0.0.1; `host` is the name apps call it by.
+    #[serde(default)]
+    pub external: bool,
+    /// The host name of an `external` destination (default: `name`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// This workload's PeerAuthentication mode (default: the topology's `mtls`).
+    #[serde(default)]
+    pub peer_authentication: Option<MtlsMode>,
+    /// A DestinationRule for this Service without a `tls` setting: callers send plain
+    /// text to it even when the mesh uses mTLS (into a STRICT listener: 503 UC).
+    #[serde(default)]
+    pub destination_rule_without_tls: bool,
     /// The Service port name; Istio takes the protocol from its prefix: `grpc`/`grpc-*`
     /// (gRPC over HTTP/2), `http2`/`http2-*` (HTTP/2), `http`/`http-*` (HTTP/1.1).
     #[serde(default = "default_port")]
@@ -154,6 +259,10 @@ pub struct Instance {
     /// (`virtual-env`, like a missing `version` label): it runs, but no subset has it.
     #[serde(default)]
     pub subset_label: Option<bool>,
+    /// Which pod of its Deployment this instance is (`<workload>-<replica>`): several
+    /// instances with the same tag are endpoints of one subset (retries go to another).
+    #[serde(default)]
+    pub replica: u32,
 }
 
 /// Which received headers an app copies onto its calls.
@@ -172,6 +281,9 @@ impl Default for CopySpec {
     }
 }
 
+fn default_cluster_domain() -> String {
+    "cluster.local".to_string()
+}
 fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
@@ -260,6 +372,37 @@ impl Workload {
         out
     }
 
+    /// This workload's PeerAuthentication mode.
+    pub fn mtls(&self, topology: &Topology) -> MtlsMode {
+        self.peer_authentication.unwrap_or(topology.mtls)
+    }
+
+    /// Whether callers reach this workload over mTLS (Istio's auto mTLS: a sidecar, a
+    /// mesh with mTLS, no DestinationRule turning it off).
+    pub fn called_over_mtls(&self, topology: &Topology) -> bool {
+        topology.mtls != MtlsMode::Off && self.has_sidecar() && !self.destination_rule_without_tls
+    }
+
+    /// Whether the pods run a sidecar (never for an external destination).
+    pub fn has_sidecar(&self) -> bool {
+        self.sidecar && !self.external
+    }
+
+    /// The pods' `app` label.
+    pub fn app_label(&self) -> &str {
+        self.app_label.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The canonical service name Istio derives: `app.kubernetes.io/name`, else `app`.
+    pub fn canonical(&self) -> &str {
+        self.canonical_name.as_deref().unwrap_or(self.app_label())
+    }
+
+    /// The pods' service account.
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
+    }
+
     /// The port speaks gRPC (`grpc`, `grpc-*`): callers' apps call it with gRPC.
     pub fn grpc(&self) -> bool {
         self.port == "grpc" || self.port.starts_with("grpc-")
@@ -341,12 +484,38 @@ impl Topology {
         self.find_workload(target).is_some_and(Workload::grpc)
     }
 
-    /// The FQDN (`svc.ns.svc.cluster.local`) a call target resolves to.
+    /// Whether any sidecar uses mTLS (the mesh then needs its certificates).
+    pub fn uses_mtls(&self) -> bool {
+        self.mtls != MtlsMode::Off
+            || self
+                .workloads
+                .iter()
+                .any(|w| w.peer_authentication.is_some_and(|m| m != MtlsMode::Off))
+    }
+
+    /// The tracer's sampling percentage (Istio's 1 % unless set).
+    pub fn sampling_percent(&self) -> f64 {
+        self.sampling.unwrap_or(ISTIO_DEFAULT_SAMPLING)
+    }
+
+    /// The FQDN of a Service: `svc.ns.svc.<cluster domain>`.
+    pub fn service_fqdn(&self, service: &str, namespace: &str) -> String {
+        format!("{service}.{namespace}.svc.{}", self.cluster_domain)
+    }
+
+    /// The external destination apps reach through `PassthroughCluster`, if any.
+    pub fn external(&self) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.external)
+    }
+
+    /// The FQDN (`svc.ns.svc.<cluster domain>`) a call target resolves to (an external
+    /// destination: its host).
     pub fn fqdn(&self, target: &str) -> String {
         match self.find_workload(target) {
-            Some(w) => format!("{}.{}.svc.cluster.local", w.name, w.namespace(self)),
-            None if target.contains('.') => format!("{target}.svc.cluster.local"),
-            None => format!("{target}.{}.svc.cluster.local", self.namespace),
+            Some(w) if w.external => w.host.clone().unwrap_or_else(|| w.name.clone()),
+            Some(w) => self.service_fqdn(&w.name, w.namespace(self)),
+            None if target.contains('.') => format!("{target}.svc.{}", self.cluster_domain),
+            None => self.service_fqdn(target, &self.namespace),
         }
     }
 
@@ -357,6 +526,27 @@ impl Topology {
         };
         if self.workloads.is_empty() {
             return Err(bad("no workloads".into()));
+        }
+        if self.workloads.iter().filter(|w| w.external).count() > 1 {
+            return Err(bad(
+                "at most one external workload (PassthroughCluster has one endpoint here)".into(),
+            ));
+        }
+        for w in self.workloads.iter().filter(|w| w.external) {
+            if !w.calls.is_empty() || w.instances.len() != 1 {
+                return Err(bad(format!(
+                    "external workload {}: no calls, one instance (it never has a sidecar)",
+                    w.name
+                )));
+            }
+        }
+        if let Some(p) = self.sampling {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(bad(format!("sampling {p} must be a percentage (0-100)")));
+            }
+            if self.tracing == TracingMode::None {
+                return Err(bad("sampling is set but tracing is none".into()));
+            }
         }
         let dns_label = |s: &str| {
             !s.is_empty()
@@ -385,14 +575,14 @@ impl Topology {
                 if !tag_ok(&i.tag) {
                     return Err(bad(format!("workload {}: invalid tag {:?}", w.name, i.tag)));
                 }
-                if !tags.insert(i.tag.clone()) {
+                if !tags.insert((i.tag.clone(), i.replica)) {
                     return Err(bad(format!(
-                        "workload {}: two instances with tag {:?}",
-                        w.name, i.tag
+                        "workload {}: two instances with tag {:?} and replica {}",
+                        w.name, i.tag, i.replica
                     )));
                 }
             }
-            if !w.sidecar && !w.calls.is_empty() {
+            if !w.has_sidecar() && !w.calls.is_empty() && !w.external {
                 return Err(bad(format!(
                     "workload {}: a workload without sidecar cannot make calls here \
                      (it would have no outbound listener)",

@@ -860,6 +860,342 @@ fn fault_abort_before_the_filter_is_policy_denied_not_hop_missing() {
     assert_no_finding(&breaks, "APP_ERROR");
 }
 
+// ---------------------------------------------------------------- Istio's defaults
+
+/// A UUID request id as Envoy's UUID extension makes them (version digit 4).
+fn new_request_id() -> String {
+    let t = new_trace_id();
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &t[..8],
+        &t[8..12],
+        &t[13..16],
+        &t[17..20],
+        &t[20..32]
+    )
+}
+
+/// An entry request as an ingress gateway without a tracer sends it (Istio's default
+/// since 1.22): only a request id.
+fn untraced_gateway(request_id: &str) -> Ingress {
+    Ingress::new().header("x-request-id", request_id)
+}
+
+fn no_trace_headers(received: &Value) {
+    for h in [
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-sampled",
+        "b3",
+        "traceparent",
+    ] {
+        assert!(received.get(h).is_none(), "{h} in {received}");
+    }
+}
+
+#[test]
+fn no_tracer_chain_joins_by_request_id_and_a_callee_without_sidecar_is_hop_missing() {
+    let s = start("istio-default.yaml", "istio-default");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid).header(TAG, "dev"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let charlie = last_received(&s, "charlie", "");
+    no_trace_headers(&charlie);
+    assert_eq!(charlie[TAG], "dev");
+    // Every attempt counts (Istio's retry policy on every outbound route).
+    assert_eq!(charlie["x-envoy-attempt-count"], "1", "{charlie}");
+    let rid_key = |r: &str| format!("{}4{}", &r[..14], &r[15..]);
+    assert_eq!(
+        rid_key(charlie["x-request-id"].as_str().unwrap_or("")),
+        rid_key(&rid)
+    );
+    assert_eq!(call(&body, &[1])["status"], 200, "delta answered");
+
+    let breaks = wait_for(&s, "HOP_MISSING at alpha -> delta", |b| {
+        has(b, "HOP_MISSING", "alpha")
+    });
+    let analysed = wait_analysed(&s, &rid, 6);
+    assert!(
+        of_kind(&breaks, "HOP_MISSING")[0]["peer"]
+            .as_str()
+            .unwrap_or("")
+            .contains("delta"),
+        "{}",
+        summary(&breaks)
+    );
+    // The rest of the chain is healthy: joined by x-request-id alone, no finding.
+    assert_eq!(breaks.len(), 1, "{}", summary(&breaks));
+    assert_eq!(
+        analysed["roots"].as_array().map(Vec::len),
+        Some(1),
+        "{analysed}"
+    );
+}
+
+#[test]
+fn zipkin_at_one_percent_is_joined_and_a_dropped_trace_is_found() {
+    let s = start("istio-zipkin-sampled.yaml", "istio-zipkin-sampled");
+    let trace = new_trace_id();
+    // The gateway's tracer (1 %) did not sample this one.
+    let request = Ingress::new()
+        .header("x-b3-traceid", &trace)
+        .header("x-b3-spanid", &trace[16..])
+        .header("x-b3-sampled", "0")
+        .header("x-request-id", &new_request_id());
+    let (reply, _) = send(&s, &request);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let delta = last_received(&s, "delta", "");
+    assert_eq!(delta["x-b3-traceid"], trace.as_str());
+    assert_eq!(delta["x-b3-sampled"], "0", "{delta}");
+    assert_ne!(
+        last_received(&s, "charlie", "")["x-b3-traceid"],
+        trace.as_str()
+    );
+
+    let breaks = wait_for(&s, "TRACE_NOT_PROPAGATED at bravo", |b| {
+        has(b, "TRACE_NOT_PROPAGATED", "bravo")
+    });
+    wait_analysed(&s, &trace, 5);
+    let breaks_now = s.mesh.breaks().expect("breaks");
+    assert_no_finding_at(&breaks_now, "TRACE_NOT_PROPAGATED", "alpha");
+    for k in [
+        "HOP_MISSING",
+        "UPSTREAM_FAILURE",
+        "TRACE_MALFORMED",
+        "TAG_DROPPED",
+    ] {
+        assert_no_finding(&breaks, k);
+        assert_no_finding(&breaks_now, k);
+    }
+}
+
+#[test]
+fn opentelemetry_sidecars_and_a_b3_client_are_healthy() {
+    let s = start("istio-otel.yaml", "istio-otel");
+    // An OpenTelemetry client (W3C only) ...
+    let trace = new_trace_id();
+    let w3c = Ingress::new()
+        .header("traceparent", &format!("00-{trace}-{}-01", &trace[16..]))
+        .header("x-request-id", &new_request_id());
+    let (reply, _) = send(&s, &w3c);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let charlie = last_received(&s, "charlie", "");
+    assert!(
+        charlie["traceparent"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&trace),
+        "{charlie}"
+    );
+    assert!(charlie.get("x-b3-traceid").is_none(), "{charlie}");
+    // ... and a B3 client through the same W3C sidecars (the reverse of the next test).
+    let b3 = new_trace_id();
+    let (reply, _) = send(&s, &gateway(&b3));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        last_received(&s, "charlie", "")["x-b3-traceid"],
+        b3.as_str()
+    );
+
+    wait_analysed(&s, &trace, 5);
+    wait_analysed(&s, &b3, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(breaks.is_empty(), "{}", summary(&breaks));
+}
+
+#[test]
+fn w3c_client_through_b3_sidecars_is_not_trace_malformed() {
+    let s = start("w3c-client-b3-sidecars.yaml", "w3c-client-b3-sidecars");
+    let trace = new_trace_id();
+    let rid = new_request_id();
+    let w3c = Ingress::new()
+        .header("traceparent", &format!("00-{trace}-{}-01", &trace[16..]))
+        .header("x-request-id", &rid);
+    let (reply, _) = send(&s, &w3c);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let charlie = last_received(&s, "charlie", "");
+    // Two contexts arrive: the client's W3C one and the sidecars' own B3 trace.
+    assert!(charlie["traceparent"]
+        .as_str()
+        .unwrap_or("")
+        .contains(&trace));
+    let b3 = charlie["x-b3-traceid"].as_str().unwrap_or("").to_string();
+    assert!(!b3.is_empty() && b3 != trace, "{charlie}");
+
+    wait_analysed(&s, &b3, 4);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(breaks.is_empty(), "{}", summary(&breaks));
+}
+
+#[test]
+fn retries_blame_the_callee_and_a_call_that_succeeded_on_retry_is_no_error() {
+    let s = start("istio-retries.yaml", "istio-retries");
+    // bravo's app is down: three attempts, alpha's sidecar gives up (URX).
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let to_bravo = call(&body, &[0]);
+    assert_eq!(to_bravo["status"], 503, "{to_bravo}");
+    let annotation = to_bravo["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("URX") && annotation.contains("UF"),
+        "x-hopwatch: {annotation:?}"
+    );
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE at bravo", |b| {
+        has(b, "UPSTREAM_FAILURE", "bravo")
+    });
+    let at_bravo = of_kind(&breaks, "UPSTREAM_FAILURE")[0];
+    assert_eq!(
+        flags(at_bravo),
+        vec!["UF".to_string()],
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        at_bravo["summary"]
+            .as_str()
+            .unwrap_or("")
+            .contains("3 attempts"),
+        "{at_bravo}"
+    );
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "alpha");
+    let analysed = wait_analysed(&s, &rid, 5);
+    assert_eq!(
+        analysed["roots"].as_array().map(Vec::len),
+        Some(1),
+        "{analysed}"
+    );
+    let mut attempts = Vec::new();
+    values_of(&analysed, "earlier_attempts", &mut attempts);
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a.as_array().map(Vec::len) == Some(2)),
+        "the call to bravo shows its two earlier attempts: {analysed}"
+    );
+
+    // charlie's pod 1 is down: round robin sends every other call there first, the
+    // retry goes to pod 0. Every call succeeds.
+    let mut retried = None;
+    for _ in 0..4 {
+        let rid = new_request_id();
+        let (reply, _) = send(&s, &untraced_gateway(&rid).at("echo", ""));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let got = last_received(&s, "charlie", "");
+        if got["x-envoy-attempt-count"] == "2" {
+            retried = Some(rid);
+        }
+    }
+    let retried = retried.expect("one call was retried on the other pod");
+    // Its trace: echo in, echo out, the failed attempt, the successful one.
+    wait_analysed(&s, &retried, 4);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(
+        !breaks
+            .iter()
+            .any(|b| b["severity"] == "ERROR" && b["workload"] != "bravo"),
+        "{}",
+        summary(&breaks)
+    );
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "charlie");
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "echo");
+}
+
+/// Every value of `key` anywhere in `v`.
+fn values_of<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == key {
+                    out.push(x);
+                }
+                values_of(x, key, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| values_of(x, key, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn canonical_name_other_cluster_domain_and_egress_are_no_findings() {
+    let s = start("istio-identity.yaml", "istio-identity");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid).header(TAG, "dev"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // bravo's dev instance answered (subset routing on a non-default cluster domain)...
+    assert_eq!(call(&body, &[0])["body"]["workload"], "bravo-dev");
+    assert_eq!(last_received(&s, "charlie", "")[TAG], "dev");
+    // ...and the call that left the mesh reached the outside listener.
+    assert_eq!(call(&body, &[1])["status"], 200, "{body}");
+    let api = last_received(&s, "api", "");
+    assert_eq!(api["host"], "api.example.com", "{api}");
+
+    let analysed = wait_analysed(&s, &rid, 6);
+    // The filter named bravo by its canonical name, as Istio's telemetry does.
+    let mut services = Vec::new();
+    values_of(&analysed, "service", &mut services);
+    assert!(
+        services.iter().any(|v| v.as_str() == Some("shop-bravo")),
+        "{analysed}"
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert!(breaks.is_empty(), "{}", summary(&breaks));
+}
+
+/// A counter of an instance's sidecar (`/stats?filter=...`), summed over the lines whose
+/// name contains `part`.
+fn stat_sum(s: &Scenario, service: &str, filter: &str, part: &str) -> u64 {
+    let stats = s.mesh.envoy_stats(service, "", filter).expect("stats");
+    stats
+        .lines()
+        .filter(|l| l.contains(part))
+        .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn mtls_between_sidecars_and_a_destination_rule_without_tls_is_uc() {
+    let s = start("istio-mtls.yaml", "istio-mtls");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &untraced_gateway(&rid));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // alpha -> bravo -> charlie over mTLS.
+    assert_eq!(call(&body, &[0])["status"], 200, "{body}");
+    assert_eq!(call(&body, &[0, 0])["status"], 200, "{body}");
+    let bravo_tls = stat_sum(&s, "bravo", "ssl", "ssl.handshake");
+    assert!(bravo_tls > 0, "bravo's sidecar made no TLS handshake");
+    let charlie_tls = stat_sum(&s, "charlie", "ssl", "ssl.handshake");
+    assert!(charlie_tls > 0, "charlie's inbound made no TLS handshake");
+    // alpha -> delta: plain text into a STRICT listener.
+    let to_delta = call(&body, &[1]);
+    assert_eq!(to_delta["status"], 503, "{to_delta}");
+    let annotation = to_delta["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(annotation.contains("UC"), "x-hopwatch: {annotation:?}");
+    assert_eq!(received_count(&s, "delta", ""), 0);
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UC at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    assert_eq!(f.len(), 1, "{}", summary(&breaks));
+    assert!(
+        flags(f[0]).contains(&"UC".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(f[0]["peer"].as_str().unwrap_or("").contains("delta"));
+    assert!(
+        f[0]["hint"].as_str().unwrap_or("").contains("mTLS"),
+        "{}",
+        f[0]
+    );
+    wait_analysed(&s, &rid, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert_no_finding_at(&breaks, "UPSTREAM_FAILURE", "bravo");
+}
+
 // ---------------------------------------------------------------- the binaries
 
 #[test]

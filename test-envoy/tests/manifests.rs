@@ -840,6 +840,36 @@ fn inserted_filters(ef: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The Istio proxy version the local Envoy 1.40 stands for (istio-proxy 1.28).
+const CURRENT_PROXY: &str = "1.28.0";
+
+/// Whether a patch applies to a proxy of `version`: istiod matches
+/// `match.proxy.proxyVersion` (a regex) against the proxy's ISTIO_VERSION; a patch
+/// without one applies to every proxy.
+fn patch_applies(cp: &Value, version: &str) -> bool {
+    match cp["match"]["proxy"]["proxyVersion"].as_str() {
+        None => true,
+        Some(re) => regex::Regex::new(re)
+            .unwrap_or_else(|e| panic!("proxyVersion {re:?}: {e}"))
+            .is_match(version),
+    }
+}
+
+/// The EnvoyFilter as istiod renders it for a proxy of `version`: only the patches that
+/// apply to it.
+fn for_proxy(ef: &Value, version: &str) -> Value {
+    let mut ef = ef.clone();
+    let kept: Vec<Value> = ef["spec"]["configPatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|cp| patch_applies(cp, version))
+        .cloned()
+        .collect();
+    ef["spec"]["configPatches"] = json!(kept);
+    ef
+}
+
 /// What Istio generates from a WasmPlugin (the agent has fetched the module and turned
 /// the code into a local file): the Wasm HTTP filter typed config.
 fn wasm_filter_from_wasmplugin(wp: &Value, wasm: &Path) -> Value {
@@ -980,7 +1010,10 @@ fn envoyfilters_have_the_fields_their_crd_requires() {
 
 #[test]
 fn sidecar_envoyfilter_inserts_the_filter_before_the_router_on_both_sides() {
-    let ef = one_of_kind(SIDECAR_ENVOYFILTER, "EnvoyFilter");
+    let ef = for_proxy(
+        &one_of_kind(SIDECAR_ENVOYFILTER, "EnvoyFilter"),
+        CURRENT_PROXY,
+    );
     let patches = ef["spec"]["configPatches"].as_array().unwrap();
     let contexts: BTreeSet<&str> = patches
         .iter()
@@ -1801,7 +1834,10 @@ fn collector_cluster_names_match_the_collector_service() {
 #[test]
 fn local_mesh_takes_its_filters_from_the_sidecar_envoyfilter() {
     let loaded = load_sidecar_filters(&repo_root()).unwrap();
-    let ef = one_of_kind(SIDECAR_ENVOYFILTER, "EnvoyFilter");
+    let ef = for_proxy(
+        &one_of_kind(SIDECAR_ENVOYFILTER, "EnvoyFilter"),
+        CURRENT_PROXY,
+    );
     let patches = ef["spec"]["configPatches"].as_array().unwrap();
     let value = |ctx: &str| {
         let v: Vec<&Value> = patches
@@ -1874,7 +1910,7 @@ fn envoy_accepts_the_external_collector_variant() {
 #[test]
 fn envoy_accepts_the_remote_fetch_variant() {
     let wasm = wasm_file();
-    let ef = one_of_kind(REMOTE_FETCH, "EnvoyFilter");
+    let ef = for_proxy(&one_of_kind(REMOTE_FETCH, "EnvoyFilter"), CURRENT_PROXY);
     let patches = ef["spec"]["configPatches"].as_array().unwrap();
     let ext: Vec<Value> = patches
         .iter()
@@ -2133,4 +2169,88 @@ fn commented_routing_key_examples_are_valid_configurations() {
             }
         }
     }
+}
+
+/// On Istio 1.22-1.24 istiod does not know the Wasm `failure_policy` and drops it (the
+/// filter would be fail-closed); Envoy refuses `failure_policy` together with
+/// `fail_open`. So every EnvoyFilter variant carries each wasm patch twice, matched by
+/// `proxy.proxyVersion`: rendered for each Istio version, exactly one applies per wasm
+/// config, fail-open the way that version understands, and Envoy accepts it; a proxy
+/// older than 1.22 gets none.
+#[test]
+fn every_envoyfilter_is_fail_open_on_each_istio_version() {
+    let wasm = wasm_file();
+    for file in [SIDECAR_ENVOYFILTER, EXTERNAL, REMOTE_FETCH] {
+        let ef = one_of_kind(file, "EnvoyFilter");
+        for version in ["1.22.8", "1.23.0", "1.24.6", "1.25.0", "1.26.3", "1.28.10"] {
+            let modern = version >= "1.25";
+            let rendered = for_proxy(&ef, version);
+            let configs = envoyfilter_wasm_configs(&rendered);
+            let contexts: Vec<&str> = configs.iter().map(|(_, c, _)| c.as_str()).collect();
+            assert_eq!(
+                contexts.len(),
+                2,
+                "{file} for {version}: one wasm config per side, got {contexts:?}"
+            );
+            assert!(
+                contexts.contains(&"SIDECAR_INBOUND") && contexts.contains(&"SIDECAR_OUTBOUND")
+            );
+            for (at, _, tc) in &configs {
+                let c = &tc["config"];
+                assert!(
+                    c["failure_policy"].is_null() || c["fail_open"].is_null(),
+                    "{file} {at}: both failure_policy and fail_open (Envoy refuses that)"
+                );
+                if modern {
+                    assert_eq!(
+                        c["failure_policy"], "FAIL_OPEN",
+                        "{file} {at} for {version}"
+                    );
+                } else {
+                    assert_eq!(c["fail_open"], true, "{file} {at} for {version}");
+                    assert!(c["failure_policy"].is_null(), "{file} {at} for {version}");
+                }
+            }
+            // What Envoy gets: the wasm configs with the built module (the legacy field
+            // is still accepted by Envoy 1.40, the only Envoy here; older Envoys know it).
+            let listeners: Vec<Value> = configs
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, tc))| {
+                    let f = json!({"name": format!("hopwatch{i}"), "typed_config": tc});
+                    listener(
+                        &format!("v{i}"),
+                        10600 + i as u16,
+                        &[with_wasm_file(&f, &wasm)],
+                    )
+                })
+                .collect();
+            let cluster = collector_cluster_of(&json!({"typed_config": configs[0].2}));
+            assert_accepted(
+                &format!("{}-{version}", file.replace('/', "_")),
+                &bootstrap(listeners, vec![standin_cluster(&cluster, true)]),
+            );
+        }
+        let old = for_proxy(&ef, "1.21.5");
+        assert!(
+            envoyfilter_wasm_configs(&old).is_empty(),
+            "{file}: no patch for an unsupported Istio 1.21"
+        );
+    }
+    // Both fields in one config: refused.
+    let f = load_sidecar_filters(&repo_root()).unwrap();
+    let mut both = with_wasm_file(&f.inbound, &wasm);
+    both["typed_config"]["config"]["fail_open"] = json!(true);
+    let v = envoy_validate(
+        "both-failure-fields",
+        &bootstrap(
+            vec![listener("l", 10650, &[both])],
+            vec![standin_cluster(&collector_cluster_of(&f.inbound), true)],
+        ),
+    );
+    assert!(
+        !v.ok,
+        "Envoy accepted failure_policy with fail_open:\n{}",
+        v.output
+    );
 }

@@ -190,7 +190,15 @@ fn base64(b: &[u8]) -> String {
     out
 }
 
-fn headers(e: &PoolEntry, inbound: bool, grpc: bool, form: Form) -> Vec<(String, String)> {
+/// The request headers of one pool entry in `form`; `traced`: with the B3 trace headers,
+/// else only `x-request-id` (a mesh without a tracer, Istio's default since 1.22).
+fn headers(
+    e: &PoolEntry,
+    inbound: bool,
+    grpc: bool,
+    form: Form,
+    traced: bool,
+) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = vec![
         (
             ":authority".into(),
@@ -266,6 +274,9 @@ fn headers(e: &PoolEntry, inbound: bool, grpc: bool, form: Form) -> Vec<(String,
                 .to_string(),
         )),
         _ => {}
+    }
+    if !traced {
+        h.retain(|(k, _)| !k.starts_with("x-b3-"));
     }
     h
 }
@@ -405,6 +416,8 @@ struct Case {
     /// The outbound calls run on another worker than their inbound requests (another
     /// VM: its local correlation copy is empty, shared data answers).
     other_worker: bool,
+    /// Requests carry B3 trace headers (else only `x-request-id`).
+    traced: bool,
     /// gRPC requests (content-type application/grpc).
     grpc: bool,
     reply: Reply,
@@ -422,6 +435,7 @@ fn main() -> Result<()> {
             rate,
             overrides: vec![],
             other_worker: false,
+            traced: true,
             grpc: false,
             reply: Reply::HttpOk,
             form: Form::Plain,
@@ -437,6 +451,7 @@ fn main() -> Result<()> {
             rate,
             overrides: vec![],
             other_worker: false,
+            traced: true,
             grpc: true,
             reply: Reply::GrpcOk,
             form: Form::Plain,
@@ -461,6 +476,7 @@ fn main() -> Result<()> {
             rate: 0.01,
             overrides: vec![],
             other_worker: false,
+            traced: true,
             grpc,
             reply,
             form: Form::Plain,
@@ -472,6 +488,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![],
         other_worker: true,
+        traced: true,
         grpc: false,
         reply: Reply::HttpOk,
         form: Form::Plain,
@@ -482,6 +499,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("annotate_response", serde_json::json!("never"))],
         other_worker: false,
+        traced: true,
         grpc: false,
         reply: Reply::HttpOk,
         form: Form::Plain,
@@ -492,6 +510,7 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![("correlation_buckets", serde_json::json!(256))],
         other_worker: true,
+        traced: true,
         grpc: false,
         reply: Reply::HttpOk,
         form: Form::Plain,
@@ -516,6 +535,7 @@ fn main() -> Result<()> {
             rate: 0.01,
             overrides: vec![all_on[1].clone(), all_on[2].clone()],
             other_worker: false,
+            traced: true,
             grpc: false,
             reply: Reply::HttpOk,
             form: Form::Plain,
@@ -547,6 +567,7 @@ fn main() -> Result<()> {
                 rate: 0.01,
                 overrides,
                 other_worker: false,
+                traced: true,
                 grpc: false,
                 reply: Reply::HttpOk,
                 form,
@@ -559,11 +580,29 @@ fn main() -> Result<()> {
         rate: 0.01,
         overrides: vec![all_on[0].clone()],
         other_worker: false,
+        traced: true,
         grpc: false,
         reply: Reply::HttpOk,
         form: Form::Plain,
     });
 
+    // A mesh without a tracer: only x-request-id, the app passes it on.
+    for inbound in [false, true] {
+        cases.push(Case {
+            name: format!(
+                "hopwatch-{}@0.01, no tracer (x-request-id only)",
+                if inbound { "in" } else { "out" }
+            ),
+            inbound,
+            rate: 0.01,
+            overrides: vec![],
+            other_worker: false,
+            traced: false,
+            grpc: false,
+            reply: Reply::HttpOk,
+            form: Form::Plain,
+        });
+    }
     println!(
         "# hopwatch host calls per request (filter logic run natively over a counting host)\n"
     );
@@ -589,7 +628,7 @@ fn main() -> Result<()> {
         let vm_local = LocalStore::new(4096);
         // Warm the correlation store as the sidecar's inbound side does.
         for e in &pool {
-            let h = std::rc::Rc::new(headers(e, true, c.grpc, c.form));
+            let h = std::rc::Rc::new(headers(e, true, c.grpc, c.form, c.traced));
             one(
                 &inb_core,
                 &host,
@@ -608,7 +647,7 @@ fn main() -> Result<()> {
         let mut reported = 0usize;
         let reqs: Vec<std::rc::Rc<Vec<(String, String)>>> = pool
             .iter()
-            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.grpc, c.form)))
+            .map(|e| std::rc::Rc::new(headers(e, c.inbound, c.grpc, c.form, c.traced)))
             .collect();
         let maps: Vec<Vec<u8>> = reqs.iter().map(|h| map_bytes(h)).collect();
         let other = LocalStore::new(4096);

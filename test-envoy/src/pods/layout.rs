@@ -28,7 +28,7 @@ use super::capture::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
 use super::plan::{PodPlan, ServicePlan, APP_PORT, HEALTH_PORT, PROXY_ADMIN_PORT, SERVICE_PORT};
 use crate::bootstrap::{
     access_log, collector_cluster_name, fault_filter, listener, node, outbound_cluster,
-    outbound_routes, rbac_deny_all, socket, static_cluster,
+    outbound_routes, rbac_deny_all, socket, static_cluster, tracing, OTEL_CLUSTER,
 };
 use crate::manifests::SidecarFilters;
 
@@ -197,6 +197,15 @@ pub fn pod_sidecar_bootstrap(
     let tag_header = &pp.plan.topology.tag_header;
     let tcp = pp.service(&inst.service).is_some_and(|s| s.tcp);
     let inbound_cluster = format!("inbound|{APP_PORT}||");
+    // The topology's tracer, as the processes runtime configures it.
+    let topology = &pp.plan.topology;
+    let pod_tracing = || {
+        tracing(
+            topology.tracing,
+            topology.sampling_percent(),
+            &format!("{}.{}", inst.service, inst.namespace),
+        )
+    };
     // Envoy's own filters before hopwatch, as the processes runtime puts them.
     let workload = pp.plan.workload(&inst.service);
     let inbound_before = match workload {
@@ -249,6 +258,7 @@ pub fn pod_sidecar_bootstrap(
             inbound_before,
             filters.inbound.clone(),
             access_log("/dev/stdout", "inbound", tag_header),
+            pod_tracing(),
         );
         let mut chain = l["filter_chains"][0].clone();
         chain["name"] = json!(format!("0.0.0.0_{APP_PORT}"));
@@ -295,6 +305,7 @@ pub fn pod_sidecar_bootstrap(
         outbound_before,
         filters.outbound.clone(),
         access_log("/dev/stdout", "outbound", tag_header),
+        pod_tracing(),
     );
     http_80["bind_to_port"] = json!(false);
     let mut listeners = vec![virtual_outbound, http_80];
@@ -319,6 +330,7 @@ pub fn pod_sidecar_bootstrap(
         static_cluster("agent", "127.0.0.1", &[PROXY_ADMIN_PORT], false),
         // The tracer's collector: nothing listens (spans are not the point).
         static_cluster("zipkin", "127.0.0.1", &[9411], false),
+        static_cluster(OTEL_CLUSTER, "127.0.0.1", &[9411], true),
     ];
     if let Some(c) = pp.collector_service() {
         clusters.push(endpoints_cluster(
@@ -330,7 +342,7 @@ pub fn pod_sidecar_bootstrap(
     }
     clusters.extend(outbound_clusters(pp));
 
-    let mut node = node(inst, &pod_ip);
+    let mut node = node(inst, &pod_ip, &pp.plan.topology.cluster_domain);
     if !pp.has_subset_label(inst) {
         if let Some(labels) = node["metadata"]["LABELS"].as_object_mut() {
             labels.remove("virtual-env");
