@@ -612,16 +612,16 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     let hidden = if cx.partial {
         Vec::new()
     } else {
-        let mut complete = vec![false; hops.len()];
+        let mut callee_of = vec![None; hops.len()];
         for n in &nodes {
-            if let (Some(o), Some(_)) = (n.out, n.inb) {
-                complete[o as usize] = true;
+            if let (Some(o), Some(i)) = (n.out, n.inb) {
+                callee_of[o as usize] = Some(i as usize);
             }
         }
         crate::hidden_hop::hidden_calls(
             hops,
             |o| parent_in[o] != NONE,
-            |o| complete[o],
+            |o| callee_of[o],
             cx.slack_us,
         )
     };

@@ -21,42 +21,52 @@ pub struct HiddenCall {
 }
 
 /// The hidden calls of one trace. `has_parent(o)` tells whether outbound hop `o` was
-/// joined to an inbound hop of its own pod, `has_callee(o)` whether to its callee's
-/// inbound hop: only a complete call (both sides seen) reveals a hidden one before it,
+/// joined to an inbound hop of its own pod, `callee_of(o)` the callee's inbound hop it
+/// was joined to: only a complete call (both sides seen) reveals a hidden one before it,
 /// a call missing its own callee is HOP_MISSING already. One per (caller request, callee
 /// workload).
 pub fn hidden_calls(
     hops: &[CHop],
     has_parent: impl Fn(usize) -> bool,
-    has_callee: impl Fn(usize) -> bool,
+    callee_of: impl Fn(usize) -> Option<usize>,
     slack_us: u64,
 ) -> Vec<HiddenCall> {
     let mut out: Vec<HiddenCall> = Vec::new();
     for (o, oh) in hops.iter().enumerate() {
-        if !oh.is_outbound() || has_parent(o) || !has_callee(o) {
+        if !oh.is_outbound() || has_parent(o) {
             continue;
         }
+        let Some(callee) = callee_of(o) else {
+            continue;
+        };
         let callee_has_inbound = hops
             .iter()
             .any(|h| h.is_inbound() && h.workload == oh.workload && h.namespace == oh.namespace);
         if callee_has_inbound {
             continue;
         }
-        let other =
-            |h: &CHop| h.is_inbound() && (h.workload != oh.workload || h.namespace != oh.namespace);
+        // Another workload's inbound hop, and not the one this very call reached (which
+        // shares its span id without a tracer, and overlaps it in time).
+        let other_at = |i: usize, h: &CHop| {
+            i != callee
+                && h.is_inbound()
+                && (h.workload != oh.workload || h.namespace != oh.namespace)
+        };
         let caller = if oh.parent_span_id != 0 {
             hops.iter()
-                .position(|h| other(h) && h.span_id == oh.parent_span_id)
+                .enumerate()
+                .position(|(i, h)| other_at(i, h) && h.span_id == oh.parent_span_id)
         } else if oh.span_id != 0 {
             // No tracer but B3 headers passed along unchanged: the same span id.
             hops.iter()
-                .position(|h| other(h) && h.span_id == oh.span_id)
+                .enumerate()
+                .position(|(i, h)| other_at(i, h) && h.span_id == oh.span_id)
         } else {
             // No span ids at all: the other workload's request in progress then.
             hops.iter()
                 .enumerate()
-                .filter(|(_, h)| {
-                    other(h)
+                .filter(|&(i, h)| {
+                    other_at(i, h)
                         && h.span_id == 0
                         && h.start_us <= oh.start_us + slack_us
                         && oh.start_us <= h.end_us() + slack_us
@@ -118,7 +128,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 21, 10),
             hop(&mut it, "charlie", Direction::Inbound, 20, 10),
         ];
-        let calls = hidden_calls(&hops, |_| false, |_| true, 0);
+        let calls = hidden_calls(&hops, |_| false, |_| Some(usize::MAX), 0);
         assert_eq!(
             calls,
             vec![HiddenCall {
@@ -127,9 +137,9 @@ mod tests {
             }]
         );
         // Joined to its own inbound hop: nothing hidden.
-        assert!(hidden_calls(&hops, |_| true, |_| true, 0).is_empty());
+        assert!(hidden_calls(&hops, |_| true, |_| Some(usize::MAX), 0).is_empty());
         // A call whose own callee is missing reveals nothing (it is HOP_MISSING itself).
-        assert!(hidden_calls(&hops, |_| false, |_| false, 0).is_empty());
+        assert!(hidden_calls(&hops, |_| false, |_| None, 0).is_empty());
     }
 
     #[test]
@@ -140,7 +150,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Inbound, 11, 10),
             hop(&mut it, "bravo", Direction::Outbound, 20, 10),
         ];
-        assert!(hidden_calls(&hops, |_| false, |_| true, 0).is_empty());
+        assert!(hidden_calls(&hops, |_| false, |_| Some(usize::MAX), 0).is_empty());
     }
 
     #[test]
@@ -151,7 +161,7 @@ mod tests {
             hop(&mut it, "bravo", Direction::Outbound, 10, 0),
         ];
         assert_eq!(
-            hidden_calls(&hops, |_| false, |_| true, 0),
+            hidden_calls(&hops, |_| false, |_| Some(usize::MAX), 0),
             vec![HiddenCall {
                 caller_inbound: 0,
                 callee_outbound: 1
@@ -191,11 +201,37 @@ mod tests {
             ),
         ];
         assert_eq!(
-            hidden_calls(&hops, |_| false, |_| true, 0),
+            hidden_calls(&hops, |_| false, |_| Some(usize::MAX), 0),
             vec![HiddenCall {
                 caller_inbound: 1,
                 callee_outbound: 2
             }]
         );
+    }
+
+    #[test]
+    fn the_inbound_hop_a_call_reached_is_never_its_caller() {
+        // No tracer, the app called with a new x-request-id: its call and the callee's
+        // inbound hop form a group of their own, overlapping in time and without span
+        // ids. The callee did not call the caller.
+        let mut it = Interner::new(64);
+        let at = |mut h: CHop, start_us: u64, duration_us: u32| {
+            h.start_us = start_us;
+            h.duration_us = duration_us;
+            h
+        };
+        let hops = vec![
+            at(
+                hop(&mut it, "reviews", Direction::Outbound, 0, 0),
+                1_000,
+                5_000,
+            ),
+            at(
+                hop(&mut it, "ratings", Direction::Inbound, 0, 0),
+                1_200,
+                4_000,
+            ),
+        ];
+        assert!(hidden_calls(&hops, |_| false, |o| (o == 0).then_some(1), 10_000).is_empty());
     }
 }
