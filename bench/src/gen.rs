@@ -459,6 +459,7 @@ pub fn round_template(t: usize) -> RoundTemplate {
                 reporter_namespace: NAMESPACE.into(),
                 dropped_since_last_batch: 0,
                 hops: c.iter().map(|(_, _, h)| h.clone()).collect(),
+                ..Default::default()
             };
             let bytes = req.encode_to_vec();
             let patches = find_patches(&bytes);

@@ -172,6 +172,7 @@ async fn main() {
             reporter_pod: "demo".into(),
             reporter_namespace: "shop".into(),
             dropped_since_last_batch: 0,
+            ..Default::default()
         })
         .await
         .expect("report");

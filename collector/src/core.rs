@@ -572,6 +572,7 @@ impl Core {
                     .iter()
                     .map(|&h| hops[h as usize].to_proto(tid, it))
                     .collect(),
+                continued_at_depth: 0,
             }
         }
         TraceView {

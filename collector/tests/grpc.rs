@@ -82,6 +82,7 @@ async fn every_rpc_end_to_end() {
             reporter_pod: "p".into(),
             reporter_namespace: NS.into(),
             dropped_since_last_batch: 7,
+            ..Default::default()
         })
         .await
         .unwrap()

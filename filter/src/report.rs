@@ -46,6 +46,7 @@ pub fn encode_request(hops: Vec<Hop>, pod: &str, namespace: &str, dropped: u64) 
         reporter_pod: pod.to_string(),
         reporter_namespace: namespace.to_string(),
         dropped_since_last_batch: dropped,
+        ..Default::default()
     }
     .encode_to_vec()
 }
