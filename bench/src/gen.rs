@@ -20,6 +20,41 @@
 use hopwatch_proto::v1::{Direction, Hop, ReportRequest, Sampled, TagSource, TraceContext};
 use prost::Message;
 
+/// How the traffic of a round carries its context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// B3 trace context on every hop (a mesh with a tracer): hops join by trace id and
+    /// span ids.
+    #[default]
+    Traced,
+    /// Istio's default: no tracer, only `x-request-id`. Hops carry no trace id or span
+    /// ids and join by request id, with calls linked to the request they serve through
+    /// the per-pod index (more work per hop for the collector than span joins).
+    Untraced,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "traced" => Ok(Shape::Traced),
+            "untraced" => Ok(Shape::Untraced),
+            other => Err(format!(
+                "unknown shape {other:?}: expected traced or untraced"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shape::Traced => "traced",
+            Shape::Untraced => "untraced",
+        })
+    }
+}
+
 /// Hops per Report batch.
 pub const BATCH: usize = 200;
 /// Traces per round.
@@ -128,6 +163,19 @@ struct HopSpec<'a> {
     flags: u64,
     details: &'a str,
     upstream_host: &'a str,
+}
+
+/// Removes what a tracer would have added: the trace id, span ids, the trace-context
+/// verdicts (an untraced hop has no trace headers at all).
+fn untraced(mut h: Hop) -> Hop {
+    h.trace_id.clear();
+    h.span_id.clear();
+    h.parent_span_id.clear();
+    h.upstream_span_id.clear();
+    h.sampled = Sampled::Unspecified as i32;
+    h.trace_context = TraceContext::Missing as i32;
+    h.missing_trace_headers.clear();
+    h
 }
 
 fn hop(idx: usize, s: HopSpec<'_>) -> Hop {
@@ -435,6 +483,13 @@ fn trace_hops(t: usize, i: usize, kind: Option<usize>) -> Vec<(usize, Hop)> {
 
 /// Builds round template `t`: traces 0..5 are the planted kinds, the rest healthy.
 pub fn round_template(t: usize) -> RoundTemplate {
+    round_template_shaped(t, Shape::Traced)
+}
+
+/// [`round_template`] in traffic shape `shape`. Untraced, the planted kind
+/// TRACE_NOT_PROPAGATED is an app that dropped `x-request-id` (Envoy made a new one):
+/// the same hops with the request id of variant 1 from the call on.
+pub fn round_template_shaped(t: usize, shape: Shape) -> RoundTemplate {
     let mut all: Vec<(usize, usize, Hop)> = Vec::new();
     let mut planted = vec![0; PLANTED.len()];
     for i in 0..TRACES_PER_ROUND {
@@ -444,6 +499,10 @@ pub fn round_template(t: usize) -> RoundTemplate {
             planted[k] += 1;
         }
         for (pos, h) in trace_hops(t, i, kind) {
+            let h = match shape {
+                Shape::Traced => h,
+                Shape::Untraced => untraced(h),
+            };
             all.push((pos, i, h));
         }
     }
@@ -621,5 +680,30 @@ mod tests {
         // Another round: other ids.
         let other = ReportRequest::decode(&t.chunks[0].render(ids, 8, clock)[..]).unwrap();
         assert!(!traces.contains(&other.hops[0].trace_id));
+    }
+
+    #[test]
+    fn untraced_rounds_carry_request_ids_only() {
+        let t = round_template_shaped(3, Shape::Untraced);
+        assert_eq!(t.planted, vec![1; PLANTED.len()]);
+        let ids = RunIds {
+            nonce: 0x0abc_def0_1234_5678,
+        };
+        let clock = Clock {
+            t0_us: 1_795_000_000_000_000,
+            round_step_us: 1000,
+        };
+        let mut requests = std::collections::HashSet::new();
+        for c in &t.chunks {
+            let req = ReportRequest::decode(&c.render(ids, 2, clock)[..]).unwrap();
+            for h in &req.hops {
+                assert!(h.trace_id.is_empty() && h.span_id.is_empty());
+                assert_eq!(h.trace_context, TraceContext::Missing as i32);
+                assert!(h.request_id.starts_with("0abcdef0-"), "{}", h.request_id);
+                requests.insert(h.request_id.clone());
+            }
+        }
+        // One request id per chain + the new one after the app that dropped it.
+        assert_eq!(requests.len(), TRACES_PER_ROUND + 1);
     }
 }
