@@ -390,8 +390,7 @@ fn main() -> Result<()> {
                         &bin,
                         &scratch.path,
                         &rt,
-                        &shaped,
-                        shape,
+                        (&shaped, shape),
                         &mut targets,
                         &mut out,
                     )?
@@ -426,8 +425,7 @@ fn ingest_phase(
     bin: &Path,
     dir: &std::path::Path,
     rt: &tokio::runtime::Runtime,
-    templates: &Arc<Vec<RoundTemplate>>,
-    shape: Shape,
+    (templates, shape): (&Arc<Vec<RoundTemplate>>, Shape),
     targets: &mut Table,
     out: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
