@@ -46,11 +46,13 @@ struct Args {
     #[arg(long)]
     collector: Option<PathBuf>,
     /// Configurations, comma-separated: none, empty-wasm, lua, hopwatch-out@RATE,
-    /// hopwatch-in@RATE (RATE overrides report_sample_rate; without @RATE the manifest's).
+    /// hopwatch-in@RATE (RATE overrides report_sample_rate; without @RATE the manifest's),
+    /// hopwatch-keys@RATE (hopwatch-out with the routing-key options on, see
+    /// [`ROUTING_KEY_OPTIONS`]).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "none,empty-wasm,lua,hopwatch-out@0.01,hopwatch-out@1.0,hopwatch-in@0.01,hopwatch-in@1.0"
+        default_value = "none,empty-wasm,lua,hopwatch-out@0.01,hopwatch-out@1.0,hopwatch-keys@0.01,hopwatch-in@0.01,hopwatch-in@1.0"
     )]
     configs: Vec<String>,
     /// Routes: `rt-proxied` / `rt-direct` (the sidecar round trip: inbound listener ->
@@ -126,6 +128,16 @@ struct Config {
     overrides: Vec<(String, Value)>,
 }
 
+/// The routing-key options of `hopwatch-keys@RATE` (issue 13's keys, all on): the tag also
+/// carried in W3C baggage, two aliases, one custom correlation header. The bench traffic
+/// carries none of them, so this measures what the options cost a request that does not
+/// use them (the common case once they are configured mesh-wide).
+const ROUTING_KEY_OPTIONS: &[(&str, &str)] = &[
+    ("tag_baggage_key", r#""x-virtual-env""#),
+    ("tag_aliases", r#"["header:x-env","cookie:env"]"#),
+    ("correlation_headers", r#"["x-session-id"]"#),
+];
+
 fn parse_config(name: &str) -> Result<Config> {
     let mut parts = name.split('+');
     let s = parts.next().unwrap_or_default();
@@ -150,6 +162,12 @@ fn parse_config(name: &str) -> Result<Config> {
             let inbound = match side {
                 "hopwatch-out" => false,
                 "hopwatch-in" => true,
+                "hopwatch-keys" => {
+                    for (k, v) in ROUTING_KEY_OPTIONS {
+                        overrides.push((k.to_string(), serde_json::from_str(v)?));
+                    }
+                    false
+                }
                 _ => bail!("unknown configuration {s:?}"),
             };
             Kind::Hopwatch { inbound, rate }
@@ -1487,6 +1505,20 @@ mod tests {
             ]
         );
         assert!(parse_config("lua+x=1").is_err());
+        let k = parse_config("hopwatch-keys@0.01").unwrap();
+        assert_eq!(
+            k.kind,
+            Kind::Hopwatch {
+                inbound: false,
+                rate: Some(0.01)
+            }
+        );
+        assert_eq!(
+            k.overrides[0],
+            ("tag_baggage_key".to_string(), json!("x-virtual-env"))
+        );
+        assert_eq!(k.overrides[1].1, json!(["header:x-env", "cookie:env"]));
+        assert_eq!(k.overrides.len(), ROUTING_KEY_OPTIONS.len());
         let p = parse_config("probe+get_property=10").unwrap();
         assert_eq!(p.kind, Kind::Probe);
         assert_eq!(p.overrides, vec![("get_property".to_string(), json!(10))]);
