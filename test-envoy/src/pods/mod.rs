@@ -11,6 +11,9 @@
 //! - [`podman`]: the podman CLI, the mesh's own `--internal` network, the images.
 //! - [`plan`]: addresses and ports.
 //! - [`kube`]: the pods' YAML; [`render`]: `hopwatch-mesh render --runtime pods`.
+//! - mTLS: the topology's `mtls` keys as in the processes runtime ([`crate::mtls`]
+//!   writes the run's CA and certificates into `<run dir>/tls/`; each istio-proxy mounts
+//!   its own at `/etc/certs`; [`layout`] builds the TLS contexts).
 //!
 //! A [`PodMesh`] tears its pods and its network down when dropped, also when a test
 //! panics (the pods' logs are then copied into the run directory and printed).
