@@ -479,21 +479,9 @@ fn inbound_mtls(
     trust_domain: &str,
 ) {
     let plain = listener["filter_chains"][0].clone();
-    let mut tls_chain = plain.clone();
-    tls_chain["transport_socket"] = mtls::inbound_transport_socket(dir, instance, trust_domain);
-    let chains = if mode == MtlsMode::Strict {
-        vec![tls_chain]
-    } else {
-        tls_chain["filter_chain_match"] = json!({"transport_protocol": "tls"});
-        let mut plain = plain;
-        plain["filter_chain_match"] = json!({"transport_protocol": "raw_buffer"});
-        vec![tls_chain, plain]
-    };
-    listener["filter_chains"] = json!(chains);
-    listener["listener_filters"] = json!([{
-        "name": "envoy.filters.listener.tls_inspector",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
-    }]);
+    let tls = mtls::inbound_transport_socket(dir, instance, trust_domain);
+    listener["filter_chains"] = json!(mtls::inbound_filter_chains(plain, mode, tls));
+    listener["listener_filters"] = json!([mtls::tls_inspector()]);
 }
 
 /// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).

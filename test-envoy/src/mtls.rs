@@ -14,6 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType}
 use serde_json::{json, Value};
 
 use crate::plan::{InstancePlan, Plan};
+use crate::topology::MtlsMode;
 
 /// Errors making the mesh's certificates.
 #[derive(Debug, thiserror::Error)]
@@ -82,15 +83,14 @@ pub fn write_mesh_certs(plan: &Plan, dir: &Path) -> Result<(), TlsError> {
 /// ALPN a sidecar offers upstream for an `http-*` port (HTTP/1.1 between sidecars).
 pub const CLIENT_ALPN: [&str; 3] = ["istio-peer-exchange", "istio-http/1.1", "istio"];
 
-fn common_context(dir: &Path, instance: &InstancePlan, peer_san_prefix: &str) -> Value {
-    let (cert, key) = instance_files(dir, instance);
+fn common_context(certs: &CertPaths, peer_san_prefix: &str) -> Value {
     json!({
         "tls_certificates": [{
-            "certificate_chain": {"filename": cert.display().to_string()},
-            "private_key": {"filename": key.display().to_string()},
+            "certificate_chain": {"filename": certs.cert_chain.display().to_string()},
+            "private_key": {"filename": certs.key.display().to_string()},
         }],
         "validation_context": {
-            "trusted_ca": {"filename": ca_file(dir).display().to_string()},
+            "trusted_ca": {"filename": certs.root.display().to_string()},
             "match_typed_subject_alt_names": [{
                 "san_type": "URI",
                 "matcher": {"prefix": peer_san_prefix},
@@ -102,7 +102,84 @@ fn common_context(dir: &Path, instance: &InstancePlan, peer_san_prefix: &str) ->
 /// The inbound listener's TLS transport socket: a client certificate of the mesh is
 /// required (what STRICT enforces on the TLS filter chain).
 pub fn inbound_transport_socket(dir: &Path, instance: &InstancePlan, trust_domain: &str) -> Value {
-    let mut ctx = common_context(dir, instance, &format!("spiffe://{trust_domain}/"));
+    downstream_tls_socket(&CertPaths::in_dir(dir, instance), trust_domain)
+}
+
+/// A caller's cluster TLS transport socket towards `callee_sa` in `callee_ns`, with the
+/// SNI Istio sets for the cluster `outbound|<port>|<subset>|<fqdn>`.
+pub fn upstream_transport_socket(
+    dir: &Path,
+    caller: &InstancePlan,
+    trust_domain: &str,
+    sni: &str,
+    callee_ns: &str,
+    callee_sa: &str,
+) -> Value {
+    upstream_tls_socket(
+        &CertPaths::in_dir(dir, caller),
+        &UpstreamPeer {
+            trust_domain,
+            sni,
+            namespace: callee_ns,
+            service_account: callee_sa,
+        },
+        &CLIENT_ALPN,
+    )
+}
+
+/// Where one sidecar's Envoy reads its certificate chain, its key and the mesh CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPaths {
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
+    pub root: PathBuf,
+}
+
+/// Where istio-proxy reads file-mounted certificates (Istio's `/etc/certs` layout, used
+/// when a pod mounts its workload certificate instead of getting it from istio-agent's SDS).
+pub const MOUNTED_CERTS_DIR: &str = "/etc/certs";
+
+impl CertPaths {
+    /// The files [`write_mesh_certs`] wrote for `instance` into `dir` (the processes
+    /// runtime: every sidecar reads them in place).
+    pub fn in_dir(dir: &Path, instance: &InstancePlan) -> CertPaths {
+        let (cert_chain, key) = instance_files(dir, instance);
+        CertPaths {
+            cert_chain,
+            key,
+            root: ca_file(dir),
+        }
+    }
+
+    /// Inside an istio-proxy container: its own certificate, key and the CA mounted at
+    /// [`MOUNTED_CERTS_DIR`] (the pods runtime; each pod mounts only its own key).
+    pub fn mounted() -> CertPaths {
+        let dir = Path::new(MOUNTED_CERTS_DIR);
+        CertPaths {
+            cert_chain: dir.join("cert-chain.pem"),
+            key: dir.join("key.pem"),
+            root: dir.join("root-cert.pem"),
+        }
+    }
+}
+
+/// The identity and name a caller's cluster checks and sends.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamPeer<'a> {
+    pub trust_domain: &'a str,
+    /// Istio's SNI for the cluster ([`sni`]).
+    pub sni: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+}
+
+/// ALPN a sidecar offers upstream for a `tcp-*` port (no HTTP between the sidecars).
+pub const TCP_CLIENT_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
+
+/// A DownstreamTlsContext socket of an inbound filter chain: a client certificate of the
+/// mesh (any SPIFFE identity of `trust_domain`) is required, Istio's ALPN offered.
+pub fn downstream_tls_socket(certs: &CertPaths, trust_domain: &str) -> Value {
+    let mut ctx = common_context(certs, &format!("spiffe://{trust_domain}/"));
     ctx["alpn_protocols"] = json!([
         "istio-peer-exchange",
         "istio-http/1.1",
@@ -120,26 +197,62 @@ pub fn inbound_transport_socket(dir: &Path, instance: &InstancePlan, trust_domai
     })
 }
 
-/// A caller's cluster TLS transport socket towards `callee_sa` in `callee_ns`, with the
-/// SNI Istio sets for the cluster `outbound|<port>|<subset>|<fqdn>`.
-pub fn upstream_transport_socket(
-    dir: &Path,
-    caller: &InstancePlan,
-    trust_domain: &str,
-    sni: &str,
-    callee_ns: &str,
-    callee_sa: &str,
-) -> Value {
-    let mut ctx = common_context(dir, caller, &spiffe_id(trust_domain, callee_ns, callee_sa));
-    ctx["alpn_protocols"] = json!(CLIENT_ALPN);
+/// An UpstreamTlsContext socket of a caller's cluster: its own certificate, the callee's
+/// SPIFFE identity checked, Istio's SNI, `alpn` ([`CLIENT_ALPN`] or [`TCP_CLIENT_ALPN`]).
+pub fn upstream_tls_socket(certs: &CertPaths, peer: &UpstreamPeer<'_>, alpn: &[&str]) -> Value {
+    let mut ctx = common_context(
+        certs,
+        &spiffe_id(peer.trust_domain, peer.namespace, peer.service_account),
+    );
+    ctx["alpn_protocols"] = json!(alpn);
     json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": sni,
+            "sni": peer.sni,
             "common_tls_context": ctx,
         }
     })
+}
+
+/// The TLS inspector listener filter (tells TLS from plain text for the filter chain
+/// match on `transport_protocol`).
+pub fn tls_inspector() -> Value {
+    json!({
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    })
+}
+
+/// What a PeerAuthentication makes of one plain-text inbound filter chain, as istiod
+/// builds it (both runtimes): STRICT, that chain with `tls` (the mesh's client
+/// certificate required: plain text fails the handshake and the connection is closed,
+/// which the caller sees as UC); PERMISSIVE, the TLS chain for `transport_protocol: tls`
+/// and the plain one for `raw_buffer` (the listener needs [`tls_inspector`]); OFF, the
+/// chain unchanged. An existing `filter_chain_match` (e.g. a destination port) is kept.
+pub fn inbound_filter_chains(plain: Value, mode: MtlsMode, tls: Value) -> Vec<Value> {
+    if mode == MtlsMode::Off {
+        return vec![plain];
+    }
+    let mut tls_chain = plain.clone();
+    tls_chain["transport_socket"] = tls;
+    if mode == MtlsMode::Strict {
+        return vec![tls_chain];
+    }
+    let with_protocol = |mut chain: Value, protocol: &str, suffix: &str| {
+        if !chain["filter_chain_match"].is_object() {
+            chain["filter_chain_match"] = json!({});
+        }
+        chain["filter_chain_match"]["transport_protocol"] = json!(protocol);
+        if let Some(name) = chain["name"].as_str() {
+            chain["name"] = json!(format!("{name}{suffix}"));
+        }
+        chain
+    };
+    vec![
+        with_protocol(tls_chain, "tls", ""),
+        with_protocol(plain, "raw_buffer", "-plaintext"),
+    ]
 }
 
 /// Istio's SNI for an outbound cluster: `outbound_.<port>_.<subset>_.<fqdn>`.

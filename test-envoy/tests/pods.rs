@@ -369,6 +369,230 @@ fn pods_route_to_a_subset_not_defined_yet_is_nc() {
     assert_failure_at_alpha_sidecar("pods-undefined-subset.yaml", "undefined-subset", 503, "NC");
 }
 
+/// The sum of the Prometheus samples of an istio-proxy (Istio's `:15090/stats/prometheus`)
+/// named `metric` whose labels contain `part` (a listener address, a cluster name).
+fn stat_sum(s: &Scenario, service: &str, tag: &str, metric: &str, part: &str) -> u64 {
+    let text = s
+        .mesh
+        .envoy_stats(service, tag, "ssl")
+        .unwrap_or_else(|e| panic!("stats of {service}@{tag:?}: {e}"));
+    assert!(
+        text.contains("# TYPE envoy_"),
+        "not Envoy's Prometheus stats: {text}"
+    );
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(part))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Every call node of a trace view (`hopwatch trace --output json`), depth first.
+fn nodes(trace: &Value) -> Vec<&Value> {
+    fn walk<'a>(n: &'a Value, out: &mut Vec<&'a Value>) {
+        out.push(n);
+        for c in n["children"].as_array().into_iter().flatten() {
+            walk(c, out);
+        }
+    }
+    let mut out = Vec::new();
+    for r in trace["roots"].as_array().into_iter().flatten() {
+        walk(r, &mut out);
+    }
+    out
+}
+
+/// A request id as an ingress gateway makes one (UUID v4), for traces without a tracer.
+fn new_request_id() -> String {
+    let t = new_trace_id();
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &t[..8],
+        &t[8..12],
+        &t[13..16],
+        &t[17..20],
+        &t[20..32]
+    )
+}
+
+#[test]
+fn pods_mtls_strict_chain_is_tls_between_the_sidecars_and_healthy() {
+    let s = start("pods-mtls-strict.yaml", "mtls-strict");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace).header(TAG, "dev.proj1"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(call(&body, &[0])["status"], 200, "{body}");
+    assert_eq!(call(&body, &[0, 0])["status"], 200, "{body}");
+    let charlie = last_received(&s, "charlie", "dev.proj1");
+    assert_eq!(charlie[TAG], "dev.proj1");
+    assert_eq!(charlie["x-b3-traceid"], trace.as_str());
+    assert_eq!(received_count(&s, "charlie", ""), 0);
+
+    // Both sidecar-to-sidecar legs were TLS: handshakes on the callees' virtualInbound
+    // and on the callers' clusters (charlie's through the dev.proj1 subset's cluster,
+    // whose SNI names the subset).
+    let inbound_tls = |service: &str, tag: &str| {
+        stat_sum(
+            &s,
+            service,
+            tag,
+            "envoy_listener_ssl_handshake",
+            "0.0.0.0_15006",
+        )
+    };
+    assert!(inbound_tls("bravo", "") > 0, "bravo's inbound: no TLS");
+    assert!(
+        inbound_tls("charlie", "dev.proj1") > 0,
+        "charlie's inbound: no TLS"
+    );
+    let cluster_tls = |service: &str, cluster: &str| {
+        stat_sum(&s, service, "", "envoy_cluster_ssl_handshake", cluster)
+    };
+    assert!(cluster_tls("alpha", "outbound|80||bravo.e2e.svc.cluster.local") > 0);
+    assert!(
+        cluster_tls(
+            "bravo",
+            "outbound|80|dev.proj1|charlie.e2e.svc.cluster.local"
+        ) > 0
+    );
+    // alpha is PERMISSIVE: the test's plain-text request came in on its raw_buffer chain.
+    assert_eq!(inbound_tls("alpha", ""), 0, "alpha's inbound saw TLS");
+
+    let analysed = wait_analysed(&s, &trace, 5);
+    let breaks = s.mesh.breaks().expect("breaks");
+    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
+    assert!(errors.is_empty(), "errors: {}", summary(&breaks));
+    for k in [
+        "TRACE_NOT_PROPAGATED",
+        "TAG_DROPPED",
+        "TAG_NOT_PROPAGATED",
+        "HOP_MISSING",
+        "UPSTREAM_FAILURE",
+    ] {
+        assert_no_finding(&breaks, k);
+    }
+    assert_eq!(
+        analysed["breaks"].as_array().map(Vec::len),
+        Some(0),
+        "trace view: {analysed}"
+    );
+
+    // STRICT really refuses plain text: the same request straight to bravo's pod gets no
+    // HTTP answer (its TLS chain closes the connection), and bravo's app never sees it.
+    let before = received_count(&s, "bravo", "");
+    let direct = s
+        .mesh
+        .send(&Ingress::to("bravo").with_trace(&new_trace_id()));
+    assert!(
+        direct.is_err(),
+        "plain text into bravo's STRICT inbound was answered: {:?}",
+        direct.map(|r| (r.status, r.text()))
+    );
+    assert_eq!(received_count(&s, "bravo", ""), before);
+}
+
+#[test]
+fn pods_destination_rule_without_tls_to_a_strict_callee_is_uc() {
+    // The processes runtime's mTLS scenario: alpha PERMISSIVE, the rest STRICT, delta's
+    // DestinationRule without tls.
+    let s = start("istio-mtls.yaml", "mtls-mismatch");
+    let rid = new_request_id();
+    let (reply, body) = send(&s, &Ingress::new().header("x-request-id", &rid));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // alpha -> bravo -> charlie over mTLS.
+    assert_eq!(call(&body, &[0])["status"], 200, "{body}");
+    assert_eq!(call(&body, &[0, 0])["status"], 200, "{body}");
+    // alpha -> delta: alpha's sidecar sends plain text into delta's STRICT inbound, which
+    // closes the connection: 503 UC from alpha's sidecar, delta's app never called.
+    let to_delta = call(&body, &[1]);
+    assert_eq!(to_delta["status"], 503, "{to_delta}");
+    let annotation = to_delta["headers"]["x-hopwatch"].as_str().unwrap_or("");
+    assert!(
+        annotation.contains("workload=alpha") && annotation.contains("UC"),
+        "x-hopwatch: {annotation:?}"
+    );
+    assert_eq!(received_count(&s, "delta", ""), 0);
+    // The mismatch as each side's Envoy counts it: delta's inbound failed a TLS
+    // handshake, alpha's cluster towards delta has no TLS, the one towards bravo has.
+    assert!(
+        stat_sum(
+            &s,
+            "delta",
+            "",
+            "envoy_listener_ssl_connection_error",
+            "0.0.0.0_15006"
+        ) > 0,
+        "delta's inbound counted no TLS error"
+    );
+    assert_eq!(
+        stat_sum(
+            &s,
+            "alpha",
+            "",
+            "envoy_cluster_ssl_handshake",
+            "outbound|80||delta."
+        ),
+        0
+    );
+    assert!(
+        stat_sum(
+            &s,
+            "alpha",
+            "",
+            "envoy_cluster_ssl_handshake",
+            "outbound|80||bravo."
+        ) > 0
+    );
+
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE UC at alpha", |b| {
+        has(b, "UPSTREAM_FAILURE", "alpha")
+    });
+    let f = of_kind(&breaks, "UPSTREAM_FAILURE");
+    assert_eq!(f.len(), 1, "{}", summary(&breaks));
+    assert!(
+        flags(f[0]).contains(&"UC".to_string()),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        f[0]["peer"].as_str().unwrap_or("").contains("delta"),
+        "{}",
+        summary(&breaks)
+    );
+    assert!(
+        f[0]["hint"].as_str().unwrap_or("").contains("mTLS"),
+        "{}",
+        f[0]
+    );
+    // In the trace: the break sits on alpha's outbound hop to delta, which has no
+    // inbound hop (the connection died before delta's HTTP filter).
+    let analysed = wait_analysed(&s, &rid, 5);
+    let all = nodes(&analysed);
+    let to_delta = all
+        .iter()
+        .find(|n| {
+            n["outbound"]["workload"] == "alpha"
+                && n["outbound"]["upstream_cluster"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("delta")
+        })
+        .unwrap_or_else(|| panic!("no alpha -> delta call in {analysed}"));
+    let hop_flags = to_delta["outbound"]["response_flags"].to_string();
+    assert!(hop_flags.contains("UC"), "{to_delta}");
+    assert!(to_delta["inbound"].is_null(), "{to_delta}");
+    assert!(
+        to_delta["breaks"].to_string().contains("UPSTREAM_FAILURE"),
+        "{to_delta}"
+    );
+    let breaks = s.mesh.breaks().expect("breaks");
+    assert_no_finding(&breaks, "HOP_MISSING");
+    assert!(
+        !has(&breaks, "UPSTREAM_FAILURE", "bravo"),
+        "{}",
+        summary(&breaks)
+    );
+}
+
 #[test]
 fn pods_callee_without_sidecar_is_hop_missing() {
     let s = start("no-sidecar.yaml", "no-sidecar");

@@ -4,8 +4,11 @@
 //! capture rules, the app, an `istio-proxy` container running Envoy as uid 1337 with
 //! the hopwatch filter), the collector's `Pod`, and the `Service`s (documentation for
 //! `kubectl`; `podman kube play` gets only the pods, addresses come from `hostAliases`).
+//! With mTLS, each istio-proxy mounts its own certificate, key and the mesh CA
+//! (`hostPath` files under the config dir's `tls/`, which the harness writes and removes
+//! with the run directory).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -16,10 +19,17 @@ use super::plan::{
     COLLECTOR_NAMESPACE, COLLECTOR_SERVICE,
 };
 use super::podman::Images;
+use crate::mtls::{self, CertPaths};
 use crate::plan::InstancePlan;
 
 /// Where the capture rules are mounted in the init container.
 pub const RULES_IN_POD: &str = "/etc/istio/capture/rules";
+
+/// Where the mesh's CA and workload certificates ([`crate::mtls::write_mesh_certs`]) are
+/// written under the config dir, for topologies with mTLS.
+pub fn tls_dir(config_dir: &Path) -> PathBuf {
+    config_dir.join("tls")
+}
 
 /// Host files the pods mount.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +116,25 @@ pub fn instance_pod(
             // into this variable; a pod without the label gets none.
             env.push(json!({"name": "VIRTUAL_ENVIRONMENT_TAG", "value": inst.tag}));
         }
+        let mut mounts = vec![
+            json!({"name": "istio-envoy", "mountPath": BOOTSTRAP_IN_POD, "readOnly": true}),
+            json!({"name": "hopwatch-wasm", "mountPath": WASM_IN_POD, "readOnly": true}),
+        ];
+        if pp.plan.topology.uses_mtls() {
+            // Only this pod's own key, its certificate and the CA, at Istio's
+            // file-mounted certificate paths (the bootstrap's TLS contexts read them).
+            let dir = tls_dir(files.config_dir);
+            let (cert, key) = mtls::instance_files(&dir, inst);
+            let inside = CertPaths::mounted();
+            for (name, host, path) in [
+                ("istio-certs-chain", cert, inside.cert_chain),
+                ("istio-certs-key", key, inside.key),
+                ("istio-certs-root", mtls::ca_file(&dir), inside.root),
+            ] {
+                mounts.push(json!({"name": name, "mountPath": path.display().to_string(), "readOnly": true}));
+                volumes.push(host_file(name, &host));
+            }
+        }
         containers.push(json!({
             "name": "istio-proxy",
             "image": images.proxy,
@@ -116,10 +145,7 @@ pub fn instance_pod(
             ],
             "env": env,
             "securityContext": {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID},
-            "volumeMounts": [
-                {"name": "istio-envoy", "mountPath": BOOTSTRAP_IN_POD, "readOnly": true},
-                {"name": "hopwatch-wasm", "mountPath": WASM_IN_POD, "readOnly": true},
-            ],
+            "volumeMounts": mounts,
         }));
         volumes.push(host_file(
             "capture-rules",

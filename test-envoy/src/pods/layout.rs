@@ -15,8 +15,17 @@
 //!   the Service port is TCP) to `inbound|8080||`, and the passthrough chain for other
 //!   ports. Inbound clusters are ORIGINAL_DST, bound to 127.0.0.6, so they connect to
 //!   the pod address (an app on 127.0.0.1 only is refused: UF).
+//! - mTLS (the topology's `mtls`, `peer_authentication`, `destination_rule_without_tls`,
+//!   the same keys and the same TLS contexts as the processes runtime, from
+//!   [`crate::mtls`]): each `virtualInbound` chain becomes what the workload's
+//!   PeerAuthentication makes of it (STRICT: TLS with a mesh client certificate;
+//!   PERMISSIVE: `tls` and `raw_buffer` chains behind the TLS inspector), and the
+//!   clusters towards a workload called over mTLS carry the caller's certificate,
+//!   Istio's SNI and ALPN and the callee's SPIFFE identity. Certificates are
+//!   file-mounted at [`crate::mtls::MOUNTED_CERTS_DIR`] (no istio-agent, no SDS).
 //! - `BlackHoleCluster`, `PassthroughCluster`, `InboundPassthroughCluster`; the 15021
-//!   readiness listener; admin on 127.0.0.1:15000.
+//!   readiness listener; the 15090 Prometheus listener (Envoy's stats); admin on
+//!   127.0.0.1:15000.
 //!
 //! Endpoints are static (there is no istiod): the pods' addresses, known in advance.
 
@@ -25,12 +34,16 @@ use std::net::Ipv4Addr;
 use serde_json::{json, Value};
 
 use super::capture::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
-use super::plan::{PodPlan, ServicePlan, APP_PORT, HEALTH_PORT, PROXY_ADMIN_PORT, SERVICE_PORT};
+use super::plan::{
+    PodPlan, ServicePlan, APP_PORT, HEALTH_PORT, PROMETHEUS_PORT, PROXY_ADMIN_PORT, SERVICE_PORT,
+};
 use crate::bootstrap::{
     access_log, collector_cluster_name, fault_filter, listener, node, outbound_cluster,
     outbound_routes, rbac_deny_all, socket, static_cluster, tracing, OTEL_CLUSTER,
 };
 use crate::manifests::SidecarFilters;
+use crate::mtls::{self, CertPaths, UpstreamPeer, CLIENT_ALPN, TCP_CLIENT_ALPN};
+use crate::topology::MtlsMode;
 
 /// Where the filter's wasm is mounted in istio-proxy: the manifest's own path.
 pub const WASM_IN_POD: &str = "/var/local/lib/wasm-filters/hopwatch_filter.wasm";
@@ -85,12 +98,34 @@ fn endpoints_cluster(name: &str, ips: &[Ipv4Addr], port: u16, http2: bool) -> Va
 }
 
 /// The outbound clusters: per HTTP Service the default subset and one per defined
-/// subset; per TCP Service one cluster of all its pods.
+/// subset; per TCP Service one cluster of all its pods. Towards a workload called over
+/// mTLS (Istio's auto mTLS: a sidecar, a mesh with mTLS, no DestinationRule turning it
+/// off), every cluster carries the caller's mounted certificate, Istio's SNI for that
+/// subset and the callee's SPIFFE identity, as in the processes runtime.
 fn outbound_clusters(pp: &PodPlan) -> Vec<Value> {
     let topology = &pp.plan.topology;
     let mut out = Vec::new();
+    let certs = CertPaths::mounted();
     for w in &topology.workloads {
-        let fqdn = format!("{}.{}.svc.cluster.local", w.name, w.namespace(topology));
+        let ns = w.namespace(topology);
+        let fqdn = format!("{}.{ns}.svc.cluster.local", w.name);
+        let tls = |mut cluster: Value, subset: &str| {
+            if w.called_over_mtls(topology) {
+                let alpn: &[&str] = if w.port_is_tcp() {
+                    &TCP_CLIENT_ALPN
+                } else {
+                    &CLIENT_ALPN
+                };
+                let peer = UpstreamPeer {
+                    trust_domain: &topology.cluster_domain,
+                    sni: &mtls::sni(SERVICE_PORT, subset, &fqdn),
+                    namespace: ns,
+                    service_account: w.service_account(),
+                };
+                cluster["transport_socket"] = mtls::upstream_tls_socket(&certs, &peer, alpn);
+            }
+            cluster
+        };
         if w.port_is_tcp() {
             let all: Vec<Ipv4Addr> = pp
                 .plan
@@ -100,29 +135,33 @@ fn outbound_clusters(pp: &PodPlan) -> Vec<Value> {
                 .filter(|(i, _)| i.service == w.name)
                 .map(|(_, ip)| *ip)
                 .collect();
-            out.push(endpoints_cluster(
-                &outbound_cluster("", &fqdn),
-                &all,
-                APP_PORT,
-                false,
+            out.push(tls(
+                endpoints_cluster(&outbound_cluster("", &fqdn), &all, APP_PORT, false),
+                "",
             ));
             continue;
         }
-        out.push(endpoints_cluster(
-            &outbound_cluster("", &fqdn),
-            &pp.subset_endpoints(&w.name, ""),
-            APP_PORT,
-            w.http2(),
+        out.push(tls(
+            endpoints_cluster(
+                &outbound_cluster("", &fqdn),
+                &pp.subset_endpoints(&w.name, ""),
+                APP_PORT,
+                w.http2(),
+            ),
+            "",
         ));
         for i in &w.instances {
             if i.tag.is_empty() || w.undefined_subsets.contains(&i.tag) {
                 continue;
             }
-            out.push(endpoints_cluster(
-                &outbound_cluster(&i.tag, &fqdn),
-                &pp.subset_endpoints(&w.name, &i.tag),
-                APP_PORT,
-                w.http2(),
+            out.push(tls(
+                endpoints_cluster(
+                    &outbound_cluster(&i.tag, &fqdn),
+                    &pp.subset_endpoints(&w.name, &i.tag),
+                    APP_PORT,
+                    w.http2(),
+                ),
+                &i.tag,
             ));
         }
     }
@@ -182,6 +221,51 @@ fn health_listener() -> Value {
                 "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
             }
         }]}],
+    })
+}
+
+/// The cluster behind Istio's Prometheus listener: Envoy's admin.
+const PROMETHEUS_CLUSTER: &str = "prometheus_stats";
+
+/// Istio's Prometheus listener: `GET :15090/stats/prometheus` is Envoy's admin
+/// `/stats/prometheus` (query string included, so `?filter=<regex>` works); port 15090
+/// is never captured.
+fn prometheus_listener() -> Value {
+    json!({
+        "name": "prometheus",
+        "address": socket("0.0.0.0", PROMETHEUS_PORT),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "stats",
+                "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"], "routes": [{
+                    "match": {"prefix": "/stats/prometheus"},
+                    "route": {"cluster": PROMETHEUS_CLUSTER},
+                }]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            }
+        }]}],
+    })
+}
+
+/// The stats tags of Istio's bootstrap (`envoy_bootstrap.json`) instead of Envoy's
+/// defaults: Envoy's default `cluster_name` tag stops at the first dot, so
+/// `outbound|80||bravo.e2e.svc.cluster.local` would be split into the stat's name;
+/// Istio's regex keeps the whole cluster name as the tag.
+fn istio_stats_config() -> Value {
+    let listener_address = r"((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))";
+    json!({
+        "use_all_default_tags": false,
+        "stats_tags": [
+            {"tag_name": "cluster_name", "regex": r"^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)"},
+            {"tag_name": "tcp_prefix", "regex": r"^tcp\.((.*?)\.)\w+?$"},
+            {"tag_name": "response_code", "regex": r"_rq(_(\d{3}))$"},
+            {"tag_name": "response_code_class", "regex": r"_rq(_(\dxx))$"},
+            {"tag_name": "http_conn_manager_listener_prefix", "regex": format!(r"^listener(?=\.).*?\.http\.({listener_address}\.)")},
+            {"tag_name": "http_conn_manager_prefix", "regex": format!(r"^http\.({listener_address}\.)")},
+            {"tag_name": "listener_address", "regex": format!(r"^listener\.({listener_address}\.)")},
+        ],
     })
 }
 
@@ -265,22 +349,32 @@ pub fn pod_sidecar_bootstrap(
         chain["filter_chain_match"] = json!({"destination_port": APP_PORT});
         chain
     };
+    let passthrough = json!({
+        "name": "InboundPassthroughFilterChain",
+        "filters": [tcp_proxy("InboundPassthroughCluster", "InboundPassthroughCluster",
+            access_log("/dev/stdout", "inbound-passthrough", tag_header))],
+    });
+    let mut listener_filters = vec![json!({
+        "name": "envoy.filters.listener.original_dst",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
+    })];
+    // The workload's PeerAuthentication, on the app port's chain and on passthrough (as
+    // istiod builds both), with the pod's mounted certificate.
+    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
+    let mut inbound_chains = Vec::new();
+    for chain in [inbound_chain, passthrough] {
+        let tls = mtls::downstream_tls_socket(&CertPaths::mounted(), &topology.cluster_domain);
+        inbound_chains.extend(mtls::inbound_filter_chains(chain, mode, tls));
+    }
+    if mode != MtlsMode::Off {
+        listener_filters.push(mtls::tls_inspector());
+    }
     let virtual_inbound = json!({
         "name": "virtualInbound",
         "traffic_direction": "INBOUND",
         "address": socket("0.0.0.0", INBOUND_CAPTURE_PORT),
-        "listener_filters": [{
-            "name": "envoy.filters.listener.original_dst",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
-        }],
-        "filter_chains": [
-            inbound_chain,
-            {
-                "name": "InboundPassthroughFilterChain",
-                "filters": [tcp_proxy("InboundPassthroughCluster", "InboundPassthroughCluster",
-                    access_log("/dev/stdout", "inbound-passthrough", tag_header))],
-            },
-        ],
+        "listener_filters": listener_filters,
+        "filter_chains": inbound_chains,
     });
 
     // virtualOutbound and the per-port outbound listeners.
@@ -317,6 +411,7 @@ pub fn pod_sidecar_bootstrap(
     );
     listeners.push(virtual_inbound);
     listeners.push(health_listener());
+    listeners.push(prometheus_listener());
 
     let mut clusters = vec![
         original_dst_cluster(
@@ -328,6 +423,7 @@ pub fn pod_sidecar_bootstrap(
         original_dst_cluster("PassthroughCluster", false, false),
         json!({"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "10s"}),
         static_cluster("agent", "127.0.0.1", &[PROXY_ADMIN_PORT], false),
+        static_cluster(PROMETHEUS_CLUSTER, "127.0.0.1", &[PROXY_ADMIN_PORT], false),
         // The tracer's collector: nothing listens (spans are not the point).
         static_cluster("zipkin", "127.0.0.1", &[9411], false),
         static_cluster(OTEL_CLUSTER, "127.0.0.1", &[9411], true),
@@ -351,6 +447,7 @@ pub fn pod_sidecar_bootstrap(
     Some(json!({
         "node": node,
         "admin": {"address": socket("127.0.0.1", PROXY_ADMIN_PORT)},
+        "stats_config": istio_stats_config(),
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }))
 }
@@ -393,7 +490,8 @@ mod tests {
                 "0.0.0.0_80",
                 "10.89.7.202_80",
                 "virtualInbound",
-                "virtualHealth"
+                "virtualHealth",
+                "prometheus"
             ]
         );
         let clusters = names(&b, "clusters");
@@ -444,6 +542,145 @@ mod tests {
         assert!(
             chain.contains("tcp_proxy") && !chain.contains("hopwatch"),
             "{chain}"
+        );
+    }
+
+    fn listener<'a>(b: &'a Value, name: &str) -> &'a Value {
+        b["static_resources"]["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()
+    }
+
+    fn cluster<'a>(b: &'a Value, name: &str) -> &'a Value {
+        b["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
+    const MTLS: &str = "namespace: ns\nmtls: strict\nworkloads:\n  - name: a\n    peer_authentication: permissive\n    calls: [b, c, d]\n  - name: b\n    instances: [{tag: \"\"}, {tag: dev}]\n  - name: c\n    destination_rule_without_tls: true\n  - name: d\n    port: tcp-db\n";
+
+    #[test]
+    fn strict_inbound_is_tls_only_with_the_mounted_certificate() {
+        let b = bootstrap(MTLS, "b");
+        let vi = listener(&b, "virtualInbound");
+        let chains = vi["filter_chains"].as_array().unwrap();
+        // The app port's chain and passthrough, both TLS only.
+        assert_eq!(chains.len(), 2, "{chains:?}");
+        for c in chains {
+            let tls = &c["transport_socket"]["typed_config"];
+            assert_eq!(tls["require_client_certificate"], true, "{c}");
+            let ctx = &tls["common_tls_context"];
+            assert_eq!(
+                ctx["tls_certificates"][0]["private_key"]["filename"],
+                "/etc/certs/key.pem"
+            );
+            assert_eq!(
+                ctx["validation_context"]["trusted_ca"]["filename"],
+                "/etc/certs/root-cert.pem"
+            );
+        }
+        assert_eq!(chains[0]["filter_chain_match"]["destination_port"], 8080);
+        let filters: Vec<&str> = vi["listener_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            filters,
+            [
+                "envoy.filters.listener.original_dst",
+                "envoy.filters.listener.tls_inspector"
+            ]
+        );
+    }
+
+    #[test]
+    fn permissive_inbound_tells_tls_from_plain_text() {
+        let b = bootstrap(MTLS, "a");
+        let chains = listener(&b, "virtualInbound")["filter_chains"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let matches: Vec<(Value, Value, bool)> = chains
+            .iter()
+            .map(|c| {
+                (
+                    c["filter_chain_match"]["destination_port"].clone(),
+                    c["filter_chain_match"]["transport_protocol"].clone(),
+                    c.get("transport_socket").is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            matches,
+            [
+                (json!(8080), json!("tls"), true),
+                (json!(8080), json!("raw_buffer"), false),
+                (Value::Null, json!("tls"), true),
+                (Value::Null, json!("raw_buffer"), false),
+            ]
+        );
+        // Unique chain names (Envoy refuses duplicates).
+        let mut names: Vec<&str> = chains.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        names.dedup();
+        assert_eq!(names.len(), 4, "{names:?}");
+    }
+
+    #[test]
+    fn callers_use_mtls_per_subset_except_where_the_destination_rule_turns_it_off() {
+        let b = bootstrap(MTLS, "a");
+        let tls = |name: &str| cluster(&b, name)["transport_socket"]["typed_config"].clone();
+        let dev = tls("outbound|80|dev|b.ns.svc.cluster.local");
+        assert_eq!(dev["sni"], "outbound_.80_.dev_.b.ns.svc.cluster.local");
+        let ctx = &dev["common_tls_context"];
+        // The callee's own identity, not just the mesh's.
+        assert_eq!(
+            ctx["validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["prefix"],
+            "spiffe://cluster.local/ns/ns/sa/b"
+        );
+        assert_eq!(ctx["alpn_protocols"], json!(CLIENT_ALPN));
+        assert_eq!(
+            tls("outbound|80||b.ns.svc.cluster.local")["sni"],
+            "outbound_.80_._.b.ns.svc.cluster.local"
+        );
+        // DestinationRule without tls: plain text (into c's STRICT inbound: UC).
+        assert!(cluster(&b, "outbound|80||c.ns.svc.cluster.local")
+            .get("transport_socket")
+            .is_none());
+        // A TCP Service: mTLS with Istio's TCP ALPN.
+        assert_eq!(
+            tls("outbound|80||d.ns.svc.cluster.local")["common_tls_context"]["alpn_protocols"],
+            json!(TCP_CLIENT_ALPN)
+        );
+        // The collector has no sidecar: plain text.
+        assert!(cluster(
+            &b,
+            "outbound|9090||hopwatch-collector.hopwatch.svc.cluster.local"
+        )
+        .get("transport_socket")
+        .is_none());
+    }
+
+    #[test]
+    fn without_mtls_nothing_is_tls_and_stats_keep_istios_cluster_names() {
+        let b = bootstrap(
+            "namespace: ns\nworkloads:\n  - name: a\n    calls: [b]\n  - name: b\n",
+            "a",
+        );
+        assert!(!b.to_string().contains("transport_socket"));
+        assert!(!b.to_string().contains("tls_inspector"));
+        let tags = b["stats_config"]["stats_tags"].as_array().unwrap();
+        assert_eq!(tags[0]["tag_name"], "cluster_name");
+        assert_eq!(
+            listener(&b, "prometheus")["address"]["socket_address"]["port_value"],
+            15090
         );
     }
 }

@@ -11,6 +11,9 @@
 //! - [`podman`]: the podman CLI, the mesh's own `--internal` network, the images.
 //! - [`plan`]: addresses and ports.
 //! - [`kube`]: the pods' YAML; [`render`]: `hopwatch-mesh render --runtime pods`.
+//! - mTLS: the topology's `mtls` keys as in the processes runtime ([`crate::mtls`]
+//!   writes the run's CA and certificates into `<run dir>/tls/`; each istio-proxy mounts
+//!   its own at `/etc/certs`; [`layout`] builds the TLS contexts).
 //!
 //! A [`PodMesh`] tears its pods and its network down when dropped, also when a test
 //! panics (the pods' logs are then copied into the run directory and printed).
@@ -40,7 +43,7 @@ use crate::topology::Topology;
 use kube::{CollectorSpec, HostFiles};
 use plan::{
     PodPlan, PodPlanError, APP_ADMIN_PORT, APP_PORT, COLLECTOR_GRPC_PORT, COLLECTOR_HTTP_PORT,
-    HEALTH_PORT,
+    HEALTH_PORT, PROMETHEUS_PORT,
 };
 use podman::{Images, Network, Podman, PodmanError};
 
@@ -57,6 +60,8 @@ pub enum PodError {
     Missing(#[from] MissingArtifact),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Tls(#[from] crate::mtls::TlsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -286,6 +291,11 @@ impl PodMesh {
     ) -> Result<(), PodError> {
         let deadline = Instant::now() + options.ready_timeout;
         let pp = self.pod_plan.clone();
+        if pp.plan.topology.uses_mtls() {
+            // A throwaway CA and every sidecar's certificate, made for this run (removed
+            // with the run directory); each pod mounts only its own.
+            crate::mtls::write_mesh_certs(&pp.plan, &kube::tls_dir(&self.run_dir))?;
+        }
         let rules = self.run_dir.join("capture.rules");
         std::fs::write(&rules, capture::iptables_rules(&[APP_ADMIN_PORT]))
             .map_err(io(format!("writing {}", rules.display())))?;
@@ -496,6 +506,23 @@ impl PodMesh {
             .as_array()
             .map(|a| a.iter().map(|v| v["headers"].clone()).collect())
             .unwrap_or_default())
+    }
+
+    /// Envoy's stats of an instance's istio-proxy in Prometheus form, from Istio's
+    /// uncaptured `:15090/stats/prometheus` on the pod address (`filter`: a regex on the
+    /// stat names, as Envoy's admin takes it).
+    pub fn envoy_stats(&self, service: &str, tag: &str, filter: &str) -> Result<String, PodError> {
+        let i = self.find(service, Some(tag))?;
+        if self.pod_plan.plan.instances[i].sidecar.is_none() {
+            return Err(PodError::NoInstance(format!("sidecar of {service}@{tag}")));
+        }
+        let r = httpc::get(
+            addr(self.pod_plan.pod_ips[i], PROMETHEUS_PORT),
+            "stats",
+            &format!("/stats/prometheus?filter={filter}"),
+            Duration::from_secs(5),
+        )?;
+        Ok(r.text())
     }
 
     /// Runs the `hopwatch` CLI against the collector pod.

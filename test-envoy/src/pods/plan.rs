@@ -21,6 +21,8 @@ pub const COLLECTOR_HTTP_PORT: u16 = 9091;
 pub const PROXY_ADMIN_PORT: u16 = 15000;
 /// Istio's health port (`/healthz/ready`), excluded from capture.
 pub const HEALTH_PORT: u16 = 15021;
+/// Istio's Prometheus port (`/stats/prometheus`, Envoy's stats), excluded from capture.
+pub const PROMETHEUS_PORT: u16 = 15090;
 /// The collector's Service (what the manifest's `collector_cluster` names).
 pub const COLLECTOR_SERVICE: &str = "hopwatch-collector";
 pub const COLLECTOR_NAMESPACE: &str = "hopwatch";

@@ -21,6 +21,8 @@ pub enum PodRenderError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Plan(#[from] PodPlanError),
+    #[error(transparent)]
+    Tls(#[from] crate::mtls::TlsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -71,6 +73,12 @@ pub fn render_pods(
     };
     let played = kube::mesh_pods(&pp, images, files, &filters, Some(&spec), "");
     let mut written = Vec::new();
+    if topology.uses_mtls() {
+        // The throwaway CA and the sidecars' certificates the pods mount.
+        let dir = kube::tls_dir(&out);
+        crate::mtls::write_mesh_certs(&pp.plan, &dir)?;
+        written.push(dir);
+    }
     let rules = out.join("capture.rules");
     std::fs::write(&rules, iptables_rules(&[APP_ADMIN_PORT]))
         .map_err(io(format!("writing {}", rules.display())))?;
@@ -172,6 +180,48 @@ mod tests {
         assert_eq!(rec["spec"]["containers"].as_array().unwrap().len(), 1);
         assert!(r.commands.contains("--ip 10.89.200.10 --ip 10.89.200.11"));
         assert!(dir.join("cart.envoy.json").is_file() && dir.join("capture.rules").is_file());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn mtls_pods_mount_only_their_own_certificate() {
+        let dir = std::env::temp_dir().join(format!("hopwatch-render-mtls-{}", std::process::id()));
+        let topology =
+            Topology::load(&crate::topology::topologies_dir().join("istio-mtls.yaml")).unwrap();
+        let images = Images {
+            proxy: "p".into(),
+            demo: "d".into(),
+            collector: "c".into(),
+        };
+        render_pods(&topology, &dir, Ipv4Addr::new(10, 89, 201, 0), &images).unwrap();
+        let text = std::fs::read_to_string(dir.join("pods.yaml")).unwrap();
+        let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        let bravo = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "bravo")
+            .unwrap();
+        let mounts = bravo["spec"]["containers"][1]["volumeMounts"].to_string();
+        for path in [
+            "/etc/certs/cert-chain.pem",
+            "/etc/certs/key.pem",
+            "/etc/certs/root-cert.pem",
+        ] {
+            assert!(mounts.contains(path), "{mounts}");
+        }
+        let volumes = bravo["spec"]["volumes"].to_string();
+        assert!(volumes.contains("tls/bravo-0.key.pem"), "{volumes}");
+        assert!(!volumes.contains("alpha-0.key.pem"), "{volumes}");
+        for f in ["root-cert.pem", "bravo-0.key.pem", "delta-0.cert-chain.pem"] {
+            assert!(dir.join("tls").join(f).is_file(), "{f}");
+        }
+        // The collector pod (no sidecar) mounts nothing.
+        let collector = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "hopwatch-collector")
+            .unwrap();
+        assert!(collector["spec"].get("volumes").is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
