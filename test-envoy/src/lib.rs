@@ -5,6 +5,7 @@
 //! - [`plan`]: a topology resolved to ports and Istio-style names.
 //! - [`bootstrap`]: the Envoy bootstrap of each sidecar (filters from [`manifests`]).
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
+//! - [`collector_cli`]: the `hopwatch` CLI against a mesh's collector (both runtimes).
 //! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
 //! - [`mtls`]: the mesh CA, workload certificates and TLS contexts (mTLS between sidecars).
 //! - [`render`]: writes the kube YAML / configuration of a rendered mesh.
@@ -17,6 +18,7 @@ pub mod demo_grpc {
     tonic::include_proto!("hopwatch.demo.v1");
 }
 pub mod bootstrap;
+pub mod collector_cli;
 pub mod httpc;
 pub mod manifests;
 pub mod mesh;

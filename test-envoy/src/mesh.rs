@@ -19,6 +19,8 @@ use serde_json::Value;
 
 use crate::bins::{self, MissingArtifact};
 use crate::bootstrap::{sidecar_bootstrap, RenderTarget};
+pub use crate::collector_cli::CliOutput;
+use crate::collector_cli::{CliError, CollectorCli};
 use crate::httpc::{self, HttpError, HttpResponse};
 use crate::manifests::{self, ManifestError};
 use crate::plan::{InstancePlan, Plan, PlanError, PortSource};
@@ -46,18 +48,9 @@ pub enum MeshError {
     Startup { what: String, logs: String },
     #[error("no instance {0} in this mesh")]
     NoInstance(String),
-    #[error("`hopwatch {args}` failed ({status}): {stderr}")]
-    Cli {
-        args: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("timed out after {waited:?} waiting for {what}; last seen: {last}")]
-    Timeout {
-        what: String,
-        waited: Duration,
-        last: String,
-    },
+    /// Running the `hopwatch` CLI, or waiting for its findings.
+    #[error(transparent)]
+    Cli(#[from] CliError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MeshError {
@@ -215,14 +208,6 @@ pub fn new_trace_id() -> String {
         out.push_str(&format!("{:016x}", h.finish() | 1));
     }
     out
-}
-
-/// The output of one `hopwatch` CLI run.
-#[derive(Debug, Clone)]
-pub struct CliOutput {
-    pub success: bool,
-    pub stdout: String,
-    pub stderr: String,
 }
 
 /// A running mesh. Dropping it stops every process.
@@ -637,43 +622,12 @@ impl Mesh {
 
     /// Runs the `hopwatch` CLI against this mesh's collector.
     pub fn cli(&self, args: &[&str]) -> Result<CliOutput, MeshError> {
-        let bin = match &self.cli {
-            Some(b) => b.clone(),
-            None => bins::cli_bin()?,
-        };
-        let out = Command::new(&bin)
-            .arg("--collector")
-            .arg(self.collector_url())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io(format!("running {}", bin.display())))?;
-        Ok(CliOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(self.cli_client().run(args)?)
     }
 
     /// `hopwatch breaks --output json`, parsed.
     pub fn breaks(&self) -> Result<Vec<Value>, MeshError> {
-        let args = ["breaks", "--output", "json"];
-        let out = self.cli(&args)?;
-        if !out.success {
-            return Err(MeshError::Cli {
-                args: args.join(" "),
-                status: "non-zero exit".into(),
-                stderr: out.stderr,
-            });
-        }
-        match serde_json::from_str::<Value>(&out.stdout) {
-            Ok(Value::Array(items)) => Ok(items),
-            _ => Err(MeshError::Cli {
-                args: args.join(" "),
-                status: "output is not a JSON array".into(),
-                stderr: out.stdout,
-            }),
-        }
+        Ok(self.cli_client().breaks()?)
     }
 
     /// Polls `hopwatch breaks` until `done` holds for the findings, or `timeout` passes.
@@ -683,26 +637,13 @@ impl Mesh {
         timeout: Duration,
         done: impl Fn(&[Value]) -> bool,
     ) -> Result<Vec<Value>, MeshError> {
-        let start = Instant::now();
-        let mut last;
-        loop {
-            match self.breaks() {
-                Ok(found) => {
-                    if done(&found) {
-                        return Ok(found);
-                    }
-                    last = serde_json::to_string(&found).unwrap_or_default();
-                }
-                Err(e) => last = e.to_string(),
-            }
-            if start.elapsed() > timeout {
-                return Err(MeshError::Timeout {
-                    what: what.to_string(),
-                    waited: timeout,
-                    last,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(300));
+        Ok(self.cli_client().wait_for_breaks(what, timeout, done)?)
+    }
+
+    fn cli_client(&self) -> CollectorCli<'_> {
+        CollectorCli {
+            bin: self.cli.as_deref(),
+            url: self.collector_url(),
         }
     }
 

@@ -36,9 +36,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::bins::{self, MissingArtifact};
+use crate::collector_cli::{CliError, CliOutput, CollectorCli};
 use crate::httpc::{self, HttpError, HttpResponse};
 use crate::manifests::{self, ManifestError};
-use crate::mesh::{tail, CliOutput, Ingress};
+use crate::mesh::{tail, Ingress};
 use crate::topology::Topology;
 use kube::{CollectorSpec, HostFiles};
 use plan::{
@@ -71,18 +72,9 @@ pub enum PodError {
     Startup { what: String, logs: String },
     #[error("no instance {0} in this mesh")]
     NoInstance(String),
-    #[error("`hopwatch {args}` failed ({status}): {stderr}")]
-    Cli {
-        args: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("timed out after {waited:?} waiting for {what}; last seen: {last}")]
-    Timeout {
-        what: String,
-        waited: Duration,
-        last: String,
-    },
+    /// Running the `hopwatch` CLI, or waiting for its findings.
+    #[error(transparent)]
+    Cli(#[from] CliError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PodError {
@@ -527,72 +519,28 @@ impl PodMesh {
 
     /// Runs the `hopwatch` CLI against the collector pod.
     pub fn cli(&self, args: &[&str]) -> Result<CliOutput, PodError> {
-        let bin = match &self.cli {
-            Some(b) => b.clone(),
-            None => bins::cli_bin()?,
-        };
-        let out = std::process::Command::new(&bin)
-            .arg("--collector")
-            .arg(self.collector_url())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io(format!("running {}", bin.display())))?;
-        Ok(CliOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(self.cli_client().run(args)?)
     }
 
     /// `hopwatch breaks --output json`, parsed.
     pub fn breaks(&self) -> Result<Vec<Value>, PodError> {
-        let args = ["breaks", "--output", "json"];
-        let out = self.cli(&args)?;
-        if !out.success {
-            return Err(PodError::Cli {
-                args: args.join(" "),
-                status: "non-zero exit".into(),
-                stderr: out.stderr,
-            });
-        }
-        match serde_json::from_str::<Value>(&out.stdout) {
-            Ok(Value::Array(items)) => Ok(items),
-            _ => Err(PodError::Cli {
-                args: args.join(" "),
-                status: "output is not a JSON array".into(),
-                stderr: out.stdout,
-            }),
-        }
+        Ok(self.cli_client().breaks()?)
     }
 
-    /// Polls `hopwatch breaks` until `done` holds, or `timeout` passes.
+    /// Polls `hopwatch breaks` until `done` holds for the findings, or `timeout` passes.
     pub fn wait_for_breaks(
         &self,
         what: &str,
         timeout: Duration,
         done: impl Fn(&[Value]) -> bool,
     ) -> Result<Vec<Value>, PodError> {
-        let start = Instant::now();
-        let mut last;
-        loop {
-            match self.breaks() {
-                Ok(found) => {
-                    if done(&found) {
-                        return Ok(found);
-                    }
-                    last = serde_json::to_string(&found).unwrap_or_default();
-                }
-                Err(e) => last = e.to_string(),
-            }
-            if start.elapsed() > timeout {
-                return Err(PodError::Timeout {
-                    what: what.to_string(),
-                    waited: timeout,
-                    last,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(300));
+        Ok(self.cli_client().wait_for_breaks(what, timeout, done)?)
+    }
+
+    fn cli_client(&self) -> CollectorCli<'_> {
+        CollectorCli {
+            bin: self.cli.as_deref(),
+            url: self.collector_url(),
         }
     }
 
