@@ -16,7 +16,6 @@
 //! command that builds it.
 
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hopwatch_test_envoy::httpc::HttpResponse;
@@ -24,46 +23,19 @@ use hopwatch_test_envoy::mesh::{new_trace_id, Ingress, Mesh, MeshOptions};
 use hopwatch_test_envoy::topology::{topologies_dir, Topology};
 use serde_json::Value;
 
+mod common;
+use common::{
+    assert_no_finding, assert_no_finding_at, call, flags, has, kind, of_kind, summary, Permit,
+};
+
+/// Meshes at once (see [`Permit`]).
+const JOBS: &str = "HOPWATCH_E2E_JOBS";
 const TAG: &str = "x-virtual-env";
 /// How long a finding may take: filter tick (1 s) + trace-quiet (1 s) + slack for a
 /// loaded 2-core machine.
 const FINDING_DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- harness
-
-/// Bounds how many meshes run at once (each is several Envoys).
-struct Slots {
-    used: Mutex<usize>,
-    freed: Condvar,
-}
-static SLOTS: Slots = Slots {
-    used: Mutex::new(0),
-    freed: Condvar::new(),
-};
-
-struct Permit;
-impl Permit {
-    fn acquire() -> Permit {
-        let limit = std::env::var("HOPWATCH_E2E_JOBS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(2)
-            .max(1);
-        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= limit {
-            used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += 1;
-        Permit
-    }
-}
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= 1;
-        SLOTS.freed.notify_one();
-    }
-}
 
 /// A started mesh (dropped before its permit: fields drop in order).
 struct Scenario {
@@ -72,7 +44,7 @@ struct Scenario {
 }
 
 fn start_with(file: &str, name: &str, collector: bool) -> Scenario {
-    let permit = Permit::acquire();
+    let permit = Permit::acquire(JOBS);
     let topology = Topology::load(&topologies_dir().join(file)).expect("topology");
     let mut options = MeshOptions::named(name);
     options.start_collector = collector;
@@ -105,18 +77,6 @@ fn send(s: &Scenario, request: &Ingress) -> (HttpResponse, Value) {
     (reply, body)
 }
 
-/// The response of the `path`-th nested call (`[0, 0]`: the first call of the first call).
-fn call<'a>(body: &'a Value, path: &[usize]) -> &'a Value {
-    let mut v = body;
-    for (n, i) in path.iter().enumerate() {
-        v = &v["calls"][*i];
-        if n + 1 < path.len() {
-            v = &v["body"];
-        }
-    }
-    v
-}
-
 /// The last request headers an instance's app received, or panics when it received none.
 fn last_received(s: &Scenario, service: &str, tag: &str) -> Value {
     let all = s.mesh.received(service, tag).expect("received");
@@ -129,39 +89,14 @@ fn received_count(s: &Scenario, service: &str, tag: &str) -> usize {
     s.mesh.received(service, tag).expect("received").len()
 }
 
-fn kind(b: &Value) -> &str {
-    b["kind"].as_str().unwrap_or("")
-}
-
-fn of_kind<'a>(breaks: &'a [Value], k: &str) -> Vec<&'a Value> {
-    breaks.iter().filter(|b| kind(b) == k).collect()
-}
-
-fn has(breaks: &[Value], k: &str, workload: &str) -> bool {
-    breaks
-        .iter()
-        .any(|b| kind(b) == k && b["workload"].as_str() == Some(workload))
-}
-
-fn flags(b: &Value) -> Vec<String> {
-    b["flags"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// No finding of kind `k` at all (the message lists what was reported).
-fn assert_no_finding(breaks: &[Value], k: &str) {
-    assert!(of_kind(breaks, k).is_empty(), "{}", summary(breaks));
-}
-
-/// No finding of kind `k` at `workload`.
-fn assert_no_finding_at(breaks: &[Value], k: &str, workload: &str) {
-    assert!(!has(breaks, k, workload), "{}", summary(breaks));
+/// Waits until the collector has analysed `trace_id` with at least `min_hops` hops.
+fn wait_analysed(s: &Scenario, trace_id: &str, min_hops: u64) -> Value {
+    common::wait_analysed(
+        |args| s.mesh.cli(args).map_err(|e| e.to_string()),
+        trace_id,
+        min_hops,
+        FINDING_DEADLINE,
+    )
 }
 
 fn wait_for(s: &Scenario, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -169,49 +104,6 @@ fn wait_for(s: &Scenario, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Va
         Ok(b) => b,
         Err(e) => panic!("{e}"),
     }
-}
-
-/// Waits until the collector has analysed `trace_id` with at least `min_hops` hops, so
-/// that the absence of a finding means something.
-fn wait_analysed(s: &Scenario, trace_id: &str, min_hops: u64) -> Value {
-    let start = Instant::now();
-    let mut last;
-    loop {
-        match s.mesh.cli(&["trace", trace_id, "--output", "json"]) {
-            Ok(out) if out.success => {
-                let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
-                if v["open"] == Value::Bool(false)
-                    && v["hop_count"].as_u64().unwrap_or(0) >= min_hops
-                {
-                    return v;
-                }
-                last = out.stdout;
-            }
-            Ok(out) => last = out.stderr,
-            Err(e) => last = e.to_string(),
-        }
-        assert!(
-            start.elapsed() < FINDING_DEADLINE,
-            "trace {trace_id} not analysed with >= {min_hops} hops in {FINDING_DEADLINE:?}; last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn summary(breaks: &[Value]) -> String {
-    breaks
-        .iter()
-        .map(|b| {
-            format!(
-                "{}@{}->{} {:?}",
-                kind(b),
-                b["workload"],
-                b["peer"],
-                flags(b)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -1200,7 +1092,7 @@ fn mtls_between_sidecars_and_a_destination_rule_without_tls_is_uc() {
 
 #[test]
 fn demo_command_prints_the_breaks_and_a_trace_tree() {
-    let _permit = Permit::acquire();
+    let _permit = Permit::acquire(JOBS);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
         .args(["demo", "--requests", "2"])
         .env(
@@ -1230,7 +1122,7 @@ fn demo_command_prints_the_breaks_and_a_trace_tree() {
 #[test]
 fn mesh_up_stops_every_process_on_sigterm() {
     use std::io::BufRead;
-    let _permit = Permit::acquire();
+    let _permit = Permit::acquire(JOBS);
     let topology = topologies_dir().join("malformed.yaml");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
         .arg("up")

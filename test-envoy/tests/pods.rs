@@ -16,7 +16,6 @@
 //! CLI (`cargo build -p hopwatch-collector`).
 
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hopwatch_test_envoy::httpc::HttpResponse;
@@ -26,46 +25,16 @@ use hopwatch_test_envoy::pods::{PodMesh, PodMeshOptions};
 use hopwatch_test_envoy::topology::{topologies_dir, Topology};
 use serde_json::Value;
 
+mod common;
+use common::{assert_no_finding, call, flags, has, of_kind, summary, Permit};
+
+/// Meshes at once (see [`Permit`]).
+const JOBS: &str = "HOPWATCH_PODS_JOBS";
 const TAG: &str = "x-virtual-env";
 /// Filter tick (1 s) + trace-quiet (1 s) + slack for a loaded 2-core machine.
 const FINDING_DEADLINE: Duration = Duration::from_secs(40);
 
 // ---------------------------------------------------------------- harness
-
-/// At most `HOPWATCH_PODS_JOBS` (default 2) pod meshes at once: each is several
-/// containers on a 2-core machine.
-struct Slots {
-    used: Mutex<usize>,
-    freed: Condvar,
-}
-static SLOTS: Slots = Slots {
-    used: Mutex::new(0),
-    freed: Condvar::new(),
-};
-
-struct Permit;
-impl Permit {
-    fn acquire() -> Permit {
-        let limit = std::env::var("HOPWATCH_PODS_JOBS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(2)
-            .max(1);
-        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= limit {
-            used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += 1;
-        Permit
-    }
-}
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= 1;
-        SLOTS.freed.notify_one();
-    }
-}
 
 /// A started pod mesh (dropped before its permit).
 struct Scenario {
@@ -74,7 +43,7 @@ struct Scenario {
 }
 
 fn start(file: &str, name: &str) -> Scenario {
-    let permit = Permit::acquire();
+    let permit = Permit::acquire(JOBS);
     let topology = Topology::load(&topologies_dir().join(file)).expect("topology");
     let mut options = PodMeshOptions::named(name);
     options.demo_service = Some(PathBuf::from(env!("CARGO_BIN_EXE_hopwatch-demo-service")));
@@ -109,17 +78,6 @@ fn send(s: &Scenario, request: &Ingress) -> (HttpResponse, Value) {
     (reply, body)
 }
 
-fn call<'a>(body: &'a Value, path: &[usize]) -> &'a Value {
-    let mut v = body;
-    for (n, i) in path.iter().enumerate() {
-        v = &v["calls"][*i];
-        if n + 1 < path.len() {
-            v = &v["body"];
-        }
-    }
-    v
-}
-
 fn last_received(s: &Scenario, service: &str, tag: &str) -> Value {
     let all = s.mesh.received(service, tag).expect("received");
     all.last()
@@ -131,82 +89,20 @@ fn received_count(s: &Scenario, service: &str, tag: &str) -> usize {
     s.mesh.received(service, tag).expect("received").len()
 }
 
-fn kind(b: &Value) -> &str {
-    b["kind"].as_str().unwrap_or("")
-}
-
-fn of_kind<'a>(breaks: &'a [Value], k: &str) -> Vec<&'a Value> {
-    breaks.iter().filter(|b| kind(b) == k).collect()
-}
-
-fn has(breaks: &[Value], k: &str, workload: &str) -> bool {
-    breaks
-        .iter()
-        .any(|b| kind(b) == k && b["workload"].as_str() == Some(workload))
-}
-
-fn flags(b: &Value) -> Vec<String> {
-    b["flags"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn summary(breaks: &[Value]) -> String {
-    breaks
-        .iter()
-        .map(|b| {
-            format!(
-                "{}@{}->{} {:?}: {}",
-                kind(b),
-                b["workload"],
-                b["peer"],
-                flags(b),
-                b["summary"]
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn assert_no_finding(breaks: &[Value], k: &str) {
-    assert!(of_kind(breaks, k).is_empty(), "{}", summary(breaks));
+/// Waits until the collector has analysed `trace_id` with at least `min_hops` hops.
+fn wait_analysed(s: &Scenario, trace_id: &str, min_hops: u64) -> Value {
+    common::wait_analysed(
+        |args| s.mesh.cli(args).map_err(|e| e.to_string()),
+        trace_id,
+        min_hops,
+        FINDING_DEADLINE,
+    )
 }
 
 fn wait_for(s: &Scenario, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     match s.mesh.wait_for_breaks(what, FINDING_DEADLINE, done) {
         Ok(b) => b,
         Err(e) => panic!("{e}"),
-    }
-}
-
-/// Waits until the collector has analysed `trace_id` with at least `min_hops` hops.
-fn wait_analysed(s: &Scenario, trace_id: &str, min_hops: u64) -> Value {
-    let start = Instant::now();
-    let mut last;
-    loop {
-        match s.mesh.cli(&["trace", trace_id, "--output", "json"]) {
-            Ok(out) if out.success => {
-                let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
-                if v["open"] == Value::Bool(false)
-                    && v["hop_count"].as_u64().unwrap_or(0) >= min_hops
-                {
-                    return v;
-                }
-                last = out.stdout;
-            }
-            Ok(out) => last = out.stderr,
-            Err(e) => last = e.to_string(),
-        }
-        assert!(
-            start.elapsed() < FINDING_DEADLINE,
-            "trace {trace_id} not analysed with >= {min_hops} hops in {FINDING_DEADLINE:?}; last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -641,7 +537,7 @@ fn pods_tcp_named_service_port_hides_the_hop() {
 
 #[test]
 fn pods_demo_command_prints_the_report_from_pods_and_removes_them() {
-    let _permit = Permit::acquire();
+    let _permit = Permit::acquire(JOBS);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
         .args(["demo", "--runtime", "pods", "--requests", "2"])
         .env(
@@ -697,7 +593,7 @@ fn pods_demo_command_prints_the_report_from_pods_and_removes_them() {
 #[test]
 fn pods_mesh_up_removes_its_pods_and_network_on_sigterm() {
     use std::io::BufRead;
-    let _permit = Permit::acquire();
+    let _permit = Permit::acquire(JOBS);
     let topology = topologies_dir().join("no-sidecar.yaml");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hopwatch-mesh"))
         .args(["up", "--runtime", "pods"])
