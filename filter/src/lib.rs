@@ -30,6 +30,8 @@ pub mod grpc;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+pub mod peer;
+pub mod ratelimit;
 pub mod report;
 pub mod sampling;
 pub mod tag;

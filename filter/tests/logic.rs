@@ -150,6 +150,7 @@ fn core(direction: &str, own_tag: &str) -> Core {
             service: "reviews".into(),
             own_tag: own_tag.into(),
             invalid_own_tag: None,
+            service_account: "bookinfo-reviews".into(),
         },
     )
 }
@@ -479,7 +480,7 @@ t!(correlation_encoding_roundtrip_and_garbage {
         Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into(), contexts: Contexts { b3: true, w3c: false } },
         Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into(), contexts: Contexts { b3: false, w3c: true } },
     ];
-    assert_eq!(correlation::decode(&correlation::encode(&e)), e);
+    assert_eq!(correlation::decode(&correlation::encode(&e, 64)), e);
     assert_eq!(correlation::decode(&[]), vec![]);
     assert_eq!(correlation::decode(&[9, 1, 2, 3]), vec![]);
     // Any byte string decodes without panicking.
@@ -493,26 +494,26 @@ t!(correlation_encoding_roundtrip_and_garbage {
         let _ = correlation::decode(&b);
     }
     // Truncated input keeps the complete entries.
-    let full = correlation::encode(&e);
+    let full = correlation::encode(&e, 64);
     assert_eq!(correlation::decode(&full[..full.len() - 1]).len(), 1);
 });
 
 t!(correlation_upsert_bounded_and_expiring {
-    let mut b = correlation::encode(&[]);
+    let mut b = correlation::encode(&[], 64);
     for i in 0..20u32 {
-        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8);
+        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8, 64);
     }
     let v = correlation::decode(&b);
     assert_eq!(v.len(), 8);
     assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
     // Replace same id.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 1);
     // Same id, other kind: distinct.
-    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 2);
     // Expired entries go on the next write.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8, 64);
     assert!(correlation::decode(&b).iter().all(|e| e.expires_at > 400));
     assert_eq!(correlation::find_encoded(&b, IdKind::B3, "new", 999), Some(""));
     assert!(correlation::find_encoded(&b, IdKind::B3, "new", 1000).is_none());
@@ -594,7 +595,7 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
                 contexts: Contexts::NONE,
             });
         }
-        let mut old_bytes = correlation::encode(&old);
+        let mut old_bytes = correlation::encode(&old, 64);
         if round % 7 == 0 {
             old_bytes.extend_from_slice(&[0, 0, 0, 0, 9, 1, 0, 0]); // unreadable tail
         }
@@ -617,8 +618,8 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
             let i = want.iter().enumerate().min_by_key(|(_, e)| e.expires_at).unwrap().0;
             want.remove(i);
         }
-        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap);
-        assert_eq!(got, correlation::encode(&want), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
+        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap, 64);
+        assert_eq!(got, correlation::encode(&want, 64), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
     }
 });
 
@@ -1142,7 +1143,15 @@ t!(identity_sources {
 // reports
 
 t!(report_request_decodes {
-    let bytes = report::encode_request(vec![hop("/a"), hop("/b")], "pod-1", "ns", 3);
+    let bytes = report::encode_request(
+        vec![hop("/a"), hop("/b")],
+        report::Reporter {
+            pod: "pod-1",
+            namespace: "ns",
+            service_account: "sa-1",
+        },
+        3,
+    );
     let r = ReportRequest::decode(bytes.as_slice()).unwrap();
     assert_eq!(r.hops.len(), 2);
     assert_eq!((r.reporter_pod.as_str(), r.reporter_namespace.as_str(), r.dropped_since_last_batch), ("pod-1", "ns", 3));
