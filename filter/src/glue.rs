@@ -263,7 +263,7 @@ impl Shared {
     fn warnings_due(&self, now: u64) {
         if let Some((n, theirs)) = self.local.take_mismatch() {
             let mut w = self.bucket_mismatches.borrow_mut();
-            w.0.note(n, now);
+            w.0.add(n);
             w.1 = theirs;
         }
         let (d, ds) = {

@@ -18,8 +18,13 @@ pub struct Warning {
 impl Warning {
     /// Notes `n` occurrences at `now_ms`; returns the count to log now, if a line is due.
     pub fn note(&mut self, n: u64, now_ms: u64) -> Option<u64> {
-        self.pending = self.pending.saturating_add(n);
+        self.add(n);
         self.due(now_ms)
+    }
+
+    /// Notes `n` occurrences without asking whether a line is due (call [`Warning::due`]).
+    pub fn add(&mut self, n: u64) {
+        self.pending = self.pending.saturating_add(n);
     }
 
     /// The count to log now, if occurrences are pending and the first line or

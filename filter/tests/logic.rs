@@ -1396,7 +1396,10 @@ t!(streams_answered_before_the_filter_are_always_reported {
 fn failed_stream(c: &Core, h: &FakeHost, req: &[(&str, &str)]) -> Stream {
     let (s, _) = Stream::on_request_headers(c, h, &h.local, hdrs(req));
     h.prop_u64("response.flags", 32);
-    h.prop("response.code_details", b"upstream_reset_before_response_started{remote_connection_failure}");
+    h.prop(
+        "response.code_details",
+        b"upstream_reset_before_response_started{remote_connection_failure}",
+    );
     s
 }
 
