@@ -496,6 +496,28 @@ fn inbound_mtls(
     }]);
 }
 
+/// The filter as this sidecar runs it: with `mtls: off` the local mesh has no mesh
+/// identity at all (no certificates, every caller plain text), so the filter could tell
+/// no mesh peer from an outside caller and, with the shipped `annotate_external: false`,
+/// would annotate no inbound response; the mesh's scenarios read those annotations, as a
+/// mesh without mTLS would set `annotate_external: true` to keep them. With STRICT or
+/// PERMISSIVE mTLS the shipped default stays: peers are known by their certificates.
+/// A value the topology's `filter_config` sets explicitly is kept.
+pub fn filter_for_mtls_mode(filter: &Value, mode: MtlsMode) -> Value {
+    let mut filter = filter.clone();
+    if mode != MtlsMode::Off {
+        return filter;
+    }
+    if let Some(mut cfg) = plugin_configuration_json(&filter) {
+        if cfg.get("annotate_external").is_none() {
+            cfg["annotate_external"] = Value::Bool(true);
+            filter["typed_config"]["config"]["configuration"]["value"] =
+                Value::String(cfg.to_string());
+        }
+    }
+    filter
+}
+
 /// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).
 pub fn sidecar_bootstrap(
     plan: &Plan,
@@ -558,6 +580,15 @@ pub fn sidecar_bootstrap(
         )
     };
     clusters.extend(outbound_clusters(plan, host, instance, target.tls_dir));
+    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
+    // No certificates on disk: no mesh identity either, whatever the topology says.
+    let identity_mode = if target.tls_dir.is_some() {
+        mode
+    } else {
+        MtlsMode::Off
+    };
+    let inbound_filter = filter_for_mtls_mode(&filters.inbound, identity_mode);
+    let outbound_filter = filter_for_mtls_mode(&filters.outbound, identity_mode);
     let mut inbound = listener(
         "virtualInbound",
         "INBOUND",
@@ -566,11 +597,10 @@ pub fn sidecar_bootstrap(
         &format!("inbound_0.0.0.0_{}", instance.app_port),
         inbound_routes,
         inbound_before,
-        with_wasm_file(&filters.inbound, target.wasm),
+        with_wasm_file(&inbound_filter, target.wasm),
         access_log(&target.access_log, "inbound", tag_header),
         tracing(),
     );
-    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
     if let (Some(dir), true) = (target.tls_dir, mode != MtlsMode::Off) {
         inbound_mtls(&mut inbound, mode, dir, instance, &topology.cluster_domain);
     }
@@ -588,7 +618,7 @@ pub fn sidecar_bootstrap(
                     "outbound_0.0.0.0_80",
                     outbound_routes(plan),
                     outbound_before,
-                    with_wasm_file(&filters.outbound, target.wasm),
+                    with_wasm_file(&outbound_filter, target.wasm),
                     access_log(&target.access_log, "outbound", tag_header),
                     tracing(),
                 ),
