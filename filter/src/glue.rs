@@ -5,7 +5,9 @@
 //! to the stream as bytes, read in place), the correlation-store reads/writes (outbound:
 //! none when this VM's local copy answers), at most one tag-header write; at response
 //! headers `:status` when annotation is possible, then `response.flags` (+ details when
-//! annotating) only for a status of 400 or more in `on_error` mode; in `on_log` nothing
+//! annotating) only for a status of 400 or more in `on_error` mode, and, on the inbound
+//! side, `connection.mtls` only when that response would be annotated (mesh peers only,
+//! [`crate::peer`]); in `on_log` nothing
 //! for a healthy response that reached its end of stream, else `response.flags` (+
 //! `response.code` only when no response headers were seen), and the remaining
 //! properties only for hops that are reported. `response_body` and `response_trailers`
@@ -17,7 +19,10 @@
 //! trailers-only reply, else the trailers). A stream a filter before hopwatch answered
 //! (RBAC, JWT, fault abort, ...) reaches only `proxy_on_log`: it costs there one
 //! `get_header_map_pairs` plus the properties of a failed hop, and is always reported.
-//! Counters are summed here and given to Envoy on the tick.
+//! Counters are summed here and given to Envoy on the tick. Report calls carry the
+//! `report_token` as initial metadata (serialized once at configure time); a refused
+//! dispatch, a failed call and a correlation-store size mismatch are logged at warn,
+//! rate-limited ([`crate::ratelimit`]), from the root context.
 //! There is no `proxy_on_done` export (Envoy treats a missing one as "done") and no
 //! `proxy_on_delete` (the stream is freed in `proxy_on_log`, see the note above
 //! `ROOT_STALE_MS`): every export a stream reaches costs a VM entry. Node metadata and the env var are read
