@@ -58,7 +58,6 @@ pub fn encode_request(hops: Vec<Hop>, from: Reporter<'_>, dropped: u64) -> Vec<u
         reporter_namespace: from.namespace.to_string(),
         reporter_service_account: from.service_account.to_string(),
         dropped_since_last_batch: dropped,
-        ..Default::default()
     }
     .encode_to_vec()
 }
