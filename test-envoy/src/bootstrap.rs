@@ -635,6 +635,35 @@ mod tests {
     use crate::plan::PortSource;
     use crate::topology::Topology;
 
+    /// `mtls: off` has no mesh identity: the rendered filters annotate external callers;
+    /// with mTLS the shipped default (false, key absent) stays; an explicit value stays.
+    #[test]
+    fn annotate_external_is_on_only_without_mesh_identity() {
+        let filters = crate::manifests::load_sidecar_filters(&crate::manifests::repo_root())
+            .expect("shipped manifests");
+        let key = |f: &Value| plugin_configuration_json(f).unwrap()["annotate_external"].clone();
+        assert_eq!(
+            key(&filters.inbound),
+            Value::Null,
+            "shipped default: absent (false)"
+        );
+        let off = filter_for_mtls_mode(&filters.inbound, MtlsMode::Off);
+        assert_eq!(key(&off), Value::Bool(true));
+        for mode in [MtlsMode::Strict, MtlsMode::Permissive] {
+            assert_eq!(
+                key(&filter_for_mtls_mode(&filters.inbound, mode)),
+                Value::Null
+            );
+        }
+        let mut explicit: serde_json::Map<String, Value> = serde_json::Map::new();
+        explicit.insert("annotate_external".into(), Value::Bool(false));
+        let pinned = crate::manifests::with_plugin_overrides(filters, &explicit);
+        assert_eq!(
+            key(&filter_for_mtls_mode(&pinned.inbound, MtlsMode::Off)),
+            Value::Bool(false)
+        );
+    }
+
     fn routes_of(yaml: &str, service: &str) -> Vec<(String, String)> {
         let topology = Topology::parse(yaml, "t").unwrap();
         let plan = Plan::new(&topology, &PortSource::From(30000)).unwrap();
