@@ -41,6 +41,8 @@ pub enum LogLevel {
 pub const OK: u32 = 0;
 /// NotFound
 pub const NOT_FOUND: u32 = 1;
+/// BadArgument
+pub const BAD_ARGUMENT: u32 = 2;
 /// CasMismatch
 pub const CAS_MISMATCH: u32 = 8;
 
@@ -288,16 +290,17 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> u32 {
 }
 
 /// Starts a unary gRPC call; `Ok(token)` or the host status.
+/// `metadata`: the call's initial metadata as a serialized header map.
 pub fn grpc_call(
     upstream: &[u8],
     service: &str,
     method: &str,
+    metadata: &[u8],
     message: &[u8],
     timeout_ms: u32,
 ) -> Result<u32, u32> {
     let mut token = 0u32;
-    // An empty serialized header map: zero pairs.
-    let meta = [0u8; 4];
+    let meta = metadata;
     // SAFETY: valid pointers for the duration of the call.
     let st = unsafe {
         ffi::proxy_grpc_call(

@@ -192,10 +192,42 @@ pub struct PluginConfig {
     /// correlation ids like `x-request-id`.
     #[serde(default)]
     pub correlation_headers: Vec<String>,
-    /// Whether responses to callers outside the mesh may be annotated (behaviour: not
-    /// implemented here yet; parsed so that manifests may set it).
+    /// Whether responses to callers that are not mesh peers may carry
+    /// `annotation_header`, and whether their `debug_header` is honoured (see
+    /// [`crate::peer`] for who is a mesh peer). Default false: nothing leaks outside.
     #[serde(default)]
     pub annotate_external: bool,
+    /// Sent as gRPC initial metadata `x-hopwatch-report-token` on every report call
+    /// (empty: none). A secret: never logged, redacted from `Debug`.
+    #[serde(default)]
+    pub report_token: Secret,
+}
+
+/// The most hops one `ReportRequest` may carry: the collector refuses bigger batches
+/// (its `max_batch_hops`), so a larger `batch_size` would lose whole batches.
+pub const MAX_BATCH_HOPS: usize = 5000;
+
+/// A configuration string that must never appear in a log line: its `Debug` prints
+/// `<redacted>` (the config is `Debug`), and no error message quotes it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl Secret {
+    /// The secret value.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
 }
 
 fn d_tag_header() -> String {
@@ -466,8 +498,11 @@ impl PluginConfig {
         if !(10..=60_000).contains(&self.tick_period_ms) {
             return Err(invalid("tick_period_ms", "must be within [10, 60000]"));
         }
-        if !(1..=10_000).contains(&self.batch_size) {
-            return Err(invalid("batch_size", "must be within [1, 10000]"));
+        if !(1..=MAX_BATCH_HOPS).contains(&self.batch_size) {
+            return Err(invalid(
+                "batch_size",
+                "must be within [1, 5000] (the collector refuses a report of more than 5000 hops)",
+            ));
         }
         if self.queue_limit < self.batch_size || self.queue_limit > 100_000 {
             return Err(invalid(
@@ -491,6 +526,14 @@ impl PluginConfig {
             return Err(invalid(
                 "correlation_bucket_entries",
                 "must be within [1, 1024]",
+            ));
+        }
+        let token = self.report_token.expose();
+        // A header value: visible ASCII (the value itself is never quoted in the error).
+        if token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "report_token",
+                "must be at most 4096 visible ASCII characters (no spaces or control characters)",
             ));
         }
         if !self.tag_baggage_key.is_empty() && !is_token(&self.tag_baggage_key) {

@@ -17,10 +17,19 @@
 //! a compact binary list of at most `per_bucket` entries:
 //!
 //! ```text
-//! value  := version:u8(=1) entry*
+//! value  := version:u8(=2) buckets:u16le entry*      (version 1: no `buckets`)
 //! entry  := expires_at_secs:u32le kind:u8 flags:u8 id_len:u8 tag_len:u8 id tag
 //! flags  := bit 0 serving (always set), bit 1 the request carried B3, bit 2 W3C
 //! ```
+//!
+//! `buckets` is the writer's `correlation_buckets`. Why: the inbound and outbound side
+//! must hash ids over the same number of buckets; configured differently, the outbound
+//! side looks in the wrong bucket for most ids and tag restores silently fail. With the
+//! count in the data, a reader or writer that finds another count than its own counts
+//! `correlation_buckets_mismatch`, logs it (rate-limited, [`crate::ratelimit`]) and the
+//! outbound side still finds the entry in the bucket the writer's count gives (one more
+//! read, only while misconfigured). Version 1 values (written by older filters during
+//! an upgrade) are still read; they carry no count, so they are never a mismatch.
 //!
 //! Why: one key per id would cost a host call per id and leave expired keys behind
 //! forever (shared data has no TTL and no delete); one key for everything would copy
@@ -97,7 +106,10 @@ pub struct Entry {
     pub contexts: Contexts,
 }
 
-const VERSION: u8 = 1;
+/// The current bucket format (with the writer's bucket count).
+const VERSION: u8 = 2;
+/// The format before the bucket count was carried (read, never written).
+const VERSION_1: u8 = 1;
 const FLAG_SERVING: u8 = 1;
 /// The inbound request carried a B3 trace context.
 const FLAG_B3: u8 = 2;
@@ -194,10 +206,25 @@ fn push_entry(out: &mut Vec<u8>, expires_at: u32, kind: IdKind, id: &str, tag: &
     out.extend_from_slice(tag);
 }
 
-/// Serialises a bucket.
-pub fn encode(entries: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + entries.len() * 48);
+/// The bucket value header: the version and the writer's bucket count.
+fn push_header(out: &mut Vec<u8>, buckets: u32) {
     out.push(VERSION);
+    out.extend_from_slice(&u16::try_from(buckets).unwrap_or(u16::MAX).to_le_bytes());
+}
+
+/// The bucket count the writer of an encoded bucket was configured with (`None`: empty,
+/// unreadable, or a version 1 value, which carries none).
+pub fn written_buckets(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [VERSION, a, b, ..] => Some(u32::from(u16::from_le_bytes([*a, *b]))),
+        _ => None,
+    }
+}
+
+/// Serialises a bucket written by a store of `buckets` buckets.
+pub fn encode(entries: &[Entry], buckets: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + entries.len() * 48);
+    push_header(&mut out, buckets);
     for e in entries {
         push_entry(
             &mut out,
@@ -267,8 +294,11 @@ pub fn remember<H: Host + ?Sized>(
     for (b, new_ids) in groups {
         let key = bucket_key(b);
         let mut done = false;
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
             let (old, cas) = host.shared_get(&key).unwrap_or_default();
+            if attempt == 0 {
+                check_buckets(host, local, cfg, &old);
+            }
             let value = upsert_encoded(
                 &old,
                 &new_ids,
@@ -277,6 +307,7 @@ pub fn remember<H: Host + ?Sized>(
                 expires_at,
                 now,
                 cfg.per_bucket,
+                cfg.buckets,
             );
             match host.shared_set(&key, &value, cas) {
                 SetStatus::Ok => {
@@ -321,8 +352,8 @@ struct RawEntries<'b> {
 }
 
 fn raw_entries(bytes: &[u8]) -> RawEntries<'_> {
-    match bytes.split_first() {
-        Some((&VERSION, rest)) => RawEntries { rest },
+    match bytes {
+        [VERSION, _, _, rest @ ..] | [VERSION_1, rest @ ..] => RawEntries { rest },
         _ => RawEntries { rest: &[] },
     }
 }
@@ -369,7 +400,9 @@ type BucketSlot<'e, 'b> = (u32, Option<&'e RawEntry<'b>>, Option<(IdKind, &'e st
 /// entries closest to expiry evicted beyond `cap` (the earliest first among equals).
 /// Computed on the bytes: the kept entries are copied as they are, nothing is decoded
 /// into owned strings; this runs on every inbound request, for every bucket its ids
-/// fall in.
+/// fall in. The value is written in the current format, with `buckets` (the writer's
+/// bucket count) in its header.
+#[allow(clippy::too_many_arguments)]
 pub fn upsert_encoded(
     old: &[u8],
     ids: &[(IdKind, &str)],
@@ -378,6 +411,7 @@ pub fn upsert_encoded(
     expires_at: u32,
     now: u32,
     cap: usize,
+    buckets: u32,
 ) -> Vec<u8> {
     let cap = cap.max(1);
     let mut kept: Vec<RawEntry<'_>> = readable_entries(old).collect();
@@ -412,8 +446,8 @@ pub fn upsert_encoded(
             .iter()
             .map(|(_, id)| 8 + id.len() + tag.len())
             .sum::<usize>();
-    let mut out = Vec::with_capacity(1 + size);
-    out.push(VERSION);
+    let mut out = Vec::with_capacity(3 + size);
+    push_header(&mut out, buckets);
     for (_, old_entry, new_id) in &all {
         if let Some(e) = old_entry {
             out.extend_from_slice(e.bytes);
@@ -494,6 +528,9 @@ pub struct LocalStore {
     /// none that correlates to nothing lost its context in the app. On a mesh without a
     /// tracer this stays 0 and such calls are sampled like any other.
     traced_until: Cell<u32>,
+    /// Buckets found written with another bucket count since the last
+    /// [`LocalStore::take_mismatch`], and the last such count.
+    mismatches: Cell<(u64, u32)>,
 }
 
 impl LocalStore {
@@ -505,7 +542,20 @@ impl LocalStore {
             slots: RefCell::new(vec![None; n]),
             mask: n - 1,
             traced_until: Cell::new(0),
+            mismatches: Cell::new((0, 0)),
         }
+    }
+
+    /// Notes a bucket written by a store of `buckets` buckets (not this one's count).
+    pub fn note_mismatch(&self, buckets: u32) {
+        let (n, _) = self.mismatches.get();
+        self.mismatches.set((n.saturating_add(1), buckets));
+    }
+
+    /// Mismatches noted since the last call, with the last other bucket count seen.
+    pub fn take_mismatch(&self) -> Option<(u64, u32)> {
+        let (n, b) = self.mismatches.replace((0, 0));
+        (n > 0).then_some((n, b))
     }
 
     fn index(&self, kind: IdKind, id: &str) -> usize {
@@ -597,16 +647,53 @@ pub fn recall<H: Host + ?Sized>(
                 contexts,
             });
         }
-        let key = bucket_key(bucket_of(cfg, kind, id));
-        if let Some((bytes, _)) = host.shared_get(&key) {
-            if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
-                return Some(Hit {
-                    kind,
-                    tag: Rc::from(tag),
-                    contexts,
-                });
+        let bucket = bucket_of(cfg, kind, id);
+        let Some((bytes, _)) = host.shared_get(&bucket_key(bucket)) else {
+            continue;
+        };
+        if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
+            return Some(hit(kind, tag, contexts));
+        }
+        // Written by a store of another size: the id is in the bucket that size gives
+        // (the other side hashed it over its own count). Look there too, so that the
+        // misconfiguration costs a log line and a read, not the tag.
+        if let Some(other) = check_buckets(host, local, cfg, &bytes) {
+            let theirs = StoreConfig {
+                buckets: other,
+                ..*cfg
+            };
+            let b = bucket_of(&theirs, kind, id);
+            if b != bucket {
+                if let Some((bytes, _)) = host.shared_get(&bucket_key(b)) {
+                    if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
+                        return Some(hit(kind, tag, contexts));
+                    }
+                }
             }
         }
     }
     None
+}
+
+fn hit(kind: IdKind, tag: &str, contexts: Contexts) -> Hit {
+    Hit {
+        kind,
+        tag: Rc::from(tag),
+        contexts,
+    }
+}
+
+/// Compares the bucket count an encoded bucket was written with to this store's; on a
+/// mismatch counts it (`correlation_buckets_mismatch`), notes it for the rate-limited
+/// log line and returns the other count.
+fn check_buckets<H: Host + ?Sized>(
+    host: &H,
+    local: &LocalStore,
+    cfg: &StoreConfig,
+    bytes: &[u8],
+) -> Option<u32> {
+    let theirs = written_buckets(bytes).filter(|b| *b != cfg.buckets && *b > 0)?;
+    host.count(crate::metrics::CORRELATION_BUCKETS_MISMATCH, 1);
+    local.note_mismatch(theirs);
+    Some(theirs)
 }

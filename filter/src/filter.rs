@@ -24,6 +24,7 @@ use crate::grpc;
 use crate::headers::{self, RequestView};
 use crate::host::{prop_string, prop_u64, Host};
 use crate::metrics;
+use crate::peer;
 use crate::report;
 use crate::sampling;
 use crate::tag::{self, Found, FoundIn, TagDecision, TagEdit};
@@ -44,6 +45,9 @@ pub struct Identity {
     pub own_tag: String,
     /// An env var / label value that was present but invalid (for a log line).
     pub invalid_own_tag: Option<String>,
+    /// `xds.node.metadata.SERVICE_ACCOUNT` (Istio sets it): sent with every report so
+    /// that the collector can check it against the sender's mTLS identity.
+    pub service_account: String,
 }
 
 impl Identity {
@@ -55,6 +59,7 @@ impl Identity {
             workload: meta("WORKLOAD_NAME"),
             namespace: meta("NAMESPACE"),
             pod: meta("NAME"),
+            service_account: meta("SERVICE_ACCOUNT"),
             ..Identity::default()
         };
         id.service = label("service.istio.io/canonical-name");
@@ -143,6 +148,8 @@ pub struct Stream {
     context_expected: bool,
     /// The request carried `debug_header`.
     debug: bool,
+    /// The request carried `x-envoy-external-address` (see [`crate::peer`]).
+    marked_external: bool,
     /// `:status` as read at response headers (0: not read). Saves `on_log` a
     /// `response.code` property read: host calls are the filter's main cost.
     response_status: Cell<u64>,
@@ -304,7 +311,12 @@ impl Stream {
         let cfg = &core.config;
         let start_nanos = host.now_nanos();
         let now = secs(start_nanos);
-        let view = RequestView::parse(&headers, &cfg.tag_header, &cfg.debug_header);
+        let mut view = RequestView::parse(&headers, &cfg.tag_header, &cfg.debug_header);
+        if view.tag_repeated {
+            // Several tag headers (rare): the first valid one is the request's tag, and
+            // the request leaves with that one value only (see `collapse_repeated`).
+            view.tag = tag::first_valid(&headers::values(&headers, &cfg.tag_header));
+        }
         let trace = trace::classify(&view.trace);
         let rid_key = trace::request_id_key(&trace.request_id);
         // The trace ids first (a hit on one of them means PROPAGATED), then the pass-through
@@ -416,6 +428,10 @@ impl Stream {
             }
             _ => None,
         };
+        let mut tag = tag;
+        if view.tag_repeated {
+            tag.edit = tag::collapse_repeated(&tag);
+        }
         host.count(metrics::tag_metric(tag::source_name(tag.source)), 1);
         if tag.malformed {
             host.count(metrics::tag_metric("malformed"), 1);
@@ -433,6 +449,7 @@ impl Stream {
         };
         let sampled = sampling::sampled(cfg.report_sample_rate, sample_id, &rid_key);
         let debug = view.debug;
+        let marked_external = view.external_address;
         let grpc = view.is_grpc();
         let edit = tag.edit.clone();
         let s = Stream {
@@ -444,6 +461,7 @@ impl Stream {
             sampled,
             context_expected,
             debug,
+            marked_external,
             response_status: Cell::new(0),
             response_complete: Cell::new(false),
             baggage_edit,
@@ -487,6 +505,7 @@ impl Stream {
             sampled: false,
             context_expected: false,
             debug: false,
+            marked_external: view.external_address,
             response_status: Cell::new(0),
             response_complete: Cell::new(true),
             grpc,
@@ -578,6 +597,18 @@ impl Stream {
         }
     }
 
+    /// Whether the caller may see annotations ([`crate::peer`]): `connection.mtls` is
+    /// read only on the inbound side, only when `annotate_external` is off and the
+    /// request is not marked external.
+    pub fn caller_is_mesh_peer<H: Host + ?Sized>(&self, core: &Core, host: &H) -> bool {
+        peer::is_mesh_peer(
+            core.config.direction,
+            core.config.annotate_external,
+            self.marked_external,
+            || peer::prop_bool(host.property(&peer::MTLS_PROPERTY)),
+        )
+    }
+
     /// Response headers (or, for gRPC, trailers): the annotation value to append, if
     /// this response gets one. Reads `response.flags` (and `response.code_details` when
     /// annotating), except in `on_error` mode for a status below 400 without a gRPC
@@ -601,6 +632,12 @@ impl Stream {
         }
         let mask = prop_u64(host.property(&["response", "flags"]));
         if on_error && mask == 0 && status < 500 && !grpc_failed {
+            return None;
+        }
+        // Only now, when this response would be annotated: is the caller a mesh peer?
+        // (One property read on the inbound side; a debug request from outside the mesh
+        // is answered as if it had no debug header.)
+        if !self.caller_is_mesh_peer(core, host) {
             return None;
         }
         let details = prop_string(host.property(&["response", "code_details"]));
@@ -688,6 +725,7 @@ impl Stream {
             namespace: id.namespace.clone(),
             pod: id.pod.clone(),
             service: id.service.clone(),
+            service_account: id.service_account.clone(),
             own_tag: id.own_tag.clone(),
             tag_received: self.tag.received.clone(),
             tag_sent: self.tag.sent.to_string(),

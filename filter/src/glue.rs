@@ -5,7 +5,9 @@
 //! to the stream as bytes, read in place), the correlation-store reads/writes (outbound:
 //! none when this VM's local copy answers), at most one tag-header write; at response
 //! headers `:status` when annotation is possible, then `response.flags` (+ details when
-//! annotating) only for a status of 400 or more in `on_error` mode; in `on_log` nothing
+//! annotating) only for a status of 400 or more in `on_error` mode, and, on the inbound
+//! side, `connection.mtls` only when that response would be annotated (mesh peers only,
+//! [`crate::peer`]); in `on_log` nothing
 //! for a healthy response that reached its end of stream, else `response.flags` (+
 //! `response.code` only when no response headers were seen), and the remaining
 //! properties only for hops that are reported. `response_body` and `response_trailers`
@@ -17,7 +19,10 @@
 //! trailers-only reply, else the trailers). A stream a filter before hopwatch answered
 //! (RBAC, JWT, fault abort, ...) reaches only `proxy_on_log`: it costs there one
 //! `get_header_map_pairs` plus the properties of a failed hop, and is always reported.
-//! Counters are summed here and given to Envoy on the tick.
+//! Counters are summed here and given to Envoy on the tick. Report calls carry the
+//! `report_token` as initial metadata (serialized once at configure time); a refused
+//! dispatch, a failed call and a correlation-store size mismatch are logged at warn,
+//! rate-limited ([`crate::ratelimit`]), from the root context.
 //! There is no `proxy_on_done` export (Envoy treats a missing one as "done") and no
 //! `proxy_on_delete` (the stream is freed in `proxy_on_log`, see the note above
 //! `ROOT_STALE_MS`): every export a stream reaches costs a VM entry. Node metadata and the env var are read
@@ -42,6 +47,7 @@ use crate::correlation::LocalStore;
 use crate::filter::{Core, Identity, Stream};
 use crate::host::{Host, SetStatus};
 use crate::metrics::{self, Metric};
+use crate::ratelimit::Warning;
 use crate::report;
 use crate::tag::TagEdit;
 
@@ -130,6 +136,16 @@ struct Shared {
     upstream: Vec<u8>,
     /// This VM's copy of the correlation store (shared by its plugin instances).
     local: Rc<LocalStore>,
+    /// Initial metadata of report calls (`x-hopwatch-report-token`), serialized once.
+    metadata: Vec<u8>,
+    /// Report calls the host refused to start (unknown or non-HTTP/2 cluster), with the
+    /// last proxy-wasm status; logged at warn, rate-limited.
+    dispatch_failures: RefCell<(Warning, u32)>,
+    /// Report calls that failed (a non-zero gRPC status: UNAUTHENTICATED from a token
+    /// mismatch, UNAVAILABLE from a collector that is down, ...), with the last status.
+    call_failures: RefCell<(Warning, u32)>,
+    /// Correlation buckets written with another bucket count, with the last one seen.
+    bucket_mismatches: RefCell<(Warning, u32)>,
 }
 
 impl Shared {
@@ -157,10 +173,22 @@ impl Shared {
         let id = &self.core.identity;
         let n = batch.hops.len();
         let dropped = batch.dropped;
-        let body = report::encode_request(batch.hops, &id.pod, &id.namespace, dropped);
+        let from = report::Reporter {
+            pod: &id.pod,
+            namespace: &id.namespace,
+            service_account: &id.service_account,
+        };
+        let body = report::encode_request(batch.hops, from, dropped);
         let timeout = cfg.report_timeout_ms;
         // No borrow is held here: the host may re-enter proxy_on_grpc_close.
-        let result = abi::grpc_call(&self.upstream, SERVICE, METHOD, &body, timeout);
+        let result = abi::grpc_call(
+            &self.upstream,
+            SERVICE,
+            METHOD,
+            &self.metadata,
+            &body,
+            timeout,
+        );
         match result {
             Ok(token) => {
                 self.batcher
@@ -171,16 +199,104 @@ impl Shared {
                 let lost = self.batcher.borrow_mut().dispatch_failed(n);
                 self.host.count(metrics::REPORTS_DROPPED, lost);
                 self.host.count(metrics::BATCHES_FAILED, 1);
-                let mut m = String::from("hopwatch: report dispatch to cluster ");
-                m.push_str(&cfg.collector_cluster);
-                m.push_str(" refused, status ");
-                crate::flags::push_u64(&mut m, u64::from(status));
-                abi::log(LogLevel::Debug, &m);
+                let due = {
+                    let mut w = self.dispatch_failures.borrow_mut();
+                    w.1 = status;
+                    w.0.note(1, now)
+                };
+                if let Some(count) = due {
+                    self.warn_dispatch(count, status);
+                }
             }
         }
     }
 
-    fn completed(&self, token: u32, ok: bool) {
+    /// "hopwatch: reports dropped: ..." for report calls the host refused to start.
+    fn warn_dispatch(&self, count: u64, status: u32) {
+        let mut m = String::from("hopwatch: reports dropped: the report call to cluster ");
+        m.push_str(&self.core.config.collector_cluster);
+        m.push_str(" could not be started (proxy-wasm status ");
+        crate::flags::push_u64(&mut m, u64::from(status));
+        m.push_str(if status == abi::NOT_FOUND || status == abi::BAD_ARGUMENT {
+            ": is collector_cluster an existing HTTP/2 cluster?); "
+        } else {
+            "); "
+        });
+        crate::flags::push_u64(&mut m, count);
+        m.push_str(" batch(es) since the last such line");
+        abi::log(LogLevel::Warn, &m);
+    }
+
+    /// "hopwatch: reports dropped: ..." for report calls that failed.
+    fn warn_call(&self, count: u64, status: u32) {
+        let mut m = String::from("hopwatch: reports dropped: the collector (cluster ");
+        m.push_str(&self.core.config.collector_cluster);
+        m.push_str(") answered gRPC status ");
+        crate::flags::push_u64(&mut m, u64::from(status));
+        m.push_str(match status {
+            16 => " UNAUTHENTICATED (does report_token match the collector's --report-token?)",
+            7 => " PERMISSION_DENIED",
+            14 => " UNAVAILABLE (collector down or unreachable?)",
+            4 => " DEADLINE_EXCEEDED",
+            3 => " INVALID_ARGUMENT",
+            8 => " RESOURCE_EXHAUSTED",
+            _ => "",
+        });
+        m.push_str("; ");
+        crate::flags::push_u64(&mut m, count);
+        m.push_str(" batch(es) since the last such line");
+        abi::log(LogLevel::Warn, &m);
+    }
+
+    /// "hopwatch: correlation_buckets mismatch: ..."
+    fn warn_mismatch(&self, count: u64, theirs: u32) {
+        let mut m = String::from(
+            "hopwatch: correlation_buckets mismatch: correlation store buckets were written with correlation_buckets=",
+        );
+        crate::flags::push_u64(&mut m, u64::from(theirs));
+        m.push_str(", this ");
+        m.push_str(self.core.config.direction.as_str());
+        m.push_str(" side has ");
+        crate::flags::push_u64(&mut m, u64::from(self.core.config.correlation_buckets));
+        m.push_str(" (configure both sides alike); ");
+        crate::flags::push_u64(&mut m, count);
+        m.push_str(" time(s) since the last such line");
+        abi::log(LogLevel::Warn, &m);
+    }
+
+    /// Root tick: the warnings whose next line is due.
+    fn warnings_due(&self, now: u64) {
+        if let Some((n, theirs)) = self.local.take_mismatch() {
+            let mut w = self.bucket_mismatches.borrow_mut();
+            w.0.add(n);
+            w.1 = theirs;
+        }
+        let (d, ds) = {
+            let mut w = self.dispatch_failures.borrow_mut();
+            (w.0.due(now), w.1)
+        };
+        if let Some(n) = d {
+            self.warn_dispatch(n, ds);
+        }
+        let (c, cs) = {
+            let mut w = self.call_failures.borrow_mut();
+            (w.0.due(now), w.1)
+        };
+        if let Some(n) = c {
+            self.warn_call(n, cs);
+        }
+        let (m, theirs) = {
+            let mut w = self.bucket_mismatches.borrow_mut();
+            (w.0.due(now), w.1)
+        };
+        if let Some(n) = m {
+            self.warn_mismatch(n, theirs);
+        }
+    }
+
+    /// `status`: the gRPC status of the call (0: success).
+    fn completed(&self, token: u32, status: u32) {
+        let ok = status == 0;
         let (dropped, acked) = {
             let mut b = self.batcher.borrow_mut();
             let before = b.sent_total();
@@ -195,6 +311,15 @@ impl Shared {
         } else if dropped > 0 {
             self.host.count(metrics::BATCHES_FAILED, 1);
             self.host.count(metrics::REPORTS_DROPPED, dropped);
+            let now = self.now_ms();
+            let due = {
+                let mut w = self.call_failures.borrow_mut();
+                w.1 = status;
+                w.0.note(1, now)
+            };
+            if let Some(count) = due {
+                self.warn_call(count, status);
+            }
         }
     }
 }
@@ -340,10 +465,19 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
     m.push_str(&identity.namespace);
     m.push_str(" own_tag=");
     m.push_str(&identity.own_tag);
+    m.push_str(" service_account=");
+    m.push_str(&identity.service_account);
+    // Whether a token is sent, never the token.
+    m.push_str(if config.report_token.expose().is_empty() {
+        " report_token=none"
+    } else {
+        " report_token=set"
+    });
     abi::log(LogLevel::Info, &m);
     let tick = config.tick_period_ms;
     let batcher = Batcher::new(config.queue_limit, config.batch_size, config.max_in_flight);
     let upstream = report::grpc_service_bytes(&config.collector_cluster, &config.authority());
+    let metadata = report::report_metadata(config.report_token.expose());
     let capacity = (config.correlation_buckets as usize)
         .saturating_mul(config.correlation_bucket_entries as usize);
     let local = VM.with(|vm| {
@@ -359,6 +493,10 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
         fast_tick: Cell::new(false),
         upstream,
         local,
+        metadata,
+        dispatch_failures: RefCell::new((Warning::default(), 0)),
+        call_failures: RefCell::new((Warning::default(), 0)),
+        bucket_mismatches: RefCell::new((Warning::default(), 0)),
     }));
     abi::set_tick_period_ms(tick);
     1
@@ -375,6 +513,7 @@ pub extern "C" fn proxy_on_tick(context_id: u32) {
         abi::set_tick_period_ms(sh.core.config.tick_period_ms);
     }
     sh.flush();
+    sh.warnings_due(now_ms);
     sh.host.flush_counters();
     sweep_roots(now_ms);
 }
@@ -588,10 +727,10 @@ fn sweep_roots(now_ms: u64) {
     });
 }
 
-fn grpc_done(context_id: u32, token: u32, ok: bool) {
+fn grpc_done(context_id: u32, token: u32, status: u32) {
     let sh = root(context_id).and_then(|r| r.get());
     if let Some(sh) = sh {
-        sh.completed(token, ok);
+        sh.completed(token, status);
         return;
     }
     // Unknown context: try every root (tokens are unique per VM).
@@ -599,7 +738,7 @@ fn grpc_done(context_id: u32, token: u32, ok: bool) {
         VM.with(|vm| vm.borrow().roots.iter().map(|(_, r)| r.clone()).collect());
     for r in roots {
         if let Some(sh) = r.get() {
-            sh.completed(token, ok);
+            sh.completed(token, status);
         }
     }
 }
@@ -607,11 +746,11 @@ fn grpc_done(context_id: u32, token: u32, ok: bool) {
 /// A unary gRPC call answered (success).
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token: u32, _size: usize) {
-    grpc_done(context_id, token, true);
+    grpc_done(context_id, token, 0);
 }
 
 /// A gRPC call closed (status 0: success without a message).
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_close(context_id: u32, token: u32, status: u32) {
-    grpc_done(context_id, token, status == 0);
+    grpc_done(context_id, token, status);
 }

@@ -122,6 +122,11 @@ pub struct RequestView<'a> {
     pub baggage: bool,
     /// A `cookie` header was present (as `baggage`).
     pub cookie: bool,
+    /// `x-envoy-external-address` was present: a gateway marked the original caller as
+    /// outside the mesh (see [`crate::peer`]).
+    pub external_address: bool,
+    /// The tag header appeared more than once (the request leaves with one value).
+    pub tag_repeated: bool,
 }
 
 /// Every value of header `name` in a serialized map, in order (for the headers a request
@@ -163,6 +168,10 @@ impl<'a> RequestView<'a> {
                 }
                 (13, b"uber-trace-id") => &mut t.uber_trace_id,
                 (18, b"x-datadog-trace-id") => &mut t.datadog_trace_id,
+                (24, b"x-envoy-external-address") => {
+                    v.external_address = true;
+                    continue;
+                }
                 (5, b":path") => &mut v.path,
                 (7, b":method") => &mut v.method,
                 (10, b":authority") => &mut v.authority,
@@ -174,7 +183,12 @@ impl<'a> RequestView<'a> {
                 (12, b"x-b3-sampled") => &mut t.b3_sampled,
                 (12, b"content-type") => &mut v.content_type,
                 (17, b"x-b3-parentspanid") => &mut t.b3_parent_span_id,
-                _ if k == tag_header.as_bytes() => &mut v.tag,
+                _ if k == tag_header.as_bytes() => {
+                    if v.tag.is_some() {
+                        v.tag_repeated = true;
+                    }
+                    &mut v.tag
+                }
                 _ => {
                     if k == debug_header.as_bytes() {
                         v.debug = true;

@@ -4,8 +4,8 @@
 //! hopwatch collector.
 //!
 //! The logic is pure Rust ([`config`], [`tag`], [`trace`], [`tracers`], [`baggage`],
-//! [`cookie`], [`flags`], [`correlation`],
-//! [`sampling`], [`report`], [`batch`], [`filter`]) and reaches the proxy only through
+//! [`cookie`], [`flags`], [`correlation`], [`peer`] (who may see annotations),
+//! [`ratelimit`], [`sampling`], [`report`], [`batch`], [`filter`]) and reaches the proxy only through
 //! the [`host::Host`] trait; the proxy-wasm glue (`abi` + `glue`, compiled for
 //! `target_os = "wasi"` only) is a thin layer over it.
 #![deny(
@@ -30,6 +30,8 @@ pub mod grpc;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+pub mod peer;
+pub mod ratelimit;
 pub mod report;
 pub mod sampling;
 pub mod tag;

@@ -55,8 +55,11 @@ pub const GRPC_ERRORS: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 2);
 /// Streams a filter before hopwatch answered (only `on_log` ran: RBAC, JWT, ext_authz,
 /// fault abort, local rate limit).
 pub const ANSWERED_BEFORE_FILTER: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 3);
+/// Correlation-store buckets found written with another `correlation_buckets` than this
+/// side's (the inbound and outbound configurations disagree).
+pub const CORRELATION_BUCKETS_MISMATCH: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 4);
 /// Number of counters.
-pub const COUNT: usize = FLAG_BASE as usize + FLAG_NAMES.len() + 4;
+pub const COUNT: usize = FLAG_BASE as usize + FLAG_NAMES.len() + 5;
 
 /// Counter of a tag source name ("request", "correlated", "environment", "none",
 /// "malformed").
@@ -112,5 +115,6 @@ pub fn names(direction: &str) -> Vec<String> {
     v.push(p("responses_flagged"));
     v.push(p("grpc_errors"));
     v.push(p("answered_before_filter"));
+    v.push(p("correlation_buckets_mismatch"));
     v
 }

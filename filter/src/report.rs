@@ -39,14 +39,25 @@ pub fn set_response(hop: &mut Hop, code: u64, mask: u64, details: String) {
     hop.response_code_details = details;
 }
 
+/// Who sends a report: the sidecar's pod, namespace and service account (node metadata).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reporter<'a> {
+    /// `NAME`
+    pub pod: &'a str,
+    /// `NAMESPACE`
+    pub namespace: &'a str,
+    /// `SERVICE_ACCOUNT`
+    pub service_account: &'a str,
+}
+
 /// The `ReportRequest` of a batch, prost-encoded.
-pub fn encode_request(hops: Vec<Hop>, pod: &str, namespace: &str, dropped: u64) -> Vec<u8> {
+pub fn encode_request(hops: Vec<Hop>, from: Reporter<'_>, dropped: u64) -> Vec<u8> {
     ReportRequest {
         hops,
-        reporter_pod: pod.to_string(),
-        reporter_namespace: namespace.to_string(),
+        reporter_pod: from.pod.to_string(),
+        reporter_namespace: from.namespace.to_string(),
+        reporter_service_account: from.service_account.to_string(),
         dropped_since_last_batch: dropped,
-        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -91,6 +102,19 @@ fn or_dash(s: &str) -> &str {
         "-"
     } else {
         s
+    }
+}
+
+/// The gRPC initial metadata key carrying `report_token`.
+pub const TOKEN_METADATA: &str = "x-hopwatch-report-token";
+
+/// The initial metadata of report calls, as a serialized header map (proxy-wasm
+/// format): `x-hopwatch-report-token` when a token is configured, else no pair.
+pub fn report_metadata(token: &str) -> Vec<u8> {
+    if token.is_empty() {
+        crate::headers::serialize(&[])
+    } else {
+        crate::headers::serialize(&[(TOKEN_METADATA, token)])
     }
 }
 

@@ -261,6 +261,28 @@ pub fn resolve_inbound(received: Option<&str>) -> TagDecision {
     }
 }
 
+/// The first valid value of a repeated tag header, else the first value (reported as
+/// malformed). Why the first valid one: a client or app that appended its tag to a copy
+/// the request already had still meant a tag; the later copies are noise.
+pub fn first_valid<'a>(values: &[&'a str]) -> Option<&'a str> {
+    values
+        .iter()
+        .copied()
+        .find(|v| is_valid(v))
+        .or_else(|| values.first().copied())
+}
+
+/// The edit of a request whose tag header appeared several times: it leaves with one
+/// value (the decided tag) or none, never with the copies Envoy would forward as they
+/// are (50 duplicates reached the app before). An edit already decided is kept.
+pub fn collapse_repeated(d: &TagDecision) -> TagEdit {
+    match &d.edit {
+        TagEdit::Keep if d.sent.is_empty() => TagEdit::Remove,
+        TagEdit::Keep => TagEdit::Set(d.sent.clone()),
+        other => other.clone(),
+    }
+}
+
 /// Lowercase name of a tag source, for metrics.
 pub fn source_name(s: TagSource) -> &'static str {
     match s {

@@ -182,6 +182,11 @@ fn serve_echo(s: TcpStream) -> std::io::Result<()> {
 #[derive(Default, Clone)]
 struct Receiver {
     batches: Arc<Mutex<Vec<ReportRequest>>>,
+    /// The `x-hopwatch-report-token` metadata of every call (None: absent).
+    tokens: Arc<Mutex<Vec<Option<String>>>>,
+    /// Calls without this token are answered UNAUTHENTICATED (as the collector's
+    /// `--report-token` does).
+    require_token: Option<String>,
 }
 
 #[tonic::async_trait]
@@ -190,6 +195,17 @@ impl Collector for Receiver {
         &self,
         request: tonic::Request<ReportRequest>,
     ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
+        let token = request
+            .metadata()
+            .get("x-hopwatch-report-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.tokens.lock().unwrap().push(token.clone());
+        if let Some(want) = &self.require_token {
+            if token.as_deref() != Some(want.as_str()) {
+                return Err(tonic::Status::unauthenticated("report token mismatch"));
+            }
+        }
         let r = request.into_inner();
         let n = r.hops.len() as u32;
         self.batches.lock().unwrap().push(r);
@@ -204,12 +220,19 @@ struct RunningReceiver {
 }
 
 fn start_receiver() -> RunningReceiver {
+    start_receiver_requiring(None)
+}
+
+fn start_receiver_requiring(token: Option<&str>) -> RunningReceiver {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let state = Receiver::default();
+    let state = Receiver {
+        require_token: token.map(str::to_string),
+        ..Receiver::default()
+    };
     let incoming = rt
         .block_on(async {
             tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
@@ -429,6 +452,71 @@ struct Extras {
     outbound_before: Vec<Value>,
     /// No tracer on the listeners (default: Zipkin at 100 %).
     no_tracer: bool,
+    /// The inbound listener as Istio's PERMISSIVE mode sets it up: a TLS filter chain
+    /// requiring a client certificate of the test CA next to the plain-text one; and a
+    /// cluster `mesh-inbound` (outbound routes `/mesh/*`) that calls it over mTLS with a
+    /// client certificate, as a peer sidecar does.
+    mtls: Option<MeshCerts>,
+    /// Plugin configuration keys set on the outbound filter only.
+    outbound_only: Vec<(&'static str, Value)>,
+}
+
+/// A throwaway CA and two workload certificates (SPIFFE URI SANs, as Istio issues).
+struct MeshCerts {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+fn mesh_certs(dir: &Path) -> MeshCerts {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct subject names: a leaf whose subject equals its issuer's reads as
+    // self-signed to OpenSSL/BoringSSL.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "hopwatch filter test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let issue = |name: &str, sa: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://cluster.local/ns/default/sa/{sa}")
+                .try_into()
+                .unwrap(),
+        )];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let server = issue("server", "bookinfo-reviews");
+    let client = issue("client", "bookinfo-productpage");
+    MeshCerts { ca, server, client }
+}
+
+fn tls_context(certs: &MeshCerts, own: &(PathBuf, PathBuf)) -> Value {
+    json!({
+        "tls_certificates": [{
+            "certificate_chain": {"filename": own.0.display().to_string()},
+            "private_key": {"filename": own.1.display().to_string()},
+        }],
+        "validation_context": {"trusted_ca": {"filename": certs.ca.display().to_string()}},
+    })
 }
 
 fn spawn_envoy_with(
@@ -439,7 +527,15 @@ fn spawn_envoy_with(
     concurrency: u32,
     extras: &Extras,
 ) -> Envoy {
-    let (inf, outf) = manifest_filters(edit);
+    let (inf, mut outf) = manifest_filters(edit);
+    if !extras.outbound_only.is_empty() {
+        let plugin = &mut outf["typed_config"]["config"]["configuration"]["value"];
+        let mut pj: Value = serde_json::from_str(plugin.as_str().unwrap()).unwrap();
+        for (k, v) in &extras.outbound_only {
+            pj[*k] = v.clone();
+        }
+        *plugin = json!(pj.to_string());
+    }
     let collector_cluster = plugin_config(&outf)["collector_cluster"]
         .as_str()
         .unwrap_or("hopwatch-collector")
@@ -452,7 +548,12 @@ fn spawn_envoy_with(
     std::fs::create_dir_all(&dir).unwrap();
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
     let closed = free_port();
-    let inbound_routes = json!([route("/", "app")]);
+    // `/in-closed` (and `/mesh/in-closed`, the same reached over mTLS): Envoy's own 503.
+    let inbound_routes = json!([
+        route("/mesh/in-closed", "closed"),
+        route("/in-closed", "closed"),
+        route("/", "app")
+    ]);
     // `/steer`: the tag-subset route matches the tag header (as a VirtualService does);
     // without it the request falls through to a closed port.
     let mut steer_tagged = route("/steer", "app");
@@ -484,6 +585,18 @@ fn spawn_envoy_with(
         outbound_routes.insert(2, grpc_route(None, "grpcapp"));
         clusters.push(cluster("grpcapp", Some(port), true));
     }
+    if let Some(certs) = &extras.mtls {
+        outbound_routes.insert(0, route("/mesh/", "mesh-inbound"));
+        let mut c = cluster("mesh-inbound", Some(inbound), false);
+        c["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": tls_context(certs, &certs.client),
+            }
+        });
+        clusters.push(c);
+    }
     let outbound_routes = Value::Array(outbound_routes);
     if !collector_cluster.starts_with("missing") {
         clusters.push(cluster(
@@ -491,6 +604,40 @@ fn spawn_envoy_with(
             Some(collector_port.unwrap_or(closed)),
             true,
         ));
+    }
+    let mut inbound_listener = listener(
+        "inbound",
+        inbound,
+        "INBOUND",
+        hcm_with(
+            "inbound",
+            inbound_routes,
+            &extras.inbound_before,
+            inf,
+            !extras.no_tracer,
+        ),
+    );
+    if let Some(certs) = &extras.mtls {
+        // PERMISSIVE: TLS (client certificate required) or plain text, told apart by
+        // the TLS inspector, as Istio's virtualInbound does.
+        let plain = inbound_listener["filter_chains"][0].clone();
+        let mut tls = plain.clone();
+        tls["filter_chain_match"] = json!({"transport_protocol": "tls"});
+        tls["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": tls_context(certs, &certs.server),
+            }
+        });
+        let mut plain = plain;
+        plain["filter_chain_match"] = json!({"transport_protocol": "raw_buffer"});
+        inbound_listener["filter_chains"] = json!([tls, plain]);
+        inbound_listener["listener_filters"] = json!([{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+        }]);
     }
     let bootstrap = json!({
         "node": {
@@ -500,13 +647,14 @@ fn spawn_envoy_with(
                 "WORKLOAD_NAME": "reviews-v1",
                 "NAMESPACE": "default",
                 "NAME": "reviews-v1-abc",
+                "SERVICE_ACCOUNT": "bookinfo-reviews",
                 "LABELS": {"app": "reviews", "virtual-env": "label-tag"}
             }
         },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [
-                listener("inbound", inbound, "INBOUND", hcm_with("inbound", inbound_routes, &extras.inbound_before, inf, !extras.no_tracer)),
+                inbound_listener,
                 listener("outbound", outbound, "OUTBOUND", hcm_with("outbound", outbound_routes, &extras.outbound_before, outf, !extras.no_tracer)),
             ],
             "clusters": clusters
@@ -1829,4 +1977,357 @@ fn a_tag_the_filter_writes_steers_routing() {
     // A tag the app set to something else is kept: the request falls through.
     let r = get(envoy.outbound, "/steer/other", &[(TAG, "qa")]);
     assert_eq!(r.status, 503, "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// issue 15: nothing leaks outside the mesh, config checked, identity, small defects
+
+/// Waits until Envoy's log has a line containing `needle`; returns the whole log.
+fn log_eventually(envoy: &Envoy, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&envoy.log).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?} within 20 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+fn inbound_annotations(r: &Resp) -> Vec<String> {
+    r.header_all("x-hopwatch")
+        .into_iter()
+        .filter(|a| a.contains("dir=inbound"))
+        .collect()
+}
+
+/// The shipped configuration (annotate_external false) on an inbound listener in
+/// PERMISSIVE mode: a plain-text caller (outside the mesh: no client certificate) gets
+/// no annotation on Envoy's own 503, a mesh peer (mTLS with a certificate of the mesh
+/// CA, through the `mesh-inbound` cluster as a calling sidecar does) gets it, and a
+/// mesh call that a gateway marked with `x-envoy-external-address` gets none.
+#[test]
+fn inbound_annotations_only_reach_mesh_peers() {
+    let echo = start_echo();
+    let dir = std::env::temp_dir().join(format!(
+        "hopwatch-certs-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _certs_dir = TempDir(dir.clone());
+    let extras = Extras {
+        mtls: Some(mesh_certs(&dir)),
+        ..Extras::default()
+    };
+    let envoy = spawn_envoy_with(&echo, None, &|_| {}, Some(ENV_TAG), 1, &extras);
+    envoy.wait_ready();
+    assert_eq!(
+        plugin_config(&manifest_filters(&|_| {}).0).get("annotate_external"),
+        None,
+        "shipped default"
+    );
+
+    // Outside the mesh: plain text straight to the inbound listener.
+    let r = get(envoy.inbound, "/in-closed", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.header_all("x-hopwatch").is_empty(),
+        "annotation leaked to a plain-text caller: {r:?}"
+    );
+
+    // A mesh peer: mTLS with a client certificate.
+    let r = get(envoy.outbound, "/mesh/in-closed", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    let ann = inbound_annotations(&r);
+    assert!(
+        ann.iter()
+            .any(|a| a.contains("workload=reviews-v1") && a.contains("flags=UF")),
+        "a mesh peer gets the inbound annotation: {r:?}"
+    );
+
+    // A mesh connection carrying a request from outside (a gateway marked it).
+    let r = get(
+        envoy.outbound,
+        "/mesh/in-closed",
+        &[("x-envoy-external-address", "203.0.113.9")],
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.header_all("x-hopwatch").is_empty(),
+        "marked external: {r:?}"
+    );
+
+    // The failures are still reported and counted: only the response header is withheld.
+    assert!(envoy_stat_eventually(&envoy, "wasmcustom.hopwatch.inbound.response_flag.UF", 3) >= 3);
+}
+
+/// `annotate_response: debug`: the debug header of a caller outside the mesh is ignored,
+/// a mesh peer's is honoured.
+#[test]
+fn debug_header_is_ignored_from_outside_the_mesh() {
+    let echo = start_echo();
+    let dir = std::env::temp_dir().join(format!(
+        "hopwatch-certs-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _certs_dir = TempDir(dir.clone());
+    let extras = Extras {
+        mtls: Some(mesh_certs(&dir)),
+        ..Extras::default()
+    };
+    let envoy = spawn_envoy_with(
+        &echo,
+        None,
+        &|c| {
+            c["annotate_response"] = json!("debug");
+        },
+        Some(ENV_TAG),
+        1,
+        &extras,
+    );
+    envoy.wait_ready();
+    let r = get(envoy.inbound, "/in/debug", &[("x-hopwatch-debug", "1")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header_all("x-hopwatch").is_empty(),
+        "debug honoured for an outside caller: {r:?}"
+    );
+    let r = get(envoy.outbound, "/mesh/debug", &[("x-hopwatch-debug", "1")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        inbound_annotations(&r).len(),
+        1,
+        "mesh peer's debug honoured: {r:?}"
+    );
+    let r = get(envoy.outbound, "/mesh/debug-off", &[]);
+    assert!(
+        inbound_annotations(&r).is_empty(),
+        "no debug header, no annotation: {r:?}"
+    );
+}
+
+/// `annotate_external: true` (a mesh without mTLS identities): a plain-text caller is
+/// annotated again.
+#[test]
+fn annotate_external_true_annotates_plain_text_callers() {
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|c| {
+        c["annotate_external"] = json!(true);
+    });
+    let r = get(envoy.inbound, "/in-closed", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(inbound_annotations(&r).len(), 1, "{r:?}");
+}
+
+/// The sidecar's service account (node metadata SERVICE_ACCOUNT) is in every hop and in
+/// the request; `report_token` goes as `x-hopwatch-report-token` metadata on every call
+/// and is never logged.
+#[test]
+fn service_account_and_report_token_reach_the_collector() {
+    let echo = start_echo();
+    let token = "t0ken-9f2c4e1d";
+    let rx = start_receiver_requiring(Some(token));
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["report_token"] = json!(token);
+    });
+    get(envoy.outbound, "/app/identity", &[]);
+    get(envoy.inbound, "/in/identity", &[]);
+    let h = rx.wait_hop("outbound /app/identity", |h| h.path == "/app/identity");
+    assert_eq!(h.service_account, "bookinfo-reviews");
+    rx.wait_hop("inbound /in/identity", |h| {
+        h.path == "/in/identity" && h.service_account == "bookinfo-reviews"
+    });
+    let batches = rx.state.batches.lock().unwrap().clone();
+    assert!(!batches.is_empty());
+    for b in &batches {
+        assert_eq!(b.reporter_service_account, "bookinfo-reviews");
+    }
+    let tokens = rx.state.tokens.lock().unwrap().clone();
+    assert!(!tokens.is_empty());
+    assert!(
+        tokens.iter().all(|t| t.as_deref() == Some(token)),
+        "{tokens:?}"
+    );
+    let log = log_eventually(&envoy, "report_token=set");
+    assert!(!log.contains(token), "the token is in Envoy's log");
+    assert!(log.contains("service_account=bookinfo-reviews"));
+}
+
+/// A collector that refuses the reports (a token mismatch: UNAUTHENTICATED) is logged at
+/// warn once, not once per batch, with the status; traffic flows.
+#[test]
+fn refused_reports_are_logged_once_not_per_batch() {
+    let echo = start_echo();
+    let rx = start_receiver_requiring(Some("the-right-token"));
+    let envoy = start_envoy(&echo, Some(rx.port), &|c| {
+        c["report_token"] = json!("a-wrong-token");
+        c["tick_period_ms"] = json!(100);
+    });
+    for i in 0..20 {
+        assert_eq!(
+            get(envoy.outbound, &format!("/app/refused{i}"), &[]).status,
+            200
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(envoy_stat_eventually(&envoy, "wasmcustom.hopwatch.outbound.batches_failed", 3) >= 3);
+    let log = log_eventually(&envoy, "UNAUTHENTICATED");
+    let needle = "hopwatch: reports dropped: the collector (cluster";
+    assert_eq!(
+        lines_with(&log, needle),
+        1,
+        "one warn line for several refused batches:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(needle) && l.contains("[warning]") && l.contains("gRPC status 16")),
+        "{log}"
+    );
+    assert!(!log.contains("a-wrong-token"));
+}
+
+/// An unknown `collector_cluster`: a warn line naming the cluster, once (not per batch).
+#[test]
+fn unknown_collector_cluster_is_logged_once() {
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|c| {
+        c["collector_cluster"] = json!("missing-collector");
+        c["tick_period_ms"] = json!(100);
+    });
+    for i in 0..10 {
+        assert_eq!(
+            get(envoy.outbound, &format!("/app/unknown{i}"), &[]).status,
+            200
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(envoy_stat_eventually(&envoy, "wasmcustom.hopwatch.outbound.batches_failed", 3) >= 3);
+    let log = log_eventually(&envoy, "missing-collector");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hopwatch: reports dropped") && l.contains("missing-collector"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one warn line naming the cluster:\n{log}");
+    assert!(lines[0].contains("[warning]"), "{}", lines[0]);
+}
+
+/// `batch_size` above the collector's 5000 hops per report is refused naming the key.
+#[test]
+fn batch_size_above_the_collector_limit_is_refused() {
+    let echo = start_echo();
+    let envoy = spawn_envoy(
+        &echo,
+        None,
+        &|c| {
+            c["batch_size"] = json!(5001);
+            c["queue_limit"] = json!(10000);
+        },
+        Some(ENV_TAG),
+        1,
+    );
+    let log = log_eventually(&envoy, "field `batch_size`");
+    assert!(log.contains("5000"), "{log}");
+}
+
+/// Inbound and outbound configured with different `correlation_buckets` in one Envoy
+/// (same vm_id): the outbound side finds buckets written with the other count, counts
+/// it and logs it at warn (rate-limited) instead of silently missing tag restores.
+#[test]
+fn unequal_correlation_buckets_are_detected_and_logged() {
+    use hopwatch_filter::correlation::{bucket_of, IdKind, StoreConfig};
+    let echo = start_echo();
+    let extras = Extras {
+        no_tracer: true,
+        outbound_only: vec![
+            ("correlation_buckets", json!(32)),
+            ("tick_period_ms", json!(100)),
+        ],
+        ..Extras::default()
+    };
+    let envoy = spawn_envoy_with(&echo, None, &|_| {}, Some(ENV_TAG), 1, &extras);
+    envoy.wait_ready();
+    let inbound = StoreConfig {
+        buckets: 64,
+        per_bucket: 64,
+        ttl_secs: 60,
+    };
+    let outbound = StoreConfig {
+        buckets: 32,
+        ..inbound
+    };
+    // An inbound trace id, then an outbound one (never seen: no local hit) that the
+    // outbound side hashes to the bucket the inbound side wrote.
+    let t_in = hex_id(1, 32);
+    let b = bucket_of(&inbound, IdKind::B3, &t_in);
+    let t_out = (2..100_000)
+        .map(|i| hex_id(i, 32))
+        .find(|t| bucket_of(&outbound, IdKind::B3, t) == b)
+        .expect("an id for the bucket");
+    assert!(b < 32 || bucket_of(&outbound, IdKind::B3, &t_out) == b);
+    let r = get(
+        envoy.inbound,
+        "/in/mismatch",
+        &[("x-b3-traceid", &t_in), ("x-b3-spanid", &hex_id(7, 16))],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    for i in 0..5 {
+        let r = get(
+            envoy.outbound,
+            &format!("/app/mismatch{i}"),
+            &[
+                ("x-b3-traceid", &t_out),
+                ("x-b3-spanid", &hex_id(8 + i, 16)),
+            ],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let n = envoy_stat_eventually(
+        &envoy,
+        "wasmcustom.hopwatch.outbound.correlation_buckets_mismatch",
+        5,
+    );
+    assert!(n >= 5, "mismatches counted: {n}");
+    let log = log_eventually(&envoy, "correlation_buckets mismatch");
+    assert_eq!(
+        lines_with(&log, "correlation_buckets mismatch"),
+        1,
+        "rate-limited:\n{log}"
+    );
+    assert!(
+        log.contains("written with correlation_buckets=64, this outbound side has 32"),
+        "{log}"
+    );
+}
+
+/// 50 copies of the tag header leave as one (the first valid value), on both sides.
+#[test]
+fn fifty_duplicate_tag_headers_are_forwarded_as_one() {
+    let echo = start_echo();
+    let envoy = start_envoy(&echo, None, &|_| {});
+    let mut headers: Vec<(&str, &str)> = vec![(TAG, "not valid!")];
+    headers.extend(std::iter::repeat_n((TAG, "dev.alice"), 49));
+    for port in [envoy.outbound, envoy.inbound] {
+        let path = if port == envoy.outbound {
+            "/app/dups"
+        } else {
+            "/in/dups"
+        };
+        let r = get(port, path, &headers);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            echoed_all(&r, TAG),
+            vec!["dev.alice".to_string()],
+            "{}",
+            r.body
+        );
+    }
 }

@@ -116,6 +116,7 @@ fn core(json: &str, own_tag: &str) -> Core {
             service: "reviews".into(),
             own_tag: own_tag.into(),
             invalid_own_tag: None,
+            service_account: "bookinfo-reviews".into(),
         },
     )
 }

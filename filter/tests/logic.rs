@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use hopwatch_filter::batch::{Batcher, Push};
-use hopwatch_filter::config::{Annotate, ConfigError, Direction, PluginConfig};
+use hopwatch_filter::config::{self, Annotate, ConfigError, Direction, PluginConfig};
 use hopwatch_filter::correlation::{self, Contexts, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::headers::RequestView;
@@ -150,6 +150,7 @@ fn core(direction: &str, own_tag: &str) -> Core {
             service: "reviews".into(),
             own_tag: own_tag.into(),
             invalid_own_tag: None,
+            service_account: "bookinfo-reviews".into(),
         },
     )
 }
@@ -479,7 +480,7 @@ t!(correlation_encoding_roundtrip_and_garbage {
         Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into(), contexts: Contexts { b3: true, w3c: false } },
         Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into(), contexts: Contexts { b3: false, w3c: true } },
     ];
-    assert_eq!(correlation::decode(&correlation::encode(&e)), e);
+    assert_eq!(correlation::decode(&correlation::encode(&e, 64)), e);
     assert_eq!(correlation::decode(&[]), vec![]);
     assert_eq!(correlation::decode(&[9, 1, 2, 3]), vec![]);
     // Any byte string decodes without panicking.
@@ -493,26 +494,26 @@ t!(correlation_encoding_roundtrip_and_garbage {
         let _ = correlation::decode(&b);
     }
     // Truncated input keeps the complete entries.
-    let full = correlation::encode(&e);
+    let full = correlation::encode(&e, 64);
     assert_eq!(correlation::decode(&full[..full.len() - 1]).len(), 1);
 });
 
 t!(correlation_upsert_bounded_and_expiring {
-    let mut b = correlation::encode(&[]);
+    let mut b = correlation::encode(&[], 64);
     for i in 0..20u32 {
-        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8);
+        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8, 64);
     }
     let v = correlation::decode(&b);
     assert_eq!(v.len(), 8);
     assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
     // Replace same id.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 1);
     // Same id, other kind: distinct.
-    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
     assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 2);
     // Expired entries go on the next write.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8);
+    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8, 64);
     assert!(correlation::decode(&b).iter().all(|e| e.expires_at > 400));
     assert_eq!(correlation::find_encoded(&b, IdKind::B3, "new", 999), Some(""));
     assert!(correlation::find_encoded(&b, IdKind::B3, "new", 1000).is_none());
@@ -594,7 +595,7 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
                 contexts: Contexts::NONE,
             });
         }
-        let mut old_bytes = correlation::encode(&old);
+        let mut old_bytes = correlation::encode(&old, 64);
         if round % 7 == 0 {
             old_bytes.extend_from_slice(&[0, 0, 0, 0, 9, 1, 0, 0]); // unreadable tail
         }
@@ -617,8 +618,8 @@ t!(correlation_upsert_in_place_matches_decode_upsert_encode {
             let i = want.iter().enumerate().min_by_key(|(_, e)| e.expires_at).unwrap().0;
             want.remove(i);
         }
-        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap);
-        assert_eq!(got, correlation::encode(&want), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
+        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap, 64);
+        assert_eq!(got, correlation::encode(&want, 64), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
     }
 });
 
@@ -1142,7 +1143,15 @@ t!(identity_sources {
 // reports
 
 t!(report_request_decodes {
-    let bytes = report::encode_request(vec![hop("/a"), hop("/b")], "pod-1", "ns", 3);
+    let bytes = report::encode_request(
+        vec![hop("/a"), hop("/b")],
+        report::Reporter {
+            pod: "pod-1",
+            namespace: "ns",
+            service_account: "sa-1",
+        },
+        3,
+    );
     let r = ReportRequest::decode(bytes.as_slice()).unwrap();
     assert_eq!(r.hops.len(), 2);
     assert_eq!((r.reporter_pod.as_str(), r.reporter_namespace.as_str(), r.dropped_since_last_batch), ("pod-1", "ns", 3));
@@ -1378,4 +1387,268 @@ t!(streams_answered_before_the_filter_are_always_reported {
     assert_eq!(h.counter(metrics::ANSWERED_BEFORE_FILTER), 1);
     // Nothing was remembered for the outbound side: the request went nowhere.
     assert_eq!(h.calls("shared_set"), 0);
+});
+
+// ------------------------------------------------------------------------------------
+// issue 15: nothing leaks outside the mesh, config checked, identity, small defects
+
+/// A failed response (503 UF) on `direction`'s side, with `req` as request headers.
+fn failed_stream(c: &Core, h: &FakeHost, req: &[(&str, &str)]) -> Stream {
+    let (s, _) = Stream::on_request_headers(c, h, &h.local, hdrs(req));
+    h.prop_u64("response.flags", 32);
+    h.prop(
+        "response.code_details",
+        b"upstream_reset_before_response_started{remote_connection_failure}",
+    );
+    s
+}
+
+t!(inbound_annotates_only_mesh_peers {
+    let h = FakeHost::new();
+    let c = core("inbound", "dev");
+    // Plain text (no connection.mtls): an outside caller sees nothing.
+    let s = failed_stream(&c, &h, &[]);
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 503), None, "plain-text caller");
+    assert_eq!(h.calls_exactly("property connection.mtls"), 1, "read once, when it decides");
+    // mTLS with a peer certificate: a mesh peer.
+    h.prop("connection.mtls", &[1]);
+    assert!(s.annotation(&c, &h, 503).unwrap().starts_with("dir=inbound; workload=reviews-v1"));
+    h.prop("connection.mtls", &[0]);
+    assert_eq!(s.annotation(&c, &h, 503), None, "mtls=false");
+    // mTLS, but a gateway marked the request as coming from outside.
+    h.prop("connection.mtls", &[1]);
+    let s = failed_stream(&c, &h, &[("x-envoy-external-address", "203.0.113.7")]);
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 503), None, "external client through a gateway");
+    assert_eq!(h.calls("property"), 1, "flags only: the header decides, no mtls read");
+    // A healthy response costs no mtls read.
+    let s = failed_stream(&c, &h, &[]);
+    h.reset_calls();
+    assert_eq!(s.annotation(&c, &h, 200), None);
+    assert_eq!(h.calls("property"), 0);
+    // annotate_external: everyone may see it, no mtls read.
+    let mut c2 = core("inbound", "dev");
+    c2.config.annotate_external = true;
+    h.prop("connection.mtls", &[0]);
+    let s = failed_stream(&c2, &h, &[("x-envoy-external-address", "203.0.113.7")]);
+    h.reset_calls();
+    assert!(s.annotation(&c2, &h, 503).is_some());
+    assert_eq!(h.calls_exactly("property connection.mtls"), 0);
+});
+
+t!(outbound_caller_is_the_local_app_unless_marked_external {
+    let h = FakeHost::new();
+    let c = core("outbound", "dev");
+    let s = failed_stream(&c, &h, &[]);
+    h.reset_calls();
+    assert!(s.annotation(&c, &h, 503).is_some());
+    assert_eq!(h.calls_exactly("property connection.mtls"), 0, "outbound never reads mtls");
+    let s = failed_stream(&c, &h, &[("x-envoy-external-address", "203.0.113.7")]);
+    assert_eq!(s.annotation(&c, &h, 503), None, "the app passes an outside request on");
+});
+
+t!(debug_header_is_honoured_only_from_mesh_peers {
+    let h = FakeHost::new();
+    let mut c = core("inbound", "dev");
+    c.config.annotate_response = Annotate::Debug;
+    h.prop_u64("response.flags", 0);
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-hopwatch-debug", "1")]));
+    assert_eq!(s.annotation(&c, &h, 200), None, "outside caller: debug ignored");
+    h.prop("connection.mtls", &[1]);
+    assert!(s.annotation(&c, &h, 200).is_some(), "mesh peer: debug honoured");
+    let (s, _) = Stream::on_request_headers(
+        &c, &h, &h.local,
+        hdrs(&[("x-hopwatch-debug", "1"), ("x-envoy-external-address", "198.51.100.1")]),
+    );
+    assert_eq!(s.annotation(&c, &h, 200), None, "through a gateway: debug ignored");
+});
+
+t!(config_batch_size_is_limited_to_what_the_collector_accepts {
+    assert_eq!(config::MAX_BATCH_HOPS, 5000);
+    let c = cfg(r#"{"direction":"outbound","batch_size":5000,"queue_limit":5000}"#);
+    assert_eq!(c.batch_size, 5000);
+    let e = err(r#"{"direction":"outbound","batch_size":5001,"queue_limit":10000}"#);
+    assert_eq!(e.field(), Some("batch_size"));
+    assert!(e.to_string().contains("5000"), "{e}");
+});
+
+t!(config_report_token_is_never_shown {
+    let c = cfg(r#"{"direction":"outbound","report_token":"s3cr3t-t0ken"}"#);
+    assert_eq!(c.report_token.expose(), "s3cr3t-t0ken");
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("s3cr3t"), "{dbg}");
+    assert!(dbg.contains("<redacted>"));
+    assert_eq!(cfg(r#"{"direction":"outbound"}"#).report_token.expose(), "");
+    let e = err(r#"{"direction":"outbound","report_token":"bad token\r\n"}"#);
+    assert_eq!(e.field(), Some("report_token"));
+    assert!(!e.to_string().contains("bad token"), "{e}");
+    let e = err(r#"{"direction":"outbound","report_token":7}"#);
+    assert_eq!(e.field(), Some("report_token"));
+    // The metadata of report calls.
+    let m = report::report_metadata("s3cr3t-t0ken");
+    let pairs: Vec<_> = hopwatch_filter::headers::pairs(&m).collect();
+    assert_eq!(pairs, vec![(&b"x-hopwatch-report-token"[..], &b"s3cr3t-t0ken"[..])]);
+    assert_eq!(report::report_metadata(""), vec![0, 0, 0, 0]);
+});
+
+t!(service_account_from_node_metadata_in_hops_and_reports {
+    let h = FakeHost::new();
+    h.prop("xds.node.metadata.SERVICE_ACCOUNT", b"bookinfo-reviews");
+    h.prop("xds.node.metadata.WORKLOAD_NAME", b"reviews-v1");
+    let cfg_ = cfg(r#"{"direction":"outbound"}"#);
+    let id = Identity::load(&cfg_, &h, None);
+    assert_eq!(id.service_account, "bookinfo-reviews");
+    let c = Core::new(cfg_, id);
+    let (s, _) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[]));
+    s.annotation(&c, &h, 200);
+    s.response_complete();
+    h.reset_calls();
+    let hop = s.on_log(&c, &h).unwrap();
+    assert_eq!(hop.service_account, "bookinfo-reviews");
+    assert_eq!(h.calls_exactly("property xds.node.metadata.SERVICE_ACCOUNT"), 0, "read at configure time only");
+    let r = ReportRequest::decode(
+        report::encode_request(
+            vec![hop],
+            report::Reporter { pod: "p", namespace: "n", service_account: "bookinfo-reviews" },
+            0,
+        )
+        .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(r.reporter_service_account, "bookinfo-reviews");
+});
+
+t!(fifty_duplicate_tag_headers_leave_as_one {
+    for dir in ["inbound", "outbound"] {
+        let h = FakeHost::new();
+        let c = core(dir, "dev");
+        let mut req: Vec<(&str, &str)> = vec![("x-virtual-env", "bad value!")];
+        req.extend(std::iter::repeat_n(("x-virtual-env", "dev.alice"), 49));
+        let (s, edit) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&req));
+        assert_eq!(edit, TagEdit::Set(rc("dev.alice")), "{dir}: one value, the first valid one");
+        assert_eq!(&*s.tag().sent, "dev.alice");
+        assert!(!s.tag().malformed, "{dir}");
+        // All copies invalid: inbound removes them all, outbound stamps its own tag.
+        let bad = vec![("x-virtual-env", "bad value!"); 50];
+        let (_, edit) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&bad));
+        let want = if dir == "inbound" { TagEdit::Remove } else { TagEdit::Set(rc("dev")) };
+        assert_eq!(edit, want, "{dir}");
+        // One header: unchanged behaviour (kept, no write).
+        let (_, edit) = Stream::on_request_headers(&c, &h, &h.local, hdrs(&[("x-virtual-env", "dev.alice")]));
+        assert_eq!(edit, TagEdit::Keep, "{dir}");
+    }
+    assert_eq!(tag::first_valid(&["", "a b", "ok", "x"]), Some("ok"));
+    assert_eq!(tag::first_valid(&["a b", "c d"]), Some("a b"));
+    assert_eq!(tag::first_valid(&[]), None);
+});
+
+t!(dropped_counter_saturates_at_u64_max {
+    let mut b = Batcher::new(10, 5, 2);
+    assert_eq!(b.dispatch_failed(usize::MAX), usize::MAX as u64);
+    b.dispatch_failed(usize::MAX);
+    b.dispatch_failed(1);
+    let edge = (usize::MAX as u64).saturating_mul(2).saturating_add(1);
+    if usize::BITS == 64 {
+        assert_eq!(edge, u64::MAX, "saturated (on 64-bit targets, where usize::MAX hops reach it)");
+    }
+    assert_eq!(b.dropped_unreported(), edge);
+    assert_eq!(b.dropped_total(), edge);
+    // A full queue still drops (and counts) without overflowing.
+    for _ in 0..10 {
+        b.push(Hop::default());
+    }
+    assert_eq!(b.push(Hop::default()), Push::Dropped);
+    assert_eq!(b.dropped_total(), edge.saturating_add(1));
+    // The batch carries the saturated count; its acknowledgement subtracts what it
+    // carried without wrapping (drops made while saturated cannot be told apart), and
+    // drops after it count again from zero.
+    let edge = edge.saturating_add(1);
+    let batch = b.take().unwrap();
+    assert_eq!(batch.dropped, edge);
+    b.dispatched(7, batch.hops.len(), batch.dropped, 0, 100);
+    b.dispatch_failed(3);
+    assert_eq!(b.dropped_unreported(), edge.saturating_add(3));
+    b.completed(7, true);
+    let left = edge.saturating_add(3) - edge;
+    assert_eq!(b.dropped_unreported(), left);
+    b.dispatch_failed(3);
+    assert_eq!(b.dropped_unreported(), left + 3);
+    // The request field round-trips u64::MAX.
+    let r = ReportRequest::decode(report::encode_request(vec![], report::Reporter::default(), u64::MAX).as_slice()).unwrap();
+    assert_eq!(r.dropped_since_last_batch, u64::MAX);
+    // Expiry of a u64::MAX-sized call at the end of time neither overflows nor panics.
+    let mut b = Batcher::new(10, 5, 2);
+    b.dispatched(1, usize::MAX, u64::MAX, u64::MAX, u64::MAX);
+    assert_eq!(b.expire(u64::MAX), usize::MAX as u64);
+    assert_eq!(b.expire(u64::MAX), 0);
+});
+
+t!(warnings_are_rate_limited {
+    use hopwatch_filter::ratelimit::{Warning, INTERVAL_MS};
+    let mut w = Warning::default();
+    assert_eq!(w.due(0), None, "nothing pending");
+    assert_eq!(w.note(1, 1_000), Some(1), "the first one is logged at once");
+    for i in 0..1000 {
+        assert_eq!(w.note(1, 1_000 + i), None, "then not per occurrence");
+    }
+    assert_eq!(w.due(1_000 + INTERVAL_MS - 1), None);
+    assert_eq!(w.due(1_000 + INTERVAL_MS), Some(1000), "once a minute, with the count");
+    assert_eq!(w.due(10 * INTERVAL_MS), None, "nothing new: no line");
+    assert_eq!(w.note(u64::MAX, 20 * INTERVAL_MS), Some(u64::MAX));
+    w.note(u64::MAX, 20 * INTERVAL_MS);
+    w.note(5, 20 * INTERVAL_MS);
+    assert_eq!(w.pending(), u64::MAX, "saturates");
+});
+
+t!(correlation_bucket_count_is_carried_and_a_mismatch_is_detected {
+    // The encoding carries the writer's bucket count; version 1 values still decode.
+    let e = vec![Entry { expires_at: 100, kind: IdKind::B3, id: "abc".into(), tag: "dev".into(), contexts: Contexts::NONE }];
+    let v2 = correlation::encode(&e, 64);
+    assert_eq!(correlation::written_buckets(&v2), Some(64));
+    assert_eq!(correlation::decode(&v2), e);
+    let mut v1 = vec![1u8];
+    v1.extend_from_slice(&v2[3..]);
+    assert_eq!(correlation::decode(&v1), e, "version 1 is still read");
+    assert_eq!(correlation::written_buckets(&v1), None);
+    assert_eq!(correlation::find_encoded(&v1, IdKind::B3, "abc", 50), Some("dev"));
+    assert_eq!(correlation::written_buckets(&[]), None);
+
+    // Inbound remembers over 64 buckets, outbound (another worker: no local copy) looks
+    // up over 32: the mismatch is counted and noted, and the tag still restored.
+    let h = FakeHost::new();
+    let inbound = StoreConfig { buckets: 64, per_bucket: 64, ttl_secs: 60 };
+    let outbound = StoreConfig { buckets: 32, ..inbound };
+    // An id whose two bucket numbers differ (so the second read is what finds it).
+    let id = (0..1000)
+        .map(|i| format!("{i:032x}"))
+        .find(|id| correlation::bucket_of(&inbound, IdKind::B3, id) != correlation::bucket_of(&outbound, IdKind::B3, id))
+        .unwrap();
+    correlation::remember(&h, &h.local, &inbound, &[(IdKind::B3, &id)], "dev.alice", Contexts::NONE, 1000);
+    assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 0);
+    // Make the outbound bucket exist (written by the 64-bucket side with another id).
+    let other = (0..100000)
+        .map(|i| format!("{i:016x}"))
+        .find(|o| correlation::bucket_of(&inbound, IdKind::B3, o) == correlation::bucket_of(&outbound, IdKind::B3, &id))
+        .unwrap();
+    correlation::remember(&h, &h.local, &inbound, &[(IdKind::B3, &other)], "x", Contexts::NONE, 1000);
+    let other_worker = LocalStore::new(64);
+    h.reset_calls();
+    let hit = correlation::recall(&h, &other_worker, &outbound, &[(IdKind::B3, &id)], 1001).unwrap();
+    assert_eq!(&*hit.tag, "dev.alice", "restored despite the mismatch");
+    assert_eq!(h.calls("shared_get"), 2, "one more read, only while misconfigured");
+    assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 1);
+    assert_eq!(other_worker.take_mismatch(), Some((1, 64)));
+    assert_eq!(other_worker.take_mismatch(), None, "taken once");
+    // The same sizes: no mismatch, one read.
+    h.reset_calls();
+    let same = LocalStore::new(64);
+    assert!(correlation::recall(&h, &same, &inbound, &[(IdKind::B3, &id)], 1001).is_some());
+    assert_eq!(h.calls("shared_get"), 1);
+    assert_eq!(same.take_mismatch(), None);
+    // A writer of another size notices too (two inbound configurations).
+    let w = LocalStore::new(64);
+    correlation::remember(&h, &w, &outbound, &[(IdKind::B3, &id)], "dev", Contexts::NONE, 1002);
+    assert_eq!(w.take_mismatch(), Some((1, 64)));
+    assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 2);
 });

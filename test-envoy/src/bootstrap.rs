@@ -484,6 +484,28 @@ fn inbound_mtls(
     listener["listener_filters"] = json!([mtls::tls_inspector()]);
 }
 
+/// The filter as this sidecar runs it: with `mtls: off` the local mesh has no mesh
+/// identity at all (no certificates, every caller plain text), so the filter could tell
+/// no mesh peer from an outside caller and, with the shipped `annotate_external: false`,
+/// would annotate no inbound response; the mesh's scenarios read those annotations, as a
+/// mesh without mTLS would set `annotate_external: true` to keep them. With STRICT or
+/// PERMISSIVE mTLS the shipped default stays: peers are known by their certificates.
+/// A value the topology's `filter_config` sets explicitly is kept.
+pub fn filter_for_mtls_mode(filter: &Value, mode: MtlsMode) -> Value {
+    let mut filter = filter.clone();
+    if mode != MtlsMode::Off {
+        return filter;
+    }
+    if let Some(mut cfg) = plugin_configuration_json(&filter) {
+        if cfg.get("annotate_external").is_none() {
+            cfg["annotate_external"] = Value::Bool(true);
+            filter["typed_config"]["config"]["configuration"]["value"] =
+                Value::String(cfg.to_string());
+        }
+    }
+    filter
+}
+
 /// The full bootstrap of `instance`'s sidecar (None when it has no sidecar).
 pub fn sidecar_bootstrap(
     plan: &Plan,
@@ -546,6 +568,15 @@ pub fn sidecar_bootstrap(
         )
     };
     clusters.extend(outbound_clusters(plan, host, instance, target.tls_dir));
+    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
+    // No certificates on disk: no mesh identity either, whatever the topology says.
+    let identity_mode = if target.tls_dir.is_some() {
+        mode
+    } else {
+        MtlsMode::Off
+    };
+    let inbound_filter = filter_for_mtls_mode(&filters.inbound, identity_mode);
+    let outbound_filter = filter_for_mtls_mode(&filters.outbound, identity_mode);
     let mut inbound = listener(
         "virtualInbound",
         "INBOUND",
@@ -554,11 +585,10 @@ pub fn sidecar_bootstrap(
         &format!("inbound_0.0.0.0_{}", instance.app_port),
         inbound_routes,
         inbound_before,
-        with_wasm_file(&filters.inbound, target.wasm),
+        with_wasm_file(&inbound_filter, target.wasm),
         access_log(&target.access_log, "inbound", tag_header),
         tracing(),
     );
-    let mode = workload.map_or(MtlsMode::Off, |w| w.mtls(topology));
     if let (Some(dir), true) = (target.tls_dir, mode != MtlsMode::Off) {
         inbound_mtls(&mut inbound, mode, dir, instance, &topology.cluster_domain);
     }
@@ -576,7 +606,7 @@ pub fn sidecar_bootstrap(
                     "outbound_0.0.0.0_80",
                     outbound_routes(plan),
                     outbound_before,
-                    with_wasm_file(&filters.outbound, target.wasm),
+                    with_wasm_file(&outbound_filter, target.wasm),
                     access_log(&target.access_log, "outbound", tag_header),
                     tracing(),
                 ),
@@ -592,6 +622,35 @@ mod tests {
 
     use crate::plan::PortSource;
     use crate::topology::Topology;
+
+    /// `mtls: off` has no mesh identity: the rendered filters annotate external callers;
+    /// with mTLS the shipped default (false, key absent) stays; an explicit value stays.
+    #[test]
+    fn annotate_external_is_on_only_without_mesh_identity() {
+        let filters = crate::manifests::load_sidecar_filters(&crate::manifests::repo_root())
+            .expect("shipped manifests");
+        let key = |f: &Value| plugin_configuration_json(f).unwrap()["annotate_external"].clone();
+        assert_eq!(
+            key(&filters.inbound),
+            Value::Null,
+            "shipped default: absent (false)"
+        );
+        let off = filter_for_mtls_mode(&filters.inbound, MtlsMode::Off);
+        assert_eq!(key(&off), Value::Bool(true));
+        for mode in [MtlsMode::Strict, MtlsMode::Permissive] {
+            assert_eq!(
+                key(&filter_for_mtls_mode(&filters.inbound, mode)),
+                Value::Null
+            );
+        }
+        let mut explicit: serde_json::Map<String, Value> = serde_json::Map::new();
+        explicit.insert("annotate_external".into(), Value::Bool(false));
+        let pinned = crate::manifests::with_plugin_overrides(filters, &explicit);
+        assert_eq!(
+            key(&filter_for_mtls_mode(&pinned.inbound, MtlsMode::Off)),
+            Value::Bool(false)
+        );
+    }
 
     fn routes_of(yaml: &str, service: &str) -> Vec<(String, String)> {
         let topology = Topology::parse(yaml, "t").unwrap();

@@ -1332,3 +1332,60 @@ fn app_propagating_only_datadog_ids_keeps_the_tag_and_trace_chain() {
     );
     assert_no_finding_at(&breaks, "TRACE_NOT_PROPAGATED", "bravo");
 }
+
+// ---------------------------------------------------------------- issue 15: nothing leaks
+
+/// The annotation values of one response header (joined with "," by the demo app and the
+/// test client), split at each `dir=`.
+fn annotations_in(joined: &str) -> Vec<String> {
+    joined
+        .split("dir=")
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| format!("dir={}", s.trim().trim_end_matches(',')))
+        .collect()
+}
+
+#[test]
+fn a_client_outside_the_mesh_gets_no_annotation_mesh_calls_do() {
+    let s = start("istio-mtls-external.yaml", "istio-mtls-external");
+    let trace = new_trace_id();
+    let (reply, body) = send(&s, &gateway(&trace));
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    // The client: plain text into alpha's PERMISSIVE inbound, no mesh identity.
+    let leaked: Vec<&(String, String)> = reply
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-hopwatch"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "annotation leaked to the outside client: {leaked:?}"
+    );
+    // alpha -> bravo over mTLS: bravo's inbound annotated its 502 for alpha's sidecar.
+    let to_bravo = call(&body, &[0]);
+    assert_eq!(to_bravo["status"], 502, "{to_bravo}");
+    let ann = annotations_in(to_bravo["headers"]["x-hopwatch"].as_str().unwrap_or(""));
+    assert!(
+        ann.iter()
+            .any(|a| a.starts_with("dir=inbound; workload=bravo")),
+        "alpha's app (a mesh call) sees bravo's inbound annotation: {ann:?}"
+    );
+    // bravo -> charlie: charlie's sidecar's own 503 UF, annotated on both sides.
+    let to_charlie = call(&body, &[0, 0]);
+    assert_eq!(to_charlie["status"], 503, "{to_charlie}");
+    let ann = annotations_in(to_charlie["headers"]["x-hopwatch"].as_str().unwrap_or(""));
+    assert!(
+        ann.iter()
+            .any(|a| a.starts_with("dir=inbound; workload=charlie") && a.contains("flags=UF")),
+        "{ann:?}"
+    );
+    // The failure is still found: only the response header is withheld from outside.
+    let breaks = wait_for(&s, "UPSTREAM_FAILURE at charlie", |b| {
+        has(b, "UPSTREAM_FAILURE", "charlie") || has(b, "UPSTREAM_FAILURE", "bravo")
+    });
+    assert!(
+        !of_kind(&breaks, "UPSTREAM_FAILURE").is_empty(),
+        "{}",
+        summary(&breaks)
+    );
+}
