@@ -292,6 +292,11 @@ pub fn pod_sidecar_bootstrap(
     };
     // Envoy's own filters before hopwatch, as the processes runtime puts them.
     let workload = pp.plan.workload(&inst.service);
+    // The filters as the processes runtime renders them per mTLS mode (annotate_external
+    // where the mesh has no identity).
+    let identity_mode = workload.map_or(MtlsMode::Off, |w| w.mtls(&pp.plan.topology));
+    let inbound_filter = crate::bootstrap::filter_for_mtls_mode(&filters.inbound, identity_mode);
+    let outbound_filter = crate::bootstrap::filter_for_mtls_mode(&filters.outbound, identity_mode);
     let inbound_before = match workload {
         Some(w) if w.deny_all => vec![rbac_deny_all(&inst.namespace, &inst.service)],
         _ => vec![],
@@ -340,7 +345,7 @@ pub fn pod_sidecar_bootstrap(
             &format!("inbound_0.0.0.0_{APP_PORT}"),
             routes,
             inbound_before,
-            filters.inbound.clone(),
+            inbound_filter.clone(),
             access_log("/dev/stdout", "inbound", tag_header),
             pod_tracing(),
         );
@@ -397,7 +402,7 @@ pub fn pod_sidecar_bootstrap(
         &format!("outbound_0.0.0.0_{SERVICE_PORT}"),
         http_route_80(pp),
         outbound_before,
-        filters.outbound.clone(),
+        outbound_filter.clone(),
         access_log("/dev/stdout", "outbound", tag_header),
         pod_tracing(),
     );
