@@ -492,3 +492,103 @@ fn flags() {
     assert!(e.to_string().contains("report token is empty"), "{e}");
     assert!(ServerArgs::try_parse_from(["hopwatch-collector", "--peer-identity", "jwt"]).is_err());
 }
+
+/// The collector behind a real Envoy sidecar terminating mTLS with SPIFFE certificates and
+/// setting XFCC as Istio's inbound does; two callers, each through its own sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_real_mtls_sidecar_a_caller_speaks_only_for_itself() {
+    use hopwatch_test_envoy::collector_sidecar::{Caller, CollectorSidecar};
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        identity: Policy {
+            require_peer: true,
+            ..Policy::default()
+        },
+        ..fast_settings()
+    };
+    let s = TestServer::start(settings, dir.path()).await;
+    let callers = [Caller::new("shop", "cart"), Caller::new("prod", "payments")];
+    let tls = dir.path().join("tls");
+    let grpc = s.grpc;
+    let sidecar =
+        tokio::task::spawn_blocking(move || CollectorSidecar::start(&tls, grpc, &callers))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("collector sidecar: {e}"));
+    let mut cart = CollectorClient::connect(sidecar.url_for(0)).await.unwrap();
+    let mut payments = CollectorClient::connect(sidecar.url_for(1)).await.unwrap();
+    let mut q = QueryClient::connect(s.url()).await.unwrap();
+    let batch = |t: u32, ns: &str, sa: &str| ReportRequest {
+        hops: failing_chain(&trace_id(t), ns),
+        reporter_pod: format!("{sa}-5f7c"),
+        reporter_namespace: ns.into(),
+        reporter_service_account: sa.into(),
+        ..Default::default()
+    };
+
+    // cart claiming to be prod/payments: refused.
+    let e = cart.report(batch(1, "prod", "payments")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{}",
+        e.message()
+    );
+    // cart's own batch, and payments' own: accepted.
+    let r = cart.report(batch(2, "shop", "cart")).await.unwrap();
+    assert_eq!(r.into_inner().accepted, 5);
+    let r = payments.report(batch(3, "prod", "payments")).await.unwrap();
+    assert_eq!(r.into_inner().accepted, 5);
+    // cart's app writing its own XFCC header naming payments: the sidecar appends the
+    // real peer after it, and that one counts.
+    let forged_xfcc = "By=spiffe://cluster.local/ns/hopwatch/sa/hopwatch-collector;URI=spiffe://cluster.local/ns/prod/sa/payments";
+    let e = cart
+        .report(request(
+            batch(4, "prod", "payments"),
+            &[("x-forwarded-client-cert", forged_xfcc)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Bypassing the sidecar (plain text straight to the collector): no peer, refused.
+    let mut direct = CollectorClient::connect(s.url()).await.unwrap();
+    let e = direct.report(batch(5, "shop", "cart")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // prod's findings are payments' trace only; shop's are cart's.
+    assert!(wait_breaks(&mut q, "prod").await > 0);
+    assert!(wait_breaks(&mut q, "shop").await > 0);
+    let prod = q
+        .list_breaks(ListBreaksRequest {
+            namespace: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .breaks;
+    for b in &prod {
+        assert_eq!(b.trace_ids, [trace_id(3)], "{b:?}");
+    }
+    let m = http_get(s.http, "/metrics").await;
+    let refused = metric(&m, "hopwatch_hops_refused_total{reason=\"identity\"}");
+    assert_eq!(refused, 10, "{m}");
+    assert_eq!(
+        metric(&m, "hopwatch_reports_refused_total{reason=\"identity\"}"),
+        1
+    );
+    assert_eq!(metric(&m, "hopwatch_hops_received_total"), 10);
+    // Every call went through the TLS listener with a verified client certificate.
+    let handshakes =
+        sidecar.stat(&format!("listener.{}.ssl.handshake", sidecar.inbound).replace(':', "_"));
+    assert!(
+        handshakes >= 2,
+        "{handshakes} TLS handshakes on the inbound listener"
+    );
+    println!(
+        "behind Envoy mTLS: {refused} forged hops refused (2 batches), 10 own hops accepted, 1 sidecar-bypassing batch refused"
+    );
+    drop(sidecar);
+    s.stop().await;
+}

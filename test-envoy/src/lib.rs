@@ -7,6 +7,8 @@
 //! - [`mesh`]: starts and stops the processes, sends requests, queries the collector.
 //! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
 //! - [`mtls`]: the mesh CA, workload certificates and TLS contexts (mTLS between sidecars).
+//! - [`collector_sidecar`]: the collector behind its own mTLS sidecar (XFCC), for the
+//!   identity tests.
 //! - [`render`]: writes the kube YAML / configuration of a rendered mesh.
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
@@ -17,6 +19,7 @@ pub mod demo_grpc {
     tonic::include_proto!("hopwatch.demo.v1");
 }
 pub mod bootstrap;
+pub mod collector_sidecar;
 pub mod httpc;
 pub mod manifests;
 pub mod mesh;
