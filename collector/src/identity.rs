@@ -415,8 +415,12 @@ pub enum Refusal {
     IdentityMalformed(XfccError),
     #[error("peer {peer} is not of the trust domain {want}")]
     TrustDomain { peer: String, want: String },
-    #[error("every hop of the batch was refused: {0}")]
-    AllHops(String),
+    #[error("every hop of the batch was refused ({identity} for the sender's identity, {clock_skew} for the clock skew); the first: {first}")]
+    AllHops {
+        identity: u32,
+        clock_skew: u32,
+        first: String,
+    },
 }
 
 impl Refusal {
@@ -430,8 +434,8 @@ impl Refusal {
             | Refusal::IdentityMissing
             | Refusal::IdentityMalformed(_) => tonic::Code::Unauthenticated,
             Refusal::TrustDomain { .. } => tonic::Code::PermissionDenied,
-            Refusal::AllHops(m) if m.contains("identity") => tonic::Code::PermissionDenied,
-            Refusal::AllHops(_) => tonic::Code::InvalidArgument,
+            Refusal::AllHops { identity, .. } if *identity > 0 => tonic::Code::PermissionDenied,
+            Refusal::AllHops { .. } => tonic::Code::InvalidArgument,
         }
     }
 }

@@ -195,8 +195,12 @@ impl Collector {
         }
         let hops = &admitted.hops[..];
         if hops.is_empty() {
-            let why = admitted.first_refusal.unwrap_or_default();
-            return Err(identity::Refusal::AllHops(why).into());
+            return Err(identity::Refusal::AllHops {
+                identity: admitted.refused_identity,
+                clock_skew: admitted.refused_clock_skew,
+                first: admitted.first_refusal.unwrap_or_default(),
+            }
+            .into());
         }
         m.hops_received.fetch_add(hops.len() as u64, Relaxed);
         // Ingest lag: from the end of the newest hop to now.
