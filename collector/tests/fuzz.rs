@@ -309,7 +309,10 @@ fn exercise(c: &Collector, now: u64) {
     // compares every node and edge with every finding) and the /metrics text (reads
     // /proc too): every 16th batch.
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    if CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16 == 0 {
+    if CALLS
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .is_multiple_of(16)
+    {
         let _ = c.graph_json();
         let _ = c.render_metrics();
     }
