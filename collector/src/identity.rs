@@ -30,6 +30,10 @@ pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 pub const TOKEN_HEADER: &str = "x-hopwatch-report-token";
 /// Default `--max-clock-skew`.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
+/// The largest `--max-clock-skew`. Beyond the clock check keeping every accepted hop's
+/// end below now + skew, the analysis adds join slack to hop times unchecked: the bound
+/// keeps those sums far from u64 overflow whatever a sender writes.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
 /// The most reports one batch may claim its filter dropped since its previous batch.
 /// A filter drops at most what it could not send in the interval between two batches;
 /// a billion is far beyond any real backlog and small enough that no sum overflows.
@@ -276,8 +280,14 @@ impl std::str::FromStr for ReportToken {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))
+fn parse_skew(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))?;
+    if d > MAX_CLOCK_SKEW {
+        return Err(format!(
+            "{s} is more than the maximum clock skew of 24h (hops from further in the future are never real)"
+        ));
+    }
+    Ok(d)
 }
 
 /// The collector's flags about who may report.
@@ -297,7 +307,7 @@ pub struct IdentityArgs {
     #[arg(long, env = "HOPWATCH_REPORT_TOKEN", hide_env_values = true)]
     pub report_token: Option<ReportToken>,
     /// Hops that end later than the collector's clock plus this are refused.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = parse_skew)]
     pub max_clock_skew: Duration,
     /// Only peers of this SPIFFE trust domain may report (default: any).
     #[arg(long)]
@@ -516,7 +526,7 @@ pub fn admit<'a>(
         )
     });
     let latest_end_us = now_ms
-        .saturating_add(policy.max_clock_skew.as_millis() as u64)
+        .saturating_add(policy.max_clock_skew.min(MAX_CLOCK_SKEW).as_millis() as u64)
         .saturating_mul(1000);
     let mut first_refusal = None;
     let (mut refused_identity, mut refused_clock_skew) = (0u32, 0u32);

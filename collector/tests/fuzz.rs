@@ -486,3 +486,62 @@ fn fuzz_xfcc() {
     );
     println!("fuzz XFCC: {n} + {m} cases");
 }
+
+/// Regression: times at the ends of u64. Found by the batches target before the clock
+/// check existed: start + duration overflowed (a panic in debug builds) in the ingest-lag
+/// computation and in the analysis (`CHop::end_us`, the join windows). Now such hops are
+/// refused (clock skew, capped at 24h even if a Policy asks for more), old ones analysed.
+#[test]
+fn extreme_times_do_not_panic() {
+    for skew in [
+        Duration::from_secs(600),
+        Duration::from_secs(u64::MAX / 1000),
+    ] {
+        let mut s = settings();
+        s.identity.max_clock_skew = skew;
+        let c = Collector::in_memory(s);
+        let now = now_ms();
+        let mut hops = Vec::new();
+        for (i, (start, dur)) in [
+            (u64::MAX, u64::MAX),
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (0, 0),
+            (u64::MAX / 2, u64::MAX / 2 + 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for direction in [1, 2] {
+                hops.push(Hop {
+                    trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                    span_id: format!("a00000000000000{i}"),
+                    upstream_span_id: format!("a00000000000000{}", i + 1),
+                    request_id: "req-1".into(),
+                    direction,
+                    workload: "reviews-v1".into(),
+                    namespace: "default".into(),
+                    service: "reviews".into(),
+                    upstream_cluster: "outbound|9080||ratings.default.svc.cluster.local".into(),
+                    response_code: 503,
+                    response_flags: 1 << 5,
+                    start_time_unix_micros: start,
+                    duration_micros: dur,
+                    ..Default::default()
+                });
+            }
+        }
+        let req = ReportRequest {
+            hops,
+            dropped_since_last_batch: u64::MAX,
+            ..Default::default()
+        };
+        // Only the two hops of 1970 (start 0, duration 0) are kept.
+        assert_eq!(c.report(&req, now), Ok(2));
+        assert_eq!(c.report(&req, now), Ok(2));
+        exercise(&c, now + 120_000);
+        c.poll(u64::MAX / 1000);
+        c.retain(u64::MAX / 1000);
+        check_bounds(&c, now + 240_000);
+    }
+}

@@ -491,6 +491,9 @@ fn flags() {
     let e = ServerArgs::try_parse_from(["hopwatch-collector", "--report-token", ""]).unwrap_err();
     assert!(e.to_string().contains("report token is empty"), "{e}");
     assert!(ServerArgs::try_parse_from(["hopwatch-collector", "--peer-identity", "jwt"]).is_err());
+    let e =
+        ServerArgs::try_parse_from(["hopwatch-collector", "--max-clock-skew", "2d"]).unwrap_err();
+    assert!(e.to_string().contains("maximum clock skew of 24h"), "{e}");
 }
 
 /// The collector behind a real Envoy sidecar terminating mTLS with SPIFFE certificates and
