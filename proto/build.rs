@@ -21,7 +21,9 @@ fn main() -> anyhow::Result<()> {
         let descriptor_path = out.join("hopwatch_descriptor.bin");
         std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))
             .context("writing hopwatch_descriptor.bin")?;
+        // The checked codec (src/codec.rs): decode errors are INVALID_ARGUMENT, counted.
         tonic_prost_build::configure()
+            .codec_path("crate::codec::CheckedCodec")
             .build_client(true)
             .build_server(true)
             .compile_fds(fds)

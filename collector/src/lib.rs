@@ -11,6 +11,7 @@
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
+//! - [`identity`]: who may report (mTLS peer from XFCC, report token, clock skew).
 //! - [`service`]: shared state, metrics, Report/Query semantics.
 //! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
 //!   scrape-time snapshot); [`process`]: the `process_*` figures from /proc.
@@ -28,6 +29,7 @@ pub mod fragments;
 pub mod graph;
 pub mod grpc;
 pub mod hidden_hop;
+pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod other_ids;

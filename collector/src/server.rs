@@ -110,6 +110,9 @@ pub struct ServerArgs {
     /// (one JSON object per line, for log collectors). Level from RUST_LOG (default info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Who may report (peer identity, report token, clock skew).
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityArgs,
 }
 
 /// `--log-format` of the collector.
@@ -136,6 +139,7 @@ impl ServerArgs {
             max_batch_hops: self.max_batch_hops,
             retention_age: self.retention_age,
             retention_count: self.retention_count,
+            identity: self.identity.policy(),
         }
     }
 }
@@ -149,14 +153,16 @@ impl collector_server::Collector for CollectorSvc {
         &self,
         req: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        let sender = crate::identity::Sender::from_metadata(req.metadata());
         let req = req.into_inner();
-        let result = self.0.report(&req, now_ms());
+        let result = self.0.report_from(&req, &sender, now_ms());
         if let Err(e) = &result {
             tracing::debug!(reporter = %req.reporter_pod, namespace = %req.reporter_namespace, error = %e, "rejected a report batch");
         }
         match result {
             Ok(accepted) => Ok(Response::new(ReportResponse { accepted })),
             Err(e @ ReportError::TooLarge { .. }) => Err(Status::resource_exhausted(e.to_string())),
+            Err(ReportError::Refused(r)) => Err(Status::new(r.code(), r.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),
         }
     }

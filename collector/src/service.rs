@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
 use crate::fragments::FragmentIndex;
 use crate::graph::ServiceGraph;
+use crate::identity::{self, Sender};
 use crate::metrics::{
     build_info, process_metrics, BreakLabels, BreaksCounter, Format, LagHistogram, Snapshot,
 };
@@ -40,6 +41,8 @@ pub struct Settings {
     pub retention_age: Duration,
     /// At most this many findings are kept (the least recently seen go first).
     pub retention_count: usize,
+    /// Who may report, and what a batch may claim (see [`crate::identity`]).
+    pub identity: crate::identity::Policy,
 }
 
 impl Default for Settings {
@@ -49,6 +52,7 @@ impl Default for Settings {
             max_batch_hops: 5_000,
             retention_age: Duration::from_secs(7 * 24 * 3600),
             retention_count: 100_000,
+            identity: crate::identity::Policy::default(),
         }
     }
 }
@@ -61,6 +65,9 @@ pub enum ReportError {
     TooLarge { got: usize, max: usize },
     #[error("malformed batch: {0}")]
     Malformed(String),
+    /// The sender may not report this (token, peer identity) or every hop was refused.
+    #[error("{0}")]
+    Refused(#[from] crate::identity::Refusal),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -89,6 +96,8 @@ pub struct Metrics {
     pub findings_persisted: AtomicU64,
     pub findings_expired: AtomicU64,
     pub watch_lagged: AtomicU64,
+    /// Reports and hops refused by [`crate::identity::admit`].
+    pub refused: crate::identity::Counters,
     /// `hopwatch_breaks_total{kind,severity,namespace,workload,peer}`.
     pub breaks: BreaksCounter,
 }
@@ -147,14 +156,23 @@ impl Collector {
         self.watch.subscribe()
     }
 
-    /// Handles one Report batch.
+    /// Handles one Report batch from an unidentified sender (no token, no peer).
     pub fn report(&self, req: &ReportRequest, now_ms: u64) -> Result<u32, ReportError> {
+        self.report_from(req, &Sender::default(), now_ms)
+    }
+
+    /// Handles one Report batch from `sender`: the identity checks first (token, peer,
+    /// hops the peer may not speak for, hops from the future), then the batch checks.
+    pub fn report_from(
+        &self,
+        req: &ReportRequest,
+        sender: &Sender,
+        now_ms: u64,
+    ) -> Result<u32, ReportError> {
         let m = &self.metrics;
         m.batches_received.fetch_add(1, Relaxed);
-        if req.dropped_since_last_batch > 0 {
-            m.reports_dropped_by_filters
-                .fetch_add(req.dropped_since_last_batch, Relaxed);
-        }
+        let admitted = identity::admit(&self.settings.identity, sender, req, now_ms, &m.refused)?;
+        identity::saturating_add(&m.reports_dropped_by_filters, admitted.dropped);
         if req.hops.is_empty() {
             m.batches_rejected_empty.fetch_add(1, Relaxed);
             return Err(ReportError::Empty);
@@ -172,12 +190,23 @@ impl Collector {
                 return Err(ReportError::Malformed(e));
             }
         }
-        m.hops_received.fetch_add(req.hops.len() as u64, Relaxed);
+        if let Some(why) = &admitted.first_refusal {
+            tracing::debug!(reporter = %req.reporter_pod, peer = ?admitted.peer.as_ref().map(|p| p.to_string()), identity = admitted.refused_identity, clock_skew = admitted.refused_clock_skew, first = %why, "refused hops of a report batch");
+        }
+        let hops = &admitted.hops[..];
+        if hops.is_empty() {
+            return Err(identity::Refusal::AllHops {
+                identity: admitted.refused_identity,
+                clock_skew: admitted.refused_clock_skew,
+                first: admitted.first_refusal.unwrap_or_default(),
+            }
+            .into());
+        }
+        m.hops_received.fetch_add(hops.len() as u64, Relaxed);
         // Ingest lag: from the end of the newest hop to now.
-        let newest_end_ms = req
-            .hops
+        let newest_end_ms = hops
             .iter()
-            .map(|h| (h.start_time_unix_micros + h.duration_micros) / 1000)
+            .map(|h| h.start_time_unix_micros.saturating_add(h.duration_micros) / 1000)
             .max()
             .unwrap_or(0);
         if newest_end_ms > 0 {
@@ -186,13 +215,10 @@ impl Collector {
             m.ingest_lag_ms_last.store(lag, Relaxed);
         }
         // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
-        let converted = Core::convert(&self.shared, &req.hops);
+        let converted = Core::convert(&self.shared, hops);
         self.graph.lock().observe(converted.iter().map(|(_, h)| h));
-        self.fragments.lock().observe(&req.hops);
-        let (accepted, evicted) = self
-            .core
-            .lock()
-            .ingest_converted(&req.hops, converted, now_ms);
+        self.fragments.lock().observe(hops);
+        let (accepted, evicted) = self.core.lock().ingest_converted(hops, converted, now_ms);
         if !evicted.is_empty() {
             self.record(evicted);
         }
@@ -540,6 +566,31 @@ impl Collector {
                 ("malformed", l(&m.batches_rejected_malformed)),
             ],
         );
+        let decode = hopwatch_proto::codec::decode_errors();
+        s.counter_by(
+            "hopwatch_reports_refused",
+            "Report calls refused whole: reason token (missing or wrong x-hopwatch-report-token), identity (peer identity missing, unreadable or of another trust domain), decode (not a ReportRequest; counted process-wide).",
+            "reason",
+            &[
+                ("token", l(&m.refused.reports_refused_token)),
+                ("identity", l(&m.refused.reports_refused_identity)),
+                ("decode", decode.report_request),
+            ],
+        );
+        s.counter_by(
+            "hopwatch_hops_refused",
+            "Hops refused from accepted batches: reason identity (namespace or service account not the sending peer's), clock_skew (ending beyond the collector's clock plus --max-clock-skew).",
+            "reason",
+            &[
+                ("identity", l(&m.refused.hops_refused_identity)),
+                ("clock_skew", l(&m.refused.hops_refused_clock_skew)),
+            ],
+        );
+        s.counter(
+            "hopwatch_dropped_claims_implausible",
+            "Batches whose dropped_since_last_batch claimed more than 1e9 (not added to hopwatch_reports_dropped_by_filters).",
+            l(&m.refused.dropped_claims_implausible),
+        );
         s.counter(
             "hopwatch_reports_dropped_by_filters",
             "Reports the filters dropped before sending (dropped_since_last_batch).",
@@ -642,7 +693,10 @@ impl Collector {
             "code",
             &[
                 ("not_found", l(&m.queries_rejected_not_found)),
-                ("invalid_argument", l(&m.queries_rejected_invalid)),
+                (
+                    "invalid_argument",
+                    l(&m.queries_rejected_invalid) + decode.other,
+                ),
             ],
         );
         s.counter(

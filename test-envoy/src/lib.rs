@@ -8,6 +8,8 @@
 //! - [`collector_cli`]: the `hopwatch` CLI against a mesh's collector (both runtimes).
 //! - [`pods`]: the pods runtime (podman kube play, Istio's capture and listener layout).
 //! - [`mtls`]: the mesh CA, workload certificates and TLS contexts (mTLS between sidecars).
+//! - [`collector_sidecar`]: the collector behind its own mTLS sidecar (XFCC), for the
+//!   identity tests.
 //! - [`render`]: writes the kube YAML / configuration of a rendered mesh.
 //! - [`httpc`]: the small blocking HTTP client all of it uses.
 
@@ -21,6 +23,8 @@ pub mod bootstrap;
 pub mod collector_cli;
 pub mod httpc;
 pub mod manifests;
+// The collector behind its own sidecar (identity tests). Kept apart from the runtimes' modules.
+pub mod collector_sidecar;
 pub mod mesh;
 pub mod mtls;
 pub mod plan;
