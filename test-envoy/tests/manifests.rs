@@ -37,6 +37,7 @@ const AMBIENT_WASMPLUGIN: &str = "envoyfilter-manifests/ambient/hopwatch-wasmplu
 const COLLECTOR_SERVICE: &str = "envoyfilter-manifests/collector/service.yaml";
 const COLLECTOR_DEPLOYMENT: &str = "envoyfilter-manifests/collector/deployment.yaml";
 const COLLECTOR_AUTHZ: &str = "envoyfilter-manifests/collector/authorizationpolicy.yaml";
+const COLLECTOR_PEER_AUTHN: &str = "envoyfilter-manifests/collector/peerauthentication.yaml";
 const EXAMPLE_APP: &str = "envoyfilter-manifests/wasm-configmap/example-app.yaml";
 
 // ---------------------------------------------------------------------------------------
@@ -961,6 +962,7 @@ fn every_manifest_parses_and_names_itself() {
         "EnvoyFilter",
         "WasmPlugin",
         "AuthorizationPolicy",
+        "PeerAuthentication",
         "Deployment",
         "Service",
         "ServiceAccount",
@@ -2259,5 +2261,36 @@ fn every_envoyfilter_is_fail_open_on_each_istio_version() {
         !v.ok,
         "Envoy accepted failure_policy with fail_open:\n{}",
         v.output
+    );
+}
+
+/// The collector trusts the XFCC header only because its gRPC port takes mTLS alone
+/// (docs/DEPLOY.md "Who may report"): STRICT for the collector's pods, on the port the
+/// Service exposes for reports, with the HTTP port left PERMISSIVE for scrapes.
+#[test]
+fn collector_grpc_port_is_strict_mtls() {
+    let v = one_of_kind(COLLECTOR_PEER_AUTHN, "PeerAuthentication");
+    assert_eq!(v["metadata"]["namespace"], "hopwatch");
+    assert_eq!(v["spec"]["mtls"]["mode"], "STRICT");
+    let ap = one_of_kind(COLLECTOR_AUTHZ, "AuthorizationPolicy");
+    assert_eq!(
+        v["spec"]["selector"], ap["spec"]["selector"],
+        "PeerAuthentication and AuthorizationPolicy select the same pods"
+    );
+    let ports = v["spec"]["portLevelMtls"]
+        .as_object()
+        .expect("portLevelMtls");
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports["9091"]["mode"], "PERMISSIVE");
+    let svc = one_of_kind(COLLECTOR_SERVICE, "Service");
+    let svc_ports: Vec<u64> = svc["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert!(
+        svc_ports.contains(&9090) && svc_ports.contains(&9091),
+        "{svc_ports:?}"
     );
 }
