@@ -10,7 +10,8 @@
 //!   gRPC status names and hints in [`grpc`].
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
-//! - [`store`]: the deduplicated findings index and its redb persistence.
+//! - [`store`]: the deduplicated findings index; [`persist`]: its redb database, the
+//!   recovery from write errors and the checkpoint; [`wal`]: the write-ahead log of hops.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
 //! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
 //!   scrape-time snapshot); [`process`]: the `process_*` figures from /proc.
@@ -31,11 +32,13 @@ pub mod hidden_hop;
 pub mod metrics;
 pub mod model;
 pub mod other_ids;
+pub mod persist;
 pub mod policy_denied;
 pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod term;
+pub mod wal;
 pub mod watch;
 pub mod web;

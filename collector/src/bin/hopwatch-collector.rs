@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let collector = Arc::new(
-        Collector::open(args.settings(), &args.data_dir).with_context(|| {
+        Collector::open_with(args.settings(), &args.data_dir, &args.persist_options()).with_context(|| {
             format!(
                 "opening the findings database in {}",
                 args.data_dir.display()
