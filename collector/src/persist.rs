@@ -518,3 +518,74 @@ impl Collector {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::{now_ms, Settings};
+    use hopwatch_proto::v1::{Direction, Hop, ReportRequest};
+
+    fn req(trace: &str, now: u64) -> ReportRequest {
+        ReportRequest {
+            hops: vec![Hop {
+                trace_id: trace.into(),
+                span_id: "a000000000000001".into(),
+                request_id: format!("req-{trace}"),
+                direction: Direction::Inbound as i32,
+                workload: "w".into(),
+                namespace: "ns".into(),
+                service: "s".into(),
+                response_code: 200,
+                start_time_unix_micros: now * 1000,
+                duration_micros: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn wait_written(c: &Collector) {
+        let w = c.durable.as_ref().unwrap().wal.as_ref().unwrap();
+        let t = Instant::now();
+        while w.pending_bytes() > 0 || w.bytes() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "WAL not written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wal(c: &Collector) -> &Wal {
+        c.durable.as_ref().unwrap().wal.as_ref().unwrap()
+    }
+
+    /// A segment is deleted only once its traces are analysed and the findings flushed;
+    /// before, a restart replays it.
+    #[test]
+    fn checkpoint_waits_for_analysis() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.limits.trace_quiet = Duration::from_secs(3600);
+        let c = Collector::open(settings.clone(), dir.path()).unwrap();
+        let now = now_ms();
+        c.report(&req("4bf92f3577b34da6a3ce929d0e0e4736", now), now)
+            .unwrap();
+        wait_written(&c);
+        std::thread::sleep(FLUSH_EVERY + TICK);
+        c.flush_tick();
+        assert_eq!(wal(&c).closed().len(), 1, "sealed, kept: its trace is open");
+        drop(c);
+        let c = Collector::open(settings, dir.path()).unwrap();
+        assert_eq!(c.core.lock().open_traces(), 1, "replayed");
+        assert_eq!(wal(&c).stats().hops_replayed.load(Relaxed), 1);
+        // Analysed, then flushed: deleted.
+        assert_eq!(c.poll(now_ms() + 3_700_000), 1);
+        std::thread::sleep(FLUSH_EVERY + TICK);
+        c.flush_tick();
+        assert!(wal(&c).closed().is_empty());
+        c.report(&req("4bf92f3577b34da6a3ce929d0e0e4737", now), now)
+            .unwrap();
+        // Shutdown analyses every open trace, persists, and deletes the whole WAL.
+        c.shutdown(now_ms()).unwrap();
+        assert!(wal(&c).closed().is_empty());
+        assert_eq!(std::fs::read_dir(dir.path().join("wal")).unwrap().count(), 0);
+    }
+}
