@@ -18,8 +18,8 @@
 //! is retried for at most [`SHUTDOWN_RETRY_FOR`]; what still cannot be written is logged
 //! at error, and with the WAL it comes back at the next start from the replayed hops.
 //!
-//! **Checkpoint** (with the WAL): every flush first seals the active WAL segment, then,
-//! under the ingest gate (no Report between ingest and recording its evicted traces, no
+//! **Checkpoint** (with the WAL): every flush first seals the active WAL segment (a
+//! record is appended only after its hops are ingested), then, under the ingest gate (no Report between ingest and recording its evicted traces, no
 //! analysis round in flight), notes the arrival time of the oldest open trace: every hop
 //! that arrived before it belongs to an analysed trace whose findings are in the store.
 //! Once the flush has written every dirty finding, the sealed segments whose newest hop
@@ -354,8 +354,22 @@ impl Collector {
         }
         let (analysed_before, sealed) = match &d.wal {
             Some(w) => {
+                // Every record in a sealed segment was appended after its Report's hops
+                // were ingested and their evicted traces recorded.
                 w.seal();
-                let _g = d.gate.write();
+                let sealed = w.closed();
+                // The gate without making Reports queue behind a waiting writer while an
+                // analysis round holds it: try for a while, then wait.
+                let t = Instant::now();
+                let _g = loop {
+                    if let Some(g) = d.gate.try_write() {
+                        break g;
+                    }
+                    if t.elapsed() > Duration::from_millis(50) {
+                        break d.gate.write();
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                };
                 // Reports take their arrival time before they reach the aggregator, so
                 // its queue is ordered only to within the time a report takes to get
                 // there: a margin covers it.
@@ -364,7 +378,7 @@ impl Collector {
                     .lock()
                     .oldest_open_ms()
                     .map_or(u64::MAX, |t| t.saturating_sub(ARRIVAL_ORDER_MARGIN_MS));
-                (oldest, w.closed())
+                (oldest, sealed)
             }
             None => (0, Vec::new()),
         };
@@ -421,11 +435,15 @@ impl Collector {
                     c.len() + r.len()
                 };
                 match &d.wal {
-                    Some(w) if unwritten_wal == 0 => tracing::error!(error = %e, findings_unwritten = changed,
+                    Some(w) if unwritten_wal == 0 => {
+                        tracing::error!(error = %e, findings_unwritten = changed,
                         wal_dir = %w.dir().display(),
-                        "SHUTDOWN COULD NOT PERSIST FINDINGS: they are not in the database; the WAL keeps their hops, which are replayed and analysed again at the next start"),
-                    _ => tracing::error!(error = %e, findings_unwritten = changed, wal_bytes_unwritten = unwritten_wal,
-                        "SHUTDOWN COULD NOT PERSIST FINDINGS: these findings are LOST (neither in the database nor in the WAL)"),
+                        "SHUTDOWN COULD NOT PERSIST FINDINGS: they are not in the database; the WAL keeps their hops, which are replayed and analysed again at the next start")
+                    }
+                    _ => {
+                        tracing::error!(error = %e, findings_unwritten = changed, wal_bytes_unwritten = unwritten_wal,
+                        "SHUTDOWN COULD NOT PERSIST FINDINGS: these findings are LOST (neither in the database nor in the WAL)")
+                    }
                 }
             }
         }
@@ -586,6 +604,9 @@ mod tests {
         // Shutdown analyses every open trace, persists, and deletes the whole WAL.
         c.shutdown(now_ms()).unwrap();
         assert!(wal(&c).closed().is_empty());
-        assert_eq!(std::fs::read_dir(dir.path().join("wal")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("wal")).unwrap().count(),
+            0
+        );
     }
 }

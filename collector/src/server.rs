@@ -526,6 +526,20 @@ mod tests {
     }
 
     #[test]
+    fn wal_flags() {
+        let a = ServerArgs::parse_from(["hopwatch-collector"]);
+        let w = a.persist_options().wal.expect("WAL on by default");
+        assert_eq!(w.sync_interval, Duration::from_millis(200));
+        let a = ServerArgs::parse_from(["hopwatch-collector", "--wal-sync-interval", "50ms"]);
+        assert_eq!(
+            a.persist_options().wal.unwrap().sync_interval,
+            Duration::from_millis(50)
+        );
+        let a = ServerArgs::parse_from(["hopwatch-collector", "--no-wal"]);
+        assert!(a.persist_options().wal.is_none());
+    }
+
+    #[test]
     fn flag_defaults_are_the_library_defaults() {
         let l = ServerArgs::parse_from(["hopwatch-collector"])
             .settings()

@@ -169,10 +169,7 @@ async fn sigkill_loses_at_most_the_last_second() {
         let (p, samples, findings) =
             restart_and_count(dir.path(), &log, &[], n as usize * per_trace).await;
         let s = survived(&samples, 0..n);
-        let line = format!(
-            "after a flush: {}/{} ({findings} findings)",
-            s.0, s.1
-        );
+        let line = format!("after a flush: {}/{} ({findings} findings)", s.0, s.1);
         println!("{line}");
         report_lines.push(line);
         assert_eq!(s, (n as usize, n as usize), "{}", p.log_text());

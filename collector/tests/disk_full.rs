@@ -26,7 +26,9 @@ impl Tmpfs {
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run mount: {e} (this test needs root and mount(8))"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run mount: {e} (this test needs root and mount(8))")
+            });
         assert!(
             o.status.success(),
             "cannot mount a {size} tmpfs on {} (this test needs root / CAP_SYS_ADMIN): {}",
@@ -107,7 +109,11 @@ async fn disk_full_then_freed_loses_nothing() {
     })
     .await;
     let h = health(&p).await;
-    assert!(went_unready, "/healthz stays {h:?} on a full disk: {}", p.log_text());
+    assert!(
+        went_unready,
+        "/healthz stays {h:?} on a full disk: {}",
+        p.log_text()
+    );
     let unready_after = t.elapsed();
     assert!(h.1.contains("not ready"), "{h:?}");
     assert_eq!(p.http_get("/livez").await.0, 200, "/livez stays 200");
@@ -159,7 +165,10 @@ async fn disk_full_then_freed_loses_nothing() {
     let _ = p.ready().await;
     let (samples, n) = p.samples().await;
     let s = survived(&samples, 0..3_300);
-    println!("disk full then freed: survived/planted {}/{} ({n} findings stored)", s.0, s.1);
+    println!(
+        "disk full then freed: survived/planted {}/{} ({n} findings stored)",
+        s.0, s.1
+    );
     assert_eq!(s, (3_300, 3_300));
     assert_eq!(n, expect);
     let (st, _) = p.term(Duration::from_secs(30));
