@@ -363,7 +363,7 @@ impl Wal {
                 continue;
             }
             let mut off = MAGIC.len();
-            if data.len() < off || &data[..off] != MAGIC || !opts_direct_ok(&data) {
+            if data.len() < off || &data[..off] != MAGIC || !header_block_whole(&data) {
                 if !data.is_empty() {
                     self.inner.stats.torn_records.fetch_add(1, Relaxed);
                     tracing::warn!(segment = %seg.path.display(), "WAL segment without the hopwatch WAL header: ignored");
@@ -461,7 +461,7 @@ impl Wal {
 }
 
 /// The header block is whole (a segment is never shorter than it).
-fn opts_direct_ok(data: &[u8]) -> bool {
+fn header_block_whole(data: &[u8]) -> bool {
     data.len() >= BLOCK
 }
 
@@ -476,7 +476,7 @@ fn record_at(data: &[u8], off: usize) -> Result<Option<Record>, &'static str> {
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-    if len == 0 && off % BLOCK != 0 {
+    if len == 0 && !off.is_multiple_of(BLOCK) {
         // Padding: the next record starts at the next block.
         let next = off.next_multiple_of(BLOCK);
         return if next >= data.len() {
