@@ -211,6 +211,13 @@ impl Core {
         self.quiet_q.len() + self.age_q.len()
     }
 
+    /// Arrival time (ms) of the oldest open trace, or a little earlier (the age queue's
+    /// front may be a trace analysed since); None if no trace is open. Every hop that
+    /// arrived before it belongs to an analysed trace: the WAL's checkpoint (persist.rs).
+    pub fn oldest_open_ms(&self) -> Option<u64> {
+        self.age_q.front().map(|&(_, t)| t)
+    }
+
     /// Adds validated hops (direction set, trace id or request id present). Traces evicted
     /// to make room are analysed at once and returned.
     pub fn ingest(&mut self, hops: &[Hop], now_ms: u64) -> (u32, Vec<TraceResult>) {

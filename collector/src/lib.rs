@@ -10,7 +10,8 @@
 //!   gRPC status names and hints in [`grpc`].
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
 //! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
-//! - [`store`]: the deduplicated findings index and its redb persistence.
+//! - [`store`]: the deduplicated findings index; [`persist`]: its redb database, the
+//!   recovery from write errors and the checkpoint; [`wal`]: the write-ahead log of hops.
 //! - [`identity`]: who may report (mTLS peer from XFCC, report token, clock skew).
 //! - [`service`]: shared state, metrics, Report/Query semantics.
 //! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
@@ -33,11 +34,13 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod other_ids;
+pub mod persist;
 pub mod policy_denied;
 pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod term;
+pub mod wal;
 pub mod watch;
 pub mod web;

@@ -1,5 +1,5 @@
-//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz, the web view
-//! at `/`) front ends,
+//! gRPC (Collector, Query, Health, reflection) and HTTP (/metrics, /healthz, /livez, the
+//! web view at `/`) front ends,
 //! the background tasks (analysis, persistence, retention) and graceful shutdown.
 
 use std::net::SocketAddr;
@@ -113,6 +113,15 @@ pub struct ServerArgs {
     /// Who may report (peer identity, report token, clock skew).
     #[command(flatten)]
     pub identity: crate::identity::IdentityArgs,
+    /// Without the write-ahead log of accepted hops (under --data-dir/wal): a crash then
+    /// loses the open traces and the findings not yet flushed (--trace-quiet + 1s of
+    /// traffic and more), instead of at most --wal-sync-interval.
+    #[arg(long)]
+    pub no_wal: bool,
+    /// How often the write-ahead log is written and fsynced (one group commit for every
+    /// Report of the interval): what a crash can lose.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub wal_sync_interval: Duration,
 }
 
 /// `--log-format` of the collector.
@@ -123,6 +132,16 @@ pub enum LogFormat {
 }
 
 impl ServerArgs {
+    /// `--no-wal`, `--wal-sync-interval`.
+    pub fn persist_options(&self) -> crate::persist::PersistOptions {
+        crate::persist::PersistOptions {
+            wal: (!self.no_wal).then(|| crate::wal::WalOptions {
+                sync_interval: self.wal_sync_interval,
+                ..Default::default()
+            }),
+        }
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             limits: Limits {
@@ -327,12 +346,26 @@ async fn metrics_handler(
     )
 }
 
+/// Readiness: 503 with the reason while findings or the WAL cannot be written (`/livez`
+/// is liveness: 200 while the process serves HTTP).
+async fn healthz(
+    axum::extract::State(c): axum::extract::State<Arc<Collector>>,
+) -> (axum::http::StatusCode, String) {
+    match c.not_ready() {
+        None => (axum::http::StatusCode::OK, "ok\n".into()),
+        Some(why) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
 /// Runs the analysis, persistence and retention loops until `stop` turns true.
 async fn background(c: Arc<Collector>, mut stop: watch::Receiver<bool>) {
     let tick = (c.settings.limits.trace_quiet / 10)
         .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut analyse = tokio::time::interval(tick);
-    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut flush = tokio::time::interval(crate::persist::TICK);
     let mut retention = tokio::time::interval(Duration::from_secs(60));
     for i in [&mut analyse, &mut flush, &mut retention] {
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,9 +379,7 @@ async fn background(c: Arc<Collector>, mut stop: watch::Receiver<bool>) {
             }
             _ = flush.tick() => {
                 let c = c.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
-                    tracing::error!(error = %e, "persisting findings failed (will retry)");
-                }
+                let _ = tokio::task::spawn_blocking(move || c.flush_tick()).await;
             }
             _ = retention.tick() => {
                 let n = c.retain(now_ms());
@@ -385,7 +416,8 @@ pub async fn serve(
 
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics_handler))
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/livez", axum::routing::get(|| async { "ok\n" }))
         .with_state(collector.clone())
         .merge(crate::web::routes(collector.clone()));
     let mut http_stop = stop_rx.clone();
@@ -497,6 +529,20 @@ mod tests {
         assert!(
             ServerArgs::try_parse_from(["hopwatch-collector", "--trace-quiet", "soon"]).is_err()
         );
+    }
+
+    #[test]
+    fn wal_flags() {
+        let a = ServerArgs::parse_from(["hopwatch-collector"]);
+        let w = a.persist_options().wal.expect("WAL on by default");
+        assert_eq!(w.sync_interval, Duration::from_millis(200));
+        let a = ServerArgs::parse_from(["hopwatch-collector", "--wal-sync-interval", "50ms"]);
+        assert_eq!(
+            a.persist_options().wal.unwrap().sync_interval,
+            Duration::from_millis(50)
+        );
+        let a = ServerArgs::parse_from(["hopwatch-collector", "--no-wal"]);
+        assert!(a.persist_options().wal.is_none());
     }
 
     #[test]

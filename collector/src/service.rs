@@ -21,7 +21,8 @@ use crate::metrics::{
     build_info, process_metrics, BreakLabels, BreaksCounter, Format, LagHistogram, Snapshot,
 };
 use crate::model::FLAG_NAMES;
-use crate::store::{finding_id, Db, Filter, FindingStore, StoreError};
+use crate::persist::{Durable, PersistOptions};
+use crate::store::{finding_id, Filter, FindingStore, StoreError};
 use prometheus_client::registry::Unit;
 
 pub fn now_ms() -> u64 {
@@ -108,7 +109,8 @@ pub struct Collector {
     /// The interner and cross-trace indexes (also reachable through `core`).
     shared: Arc<RwLock<Shared>>,
     pub store: RwLock<FindingStore>,
-    db: Option<Db>,
+    /// The database, the WAL and the checkpoint's gate (None: in memory only).
+    pub(crate) durable: Option<Durable>,
     pub metrics: Metrics,
     watch: broadcast::Sender<Break>,
     /// Serialises database flushes.
@@ -121,12 +123,23 @@ pub struct Collector {
 
 impl Collector {
     /// Opens (or creates) the database under `data_dir` and loads the stored findings.
+    /// With the write-ahead log on (its default options).
     pub fn open(settings: Settings, data_dir: &Path) -> Result<Collector, StoreError> {
-        let db = Db::open(data_dir)?;
+        Self::open_with(settings, data_dir, &PersistOptions::default())
+    }
+
+    /// Opens the database and the WAL under `data_dir` as `opts` says, loads the stored
+    /// findings and re-ingests the hops of the WAL (before serving).
+    pub fn open_with(
+        settings: Settings,
+        data_dir: &Path,
+        opts: &PersistOptions,
+    ) -> Result<Collector, StoreError> {
         let mut store = FindingStore::default();
-        let n = db.load(&mut store)?;
-        tracing::info!(findings = n, dir = %data_dir.display(), "loaded findings");
-        Ok(Self::with(settings, store, Some(db)))
+        let durable = Durable::open(data_dir, opts, &mut store)?;
+        let c = Self::with(settings, store, Some(durable));
+        c.replay_wal();
+        Ok(c)
     }
 
     /// Without persistence (tests, benchmarks).
@@ -134,14 +147,14 @@ impl Collector {
         Self::with(settings, FindingStore::default(), None)
     }
 
-    fn with(settings: Settings, store: FindingStore, db: Option<Db>) -> Collector {
+    fn with(settings: Settings, store: FindingStore, durable: Option<Durable>) -> Collector {
         let (watch, _) = broadcast::channel(4096);
         let core = Core::new(settings.limits.clone());
         Collector {
             shared: core.shared.clone(),
             core: Mutex::new(core),
             store: RwLock::new(store),
-            db,
+            durable,
             metrics: Metrics::default(),
             watch,
             graph: Mutex::new(ServiceGraph::new(10_000)),
@@ -214,6 +227,17 @@ impl Collector {
             m.ingest_lag.0.observe(lag as f64 / 1000.0);
             m.ingest_lag_ms_last.store(lag, Relaxed);
         }
+        // Only the admitted hops: those refused (identity, clock skew) are neither
+        // analysed nor logged for replay.
+        let accepted = self.ingest_accepted(hops, now_ms);
+        // After ingest (the checkpoint relies on it); never fails the Report.
+        self.wal_append(hops, now_ms);
+        Ok(accepted)
+    }
+
+    /// Ingests validated hops that arrived at `now_ms` (a Report, or the WAL's replay).
+    pub(crate) fn ingest_accepted(&self, hops: &[hopwatch_proto::v1::Hop], now_ms: u64) -> u32 {
+        let _gate = self.gate();
         // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
         let converted = Core::convert(&self.shared, hops);
         self.graph.lock().observe(converted.iter().map(|(_, h)| h));
@@ -222,7 +246,7 @@ impl Collector {
         if !evicted.is_empty() {
             self.record(evicted);
         }
-        Ok(accepted)
+        accepted
     }
 
     /// Merges analysed traces' findings into the index and notifies watchers.
@@ -269,6 +293,7 @@ impl Collector {
         const CHUNK: usize = 500;
         let mut total = 0;
         loop {
+            let _gate = self.gate();
             let pending = self.core.lock().take_ready(now_ms, CHUNK);
             let n = pending.len();
             if n == 0 {
@@ -296,7 +321,7 @@ impl Collector {
 
     /// Writes changed findings to the database (no-op without one).
     pub fn flush(&self) -> Result<usize, StoreError> {
-        let Some(db) = &self.db else {
+        let Some(d) = &self.durable else {
             let _ = self.store.write().take_dirty();
             return Ok(0);
         };
@@ -306,9 +331,10 @@ impl Collector {
         loop {
             let (changed, removed) = self.store.write().take_dirty_max(5_000);
             if changed.is_empty() && removed.is_empty() {
+                d.db.succeeded();
                 return Ok(total);
             }
-            match db.write(&changed, &removed) {
+            match d.db.write(&changed, &removed) {
                 Ok(()) => {
                     self.metrics
                         .findings_persisted
@@ -318,6 +344,7 @@ impl Collector {
                 Err(e) => {
                     self.metrics.persist_errors.fetch_add(1, Relaxed);
                     self.store.write().restore_dirty(&changed, &removed);
+                    d.db.failed(&e);
                     return Err(e);
                 }
             }
@@ -344,7 +371,7 @@ impl Collector {
         let results = self.core.lock().flush_all(now_ms);
         let n = results.len();
         self.record(results);
-        self.flush()?;
+        self.persist_at_shutdown()?;
         tracing::info!(
             traces = n,
             "analysed open traces at shutdown; findings persisted"
@@ -704,6 +731,7 @@ impl Collector {
             "Findings a slow WatchBreaks client missed.",
             l(&m.watch_lagged),
         );
+        self.persist_metrics(&mut s);
         build_info(&mut s);
         process_metrics(&mut s);
         crate::metrics::encode(format, &m.breaks, &m.ingest_lag, s)

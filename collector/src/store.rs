@@ -1,51 +1,19 @@
-//! Findings: the deduplicated in-memory index that serves queries, and its persistence.
-//!
-//! Storage: [`redb`], a pure-Rust, ACID, copy-on-write B-tree key-value store in one file
-//! (no C dependency, no background compaction threads, stable file format, actively
-//! maintained). Queries never touch it: they are served from the in-memory index, and
-//! changed findings are written in batches (one transaction per flush) by a background
-//! task and on shutdown. The database is read once at startup.
+//! Findings: the deduplicated in-memory index that serves queries. Its persistence (the
+//! redb database, the WAL) is in [`crate::persist`].
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use hopwatch_proto::v1::{Break, BreakKind};
-use prost::Message;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::analysis::Finding;
 use crate::model::hash64;
 
-const FINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("findings");
-
 /// Sample trace ids kept per finding.
 pub const MAX_SAMPLE_TRACES: usize = 10;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot create data dir {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("opening database {path}: {source}")]
-    Open {
-        path: String,
-        source: redb::DatabaseError,
-    },
-    #[error("database: {0}")]
-    Db(String),
-    #[error("corrupt finding record {id}: {source}")]
-    Decode {
-        id: String,
-        source: prost::DecodeError,
-    },
-}
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
+// The database moved to `persist.rs`; re-exported for the existing paths.
+pub use crate::persist::{Db, StoreError};
 
 /// The stable id of a finding: kind + namespace + workload + peer.
 pub fn finding_id(kind: BreakKind, namespace: &str, workload: &str, peer: &str) -> String {
@@ -122,7 +90,8 @@ impl FindingStore {
         index_remove(&mut self.by_namespace, &old.namespace, &k);
         Some(old)
     }
-    fn insert_raw(&mut self, b: Break) {
+    /// Inserts a stored finding as is (loading the database).
+    pub(crate) fn insert_raw(&mut self, b: Break) {
         let n = num_id(&b.id);
         self.unindex(n);
         let k = (b.last_seen_unix_ms, n);
@@ -283,65 +252,6 @@ impl FindingStore {
                 self.removed.insert(id.clone());
             }
         }
-    }
-}
-
-/// The findings database under `--data-dir`.
-pub struct Db {
-    db: redb::Database,
-}
-
-impl Db {
-    pub fn open(dir: &Path) -> Result<Db, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let path = dir.join("findings.redb");
-        let db = redb::Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let tx = db.begin_write().map_err(db_err)?;
-        tx.open_table(FINDINGS).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(Db { db })
-    }
-
-    pub fn load(&self, into: &mut FindingStore) -> Result<usize, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let table = tx.open_table(FINDINGS).map_err(db_err)?;
-        let mut n = 0;
-        for row in table.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            let b = Break::decode(v.value()).map_err(|source| StoreError::Decode {
-                id: k.value().to_string(),
-                source,
-            })?;
-            into.insert_raw(b);
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Writes changed findings and deletes removed ones in one transaction.
-    pub fn write(&self, changed: &[Break], removed: &[String]) -> Result<(), StoreError> {
-        if changed.is_empty() && removed.is_empty() {
-            return Ok(());
-        }
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(FINDINGS).map_err(db_err)?;
-            for b in changed {
-                t.insert(b.id.as_str(), b.encode_to_vec().as_slice())
-                    .map_err(db_err)?;
-            }
-            for id in removed {
-                t.remove(id.as_str()).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)?;
-        Ok(())
     }
 }
 

@@ -57,12 +57,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let collector = Arc::new(
-        Collector::open(args.settings(), &args.data_dir).with_context(|| {
-            format!(
-                "opening the findings database in {}",
-                args.data_dir.display()
-            )
-        })?,
+        Collector::open_with(args.settings(), &args.data_dir, &args.persist_options())
+            .with_context(|| {
+                format!(
+                    "opening the findings database in {}",
+                    args.data_dir.display()
+                )
+            })?,
     );
     let (grpc, http) = bind(args.listen, args.http_listen).await?;
     tracing::info!(grpc = %args.listen, http = %args.http_listen, data_dir = %args.data_dir.display(),
