@@ -10,27 +10,35 @@ use hopwatch_collector::service::Collector;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: called before the listeners are bound, a SIGTERM that
+/// arrives as soon as the ports answer (an orchestrator, a test) is a graceful shutdown,
+/// not the default action that kills the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM handler");
-                std::future::pending::<()>().await
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = match (term, int) {
+                (Ok(t), Ok(i)) => (t, i),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+                    return std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        }
     }
 }
 
@@ -56,6 +64,9 @@ async fn main() -> anyhow::Result<()> {
                 .init()
         }
     }
+    // Before the WAL replay and before the ports answer (see shutdown_signal): a SIGTERM
+    // from then on ends in a graceful shutdown.
+    let shutdown = shutdown_signal();
     let collector = Arc::new(
         Collector::open_with(args.settings(), &args.data_dir, &args.persist_options())
             .with_context(|| {
@@ -68,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let (grpc, http) = bind(args.listen, args.http_listen).await?;
     tracing::info!(grpc = %args.listen, http = %args.http_listen, data_dir = %args.data_dir.display(),
         trace_quiet = ?args.trace_quiet, "hopwatch-collector started");
-    serve(collector, grpc, http, shutdown_signal()).await?;
+    serve(collector, grpc, http, shutdown).await?;
     tracing::info!("hopwatch-collector stopped");
     Ok(())
 }
