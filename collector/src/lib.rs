@@ -9,7 +9,8 @@
 //!   newer detectors live in their own modules: [`app_error`], [`policy_denied`], with
 //!   gRPC status names and hints in [`grpc`].
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
-//! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
+//! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces;
+//!   [`budget`]: the stores' byte budgets.
 //! - [`store`]: the deduplicated findings index and its redb persistence.
 //! - [`service`]: shared state, metrics, Report/Query semantics.
 //! - [`metrics`]: `/metrics` via prometheus-client (the occurrence counter, the
@@ -22,6 +23,7 @@
 
 pub mod analysis;
 pub mod app_error;
+pub mod budget;
 pub mod cli;
 pub mod core;
 pub mod fragments;
