@@ -855,6 +855,102 @@ mod tests {
     }
 
     #[test]
+    fn compaction_frees_unreferenced_strings_and_reuses_their_ids() {
+        let mut it = Interner::with_budget(1000, 0);
+        let keep = it.intern("reviews");
+        let gone = it.intern(&"x".repeat(4000));
+        let b0 = it.bytes();
+        assert!(b0 >= 4000 + STRING_OVERHEAD);
+        // Looked up in this epoch: kept even though unmarked (a converted hop may be on
+        // its way to a store).
+        let mut m = it.marks();
+        m.mark(keep);
+        assert_eq!(it.compact(&m), 0);
+        // Next epoch: unmarked and not looked up since: freed.
+        let mut m = it.marks();
+        m.mark(keep);
+        assert_eq!(it.compact(&m), 1);
+        assert_eq!(it.resolve(keep), "reviews");
+        assert_eq!(it.get(&"x".repeat(4000)), None);
+        assert!(it.bytes() + 4000 <= b0, "{} vs {b0}", it.bytes());
+        assert_eq!(it.compactions, 2);
+        assert_eq!(it.freed, 1);
+        // Its id is reused.
+        let again = it.intern("ratings");
+        assert_eq!(again, gone);
+        assert_eq!(it.resolve(again), "ratings");
+        // A string looked up in the epoch survives without a mark.
+        let mut m = it.marks();
+        m.mark(keep);
+        it.intern("ratings");
+        assert_eq!(it.compact(&m), 0);
+        assert_eq!(it.intern("ratings"), again);
+    }
+
+    #[test]
+    fn byte_budget_overflows_and_compaction_makes_room() {
+        let mut it = Interner::with_budget(1_000_000, 64 * 1024);
+        let mut syms = Vec::new();
+        for i in 0..1000 {
+            syms.push(it.intern(&format!("{i:04}{}", "d".repeat(200))));
+        }
+        assert!(it.bytes() <= 64 * 1024, "{}", it.bytes());
+        assert!(it.overflowed > 0);
+        assert!(it.wants_compaction());
+        let m = it.marks();
+        it.compact(&m);
+        it.compact(&m);
+        // What stays: "" and "<overflow>", the free list.
+        assert!(it.bytes() < 2048, "all freed: {}", it.bytes());
+        assert_ne!(it.intern("new-name"), Sym::OVERFLOW);
+    }
+
+    #[test]
+    fn freed_free_text_returns_to_its_cap() {
+        let mut it = Interner::new(1000);
+        assert!(!it.intern_capped("m1", 1).is_empty());
+        assert!(it.intern_capped("m2", 1).is_empty(), "cap reached");
+        let m = it.marks();
+        it.compact(&m);
+        it.compact(&m);
+        assert!(!it.intern_capped("m2", 1).is_empty(), "room again");
+    }
+
+    #[test]
+    fn over_long_fields_are_cut_and_counted() {
+        let mut it = Interner::new(1000);
+        let h = Hop {
+            direction: Direction::Inbound as i32,
+            trace_id: "abc".into(),
+            path: "/".repeat(8192),
+            response_code_details: "é".repeat(3000),
+            own_tag: "t".repeat(500),
+            workload: "w".repeat(300),
+            request_id: "r".repeat(200),
+            ..Default::default()
+        };
+        let c = CHop::from_proto(&h, &mut it);
+        assert_eq!(c.path.as_deref().map(str::len), Some(MAX_PATH_LEN));
+        let d = it.resolve(c.code_details);
+        assert!(d.len() <= MAX_DETAIL_LEN && d.len() >= MAX_DETAIL_LEN - 1);
+        assert_eq!(it.resolve(c.own_tag).len(), MAX_TAG_LEN);
+        assert_eq!(it.resolve(c.workload).len(), MAX_NAME_LEN);
+        assert_eq!(
+            c.request_id.as_deref().map(str::len),
+            Some(MAX_REQUEST_ID_LEN)
+        );
+        assert_eq!(it.truncated, 5);
+        let short = Hop {
+            direction: Direction::Inbound as i32,
+            trace_id: "abc".into(),
+            path: "/a".into(),
+            ..Default::default()
+        };
+        CHop::from_proto(&short, &mut it);
+        assert_eq!(it.truncated, 5, "short fields are not counted");
+    }
+
+    #[test]
     fn compact_hop_is_small() {
         // 1,000,000 open hops must fit in 512 MB with the heap parts (request id, path) and
         // the group/index overhead.
