@@ -178,6 +178,51 @@ impl PodIndex {
     }
 }
 
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn pod_index_forgets_the_pods_seen_least_recently_and_accounts_to_zero() {
+        let mut it = Interner::new(100_000);
+        let mut p = PodIndex::with_budget(512, 1_000_000, 64 * 1024);
+        for i in 0..3000u64 {
+            let h = CHop {
+                direction: hopwatch_proto::v1::Direction::Inbound as u8,
+                pod: it.intern(&format!("pod{i}")),
+                start_us: i,
+                duration_us: 1,
+                ..Default::default()
+            };
+            p.record(&h, i as u128);
+        }
+        assert!(p.bytes() <= 64 * 1024 + 1024, "{}", p.bytes());
+        assert!(p.evictions > 2000);
+        let newest = (Sym::EMPTY, Sym::EMPTY, it.get("pod2999").unwrap());
+        assert!(p.map.contains_key(&newest));
+        assert!(!p
+            .map
+            .contains_key(&(Sym::EMPTY, Sym::EMPTY, it.get("pod0").unwrap())));
+        p.prune(u64::MAX);
+        assert_eq!((p.bytes(), p.len()), (0, 0));
+    }
+
+    #[test]
+    fn registry_forgets_the_services_seen_least_recently() {
+        let mut it = Interner::new(100_000);
+        let mut r = Registry::with_budget(64, 1_000_000, 16 * 1024);
+        let ns = it.intern("ns");
+        for i in 0..2000u64 {
+            let svc = it.intern(&format!("svc{i}"));
+            r.record(ns, svc, Sym::EMPTY, i);
+        }
+        assert!(r.bytes() <= 16 * 1024 + 512, "{}", r.bytes());
+        assert!(r.evictions > 1000);
+        assert!(r.knows(ns, it.get("svc1999").unwrap()));
+        assert!(!r.knows(ns, it.get("svc0").unwrap()));
+    }
+}
+
 fn req_hash(h: &CHop) -> u64 {
     h.request_id
         .as_deref()

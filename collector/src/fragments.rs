@@ -168,6 +168,23 @@ mod tests {
     }
 
     #[test]
+    fn byte_budget_forgets_the_oldest_requests() {
+        let mut f = FragmentIndex::with_budget(1_000_000, 64 * 1024);
+        for i in 0..5000u64 {
+            f.observe(&[hop(&format!("{i:032x}"), &format!("r{i}"), i)]);
+        }
+        assert!(f.bytes() <= 64 * 1024 + 512, "{}", f.bytes());
+        assert!(f.evictions > 4000, "{}", f.evictions);
+        assert!(f.groups("r0").is_empty(), "oldest forgotten");
+        assert_eq!(f.groups("r4999").len(), 1);
+        // Accounting is exact: forgetting everything returns to 0.
+        while !f.order.is_empty() {
+            f.forget_oldest();
+        }
+        assert_eq!(f.bytes(), 0);
+    }
+
+    #[test]
     fn links_the_pieces_of_one_request_and_is_bounded() {
         let mut f = FragmentIndex::new(2);
         f.observe(&[

@@ -298,3 +298,34 @@ impl ServiceGraph {
         json!({ "nodes": nodes, "edges": edges })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopwatch_proto::v1::Direction;
+
+    #[test]
+    fn byte_budget_forgets_the_services_seen_least_recently() {
+        let mut it = Interner::new(100_000);
+        let mut g = ServiceGraph::with_budget(1_000_000, 32 * 1024);
+        let ns = it.intern("ns");
+        for i in 0..2000 {
+            let svc = it.intern(&format!("svc{i}"));
+            let dest = it.intern(&format!("dst{i}"));
+            let h = CHop {
+                direction: Direction::Outbound as u8,
+                namespace: ns,
+                service: svc,
+                workload: svc,
+                dest_service: dest,
+                ..Default::default()
+            };
+            g.observe(std::iter::once(&h));
+        }
+        assert!(g.bytes() <= 32 * 1024, "{}", g.bytes());
+        assert!(g.evictions > 1000);
+        let newest = (ns, it.get("svc1999").unwrap());
+        assert!(g.workloads.contains_key(&newest));
+        assert!(!g.workloads.contains_key(&(ns, it.get("svc0").unwrap())));
+    }
+}

@@ -624,6 +624,114 @@ mod tests {
         assert_eq!(l.len(), 1);
     }
 
+    fn g(ns: &str, wl: &str, peer: &str, seen: u64) -> Finding {
+        Finding {
+            namespace: ns.into(),
+            peer: peer.into(),
+            ..f(wl, seen)
+        }
+    }
+
+    #[test]
+    fn shares_evict_the_offenders_own_findings_least_recently_seen_first() {
+        let mut s = FindingStore::default();
+        s.set_limits(FindingLimits {
+            max_count: 1000,
+            max_bytes: usize::MAX,
+            per_workload: 10,
+            per_namespace: 25,
+        });
+        s.merge(&g("a", "real", "p", 1), "t");
+        for i in 0..100u64 {
+            s.merge(&g("a", "loud", &format!("p{i}"), 10 + i), "t");
+        }
+        assert!(s
+            .get(&finding_id(BreakKind::HopMissing, "a", "real", "p"))
+            .is_some());
+        let loud: Vec<_> = s
+            .list(
+                &Filter {
+                    workload: Some("loud".into()),
+                    ..Default::default()
+                },
+                100,
+            )
+            .into_iter()
+            .map(|b| b.last_seen_unix_ms)
+            .collect();
+        assert_eq!(
+            loud,
+            (100..110).rev().collect::<Vec<_>>(),
+            "its newest 10 kept"
+        );
+        assert_eq!(s.evictions.workload_share, 90);
+        // A namespace over its share loses its own least recently seen.
+        for w in 0..3 {
+            for i in 0..10u64 {
+                s.merge(
+                    &g("a", &format!("w{w}"), &format!("p{i}"), 1000 + w * 10 + i),
+                    "t",
+                );
+            }
+        }
+        s.merge(&g("b", "other", "p", 0), "t");
+        assert_eq!(
+            s.list(
+                &Filter {
+                    namespace: Some("a".into()),
+                    ..Default::default()
+                },
+                100
+            )
+            .len(),
+            25
+        );
+        assert!(s.evictions.namespace_share > 0);
+        assert!(
+            s.get(&finding_id(BreakKind::HopMissing, "b", "other", "p"))
+                .is_some(),
+            "another namespace is untouched, even its oldest"
+        );
+        // Every removed finding is reported once (for its metric series).
+        let ev = s.take_evicted();
+        let e = s.evictions;
+        assert_eq!(
+            ev.len() as u64,
+            e.workload_share + e.namespace_share + e.budget
+        );
+    }
+
+    #[test]
+    fn accounted_bytes_follow_inserts_and_removals() {
+        let mut s = FindingStore::default();
+        assert_eq!(s.bytes(), 0);
+        for i in 0..500u64 {
+            s.merge(
+                &g(
+                    &format!("n{}", i % 7),
+                    &format!("w{}", i % 13),
+                    &format!("p{i}"),
+                    i,
+                ),
+                "t",
+            );
+        }
+        let full = s.bytes();
+        assert!(full > 500 * 500, "{full}");
+        s.set_limits(FindingLimits {
+            max_bytes: full / 2,
+            ..Default::default()
+        });
+        s.merge(&g("n0", "w0", "new", 10_000), "t");
+        assert!(s.bytes() - 80 * s.removed.len() - 16 * s.dirty.len() <= full / 2);
+        assert!(s.evictions.budget > 200);
+        let _ = s.take_dirty();
+        s.retain(u64::MAX, usize::MAX);
+        let _ = s.take_dirty();
+        assert_eq!(s.bytes(), 0, "back to 0");
+        assert!(s.is_empty());
+    }
+
     #[test]
     fn retain_by_age_then_count() {
         let mut s = FindingStore::default();
