@@ -112,19 +112,19 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 25_000)]
     pub max_findings_per_namespace: usize,
     /// Byte budget of the open traces (sizes like 256MiB, 64MB, 1GiB; the defaults of all
-    /// budgets add up to 608MiB, for the shipped 1 GiB pod): over it, the least recently
+    /// budgets add up to 640MiB, for the shipped 1 GiB pod): over it, the least recently
     /// updated trace is analysed early.
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "320MiB", value_parser = parse_size)]
     pub max_open_bytes: usize,
     /// Byte budget of the analysed traces kept for GetTrace (oldest dropped first).
-    #[arg(long, default_value = "96MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "48MiB", value_parser = parse_size)]
     pub max_recent_bytes: usize,
     /// Byte budget of the string table (names, tags, details); unreferenced strings are
     /// freed by compaction, new ones past the budget are kept as "<overflow>".
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     pub max_string_bytes: usize,
     /// Byte budget of the findings in memory (least recently seen dropped first).
-    #[arg(long, default_value = "112MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "160MiB", value_parser = parse_size)]
     pub max_findings_bytes: usize,
     /// Byte budget of the per-workload stats rows (Summary; least recently updated
     /// dropped first).

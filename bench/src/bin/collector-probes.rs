@@ -180,7 +180,13 @@ fn run_one(name: &str) -> Result<()> {
             // 1,000,000 distinct findings, through the service's record path (metrics
             // series included).
             let mut results = Vec::new();
-            for i in 0..1_000_000u64 {
+            // PROBE_FINDINGS: another count (e.g. below the bounds, to see the RSS per
+            // finding without eviction churn).
+            let total: u64 = std::env::var("PROBE_FINDINGS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000);
+            for i in 0..total {
                 results.push(TraceResult {
                     trace_id: format!("{:032x}", i + 1),
                     findings: vec![Finding {
@@ -233,7 +239,7 @@ fn main() -> Result<()> {
         return run_one(&one);
     }
     let exe = std::env::current_exe().context("current exe")?;
-    println!("collector memory probes (default budgets, sum 608 MiB; shipped pod limit 1 GiB)");
+    println!("collector memory probes (default budgets, sum 640 MiB; shipped pod limit 1 GiB)");
     for p in &args.probes {
         let out = Command::new(&exe)
             .args(["--one", p])
