@@ -477,3 +477,38 @@ async fn huge_trace_ids_are_refused_and_never_echoed_whole() {
     assert!(e.message().contains("250 bytes"), "{}", e.message());
     s.stop().await;
 }
+
+#[test]
+fn over_long_fields_are_cut_and_counted_not_refused() {
+    let c = Collector::in_memory(Settings::default());
+    let now = now_ms();
+    let t = trace_id(300);
+    let mut h = inbound(
+        &t,
+        "reviews-v1",
+        "reviews",
+        "d000000000000001",
+        now * 1000,
+        1000,
+        "",
+    );
+    h.path = format!("/{}", "p".repeat(8 * 1024));
+    h.response_code_details = "d".repeat(4 * 1024);
+    h.own_tag = "t".repeat(500);
+    let accepted = c
+        .report(
+            &ReportRequest {
+                hops: vec![h],
+                ..Default::default()
+            },
+            now,
+        )
+        .expect("accepted, not refused");
+    assert_eq!(accepted, 1);
+    assert_eq!(metric(&c, "hopwatch_fields_truncated_total"), 3.0);
+    let r = c.get_trace(&t, now).unwrap();
+    let h = r.roots[0].inbound.as_ref().unwrap();
+    assert_eq!(h.path.len(), 512);
+    assert_eq!(h.response_code_details.len(), 256);
+    assert_eq!(h.own_tag.len(), 128);
+}
