@@ -66,11 +66,13 @@ fn main() {
     // 2. Memory with 1M hops open.
     if phases.contains('2') {
         let rss0 = rss_mb();
-        let limits = Limits {
+        let mut limits = Limits {
             max_open_traces: 10_000_000,
             trace_quiet: Duration::from_secs(3600),
             ..Limits::default()
         };
+        // The phase measures the memory per open hop: no byte bound either.
+        limits.budgets.open = usize::MAX / 2;
         let c = Collector::in_memory(Settings {
             limits,
             ..Settings::default()
@@ -96,7 +98,11 @@ fn main() {
     if !phases.contains('3') {
         return;
     }
-    let c = Collector::in_memory(Settings::default());
+    // All 100k kept: the byte budget and the per-namespace share raised (20 namespaces).
+    let mut settings = Settings::default();
+    settings.limits.budgets.findings = 1 << 30;
+    settings.max_findings_per_namespace = 100_000;
+    let c = Collector::in_memory(settings);
     {
         let mut s = c.store.write();
         for i in 0..100_000u64 {

@@ -29,22 +29,48 @@ pub struct PodInbound {
     pub req: u64,
 }
 
-/// Bounded per-pod index of recent inbound requests.
+type PodKey = (Sym, Sym, Sym);
+
+/// Bounded per-pod index of recent inbound requests (by count per pod, pods, and bytes:
+/// over its byte budget, the pods whose newest request is oldest are forgotten).
 pub struct PodIndex {
-    map: FxHashMap<(Sym, Sym, Sym), VecDeque<PodInbound>>,
+    map: FxHashMap<PodKey, VecDeque<PodInbound>>,
     per_pod: usize,
     max_pods: usize,
     pub dropped: u64,
+    budget: usize,
+    bytes: usize,
+    /// Pods forgotten for the byte budget.
+    pub evictions: u64,
+}
+
+fn pod_bytes(q: &VecDeque<PodInbound>) -> usize {
+    crate::budget::map_slot(std::mem::size_of::<(PodKey, VecDeque<PodInbound>)>())
+        + q.capacity() * std::mem::size_of::<PodInbound>()
+        + crate::budget::ALLOC_OVERHEAD
 }
 
 impl PodIndex {
     pub fn new(per_pod: usize, max_pods: usize) -> Self {
+        Self::with_budget(per_pod, max_pods, usize::MAX)
+    }
+    pub fn with_budget(per_pod: usize, max_pods: usize, budget: usize) -> Self {
         PodIndex {
             map: FxHashMap::default(),
             per_pod: per_pod.max(1),
             max_pods,
             dropped: 0,
+            budget,
+            bytes: 0,
+            evictions: 0,
         }
+    }
+    /// Accounted bytes (map slots, queues).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn budget(&self) -> usize {
+        self.budget
     }
     pub fn record(&mut self, h: &CHop, key: u128) {
         let k = (h.namespace, h.workload, h.pod);
@@ -52,19 +78,63 @@ impl PodIndex {
             self.dropped += 1;
             return;
         }
-        let q = self.map.entry(k).or_default();
+        if self.bytes > self.budget {
+            self.evict();
+        }
+        let new = !self.map.contains_key(&k);
+        let q = self
+            .map
+            .entry(k)
+            .or_insert_with(|| VecDeque::with_capacity(4));
+        if new {
+            self.bytes += pod_bytes(q);
+        }
+        let before = q.capacity();
         if q.len() >= self.per_pod {
             q.pop_front();
         }
-        q.push_back(PodInbound {
-            start_us: h.start_us,
-            end_us: h.end_us(),
-            key,
-            traced: h.has_trace_id,
-            tag: h.inbound_tag(),
-            req: req_hash(h),
-        });
+        push_inbound(q, h, key);
+        self.bytes += (q.capacity() - before) * std::mem::size_of::<PodInbound>();
     }
+    /// Forgets the pods whose newest request is the oldest, down to 7/8 of the budget.
+    fn evict(&mut self) {
+        let to_free = self.bytes - crate::budget::low_water(self.budget);
+        let keys = crate::budget::oldest(
+            self.map
+                .iter()
+                .map(|(k, q)| (q.back().map_or(0, |e| e.end_us), *k, pod_bytes(q))),
+            to_free,
+        );
+        for k in keys {
+            if let Some(q) = self.map.remove(&k) {
+                self.bytes -= pod_bytes(&q);
+                self.evictions += 1;
+            }
+        }
+    }
+    /// Marks the symbols the index holds (string table compaction).
+    pub fn mark(&self, m: &mut crate::model::Marks) {
+        for (&(ns, wl, pod), q) in &self.map {
+            m.mark(ns);
+            m.mark(wl);
+            m.mark(pod);
+            q.iter().for_each(|e| m.mark(e.tag));
+        }
+    }
+}
+
+fn push_inbound(q: &mut VecDeque<PodInbound>, h: &CHop, key: u128) {
+    q.push_back(PodInbound {
+        start_us: h.start_us,
+        end_us: h.end_us(),
+        key,
+        traced: h.has_trace_id,
+        tag: h.inbound_tag(),
+        req: req_hash(h),
+    });
+}
+
+impl PodIndex {
     /// The inbound request of `o`'s pod, in another trace group than `key`, that `o` was
     /// made while serving: same request id, else the latest one whose time window holds
     /// `o`'s start.
@@ -96,8 +166,60 @@ impl PodIndex {
     }
     /// Forgets pods whose newest request ended before `before_us`.
     pub fn prune(&mut self, before_us: u64) {
-        self.map
-            .retain(|_, q| q.back().is_some_and(|e| e.end_us >= before_us));
+        let mut freed = 0;
+        self.map.retain(|_, q| {
+            let keep = q.back().is_some_and(|e| e.end_us >= before_us);
+            if !keep {
+                freed += pod_bytes(q);
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn pod_index_forgets_the_pods_seen_least_recently_and_accounts_to_zero() {
+        let mut it = Interner::new(100_000);
+        let mut p = PodIndex::with_budget(512, 1_000_000, 64 * 1024);
+        for i in 0..3000u64 {
+            let h = CHop {
+                direction: hopwatch_proto::v1::Direction::Inbound as u8,
+                pod: it.intern(&format!("pod{i}")),
+                start_us: i,
+                duration_us: 1,
+                ..Default::default()
+            };
+            p.record(&h, i as u128);
+        }
+        assert!(p.bytes() <= 64 * 1024 + 1024, "{}", p.bytes());
+        assert!(p.evictions > 2000);
+        let newest = (Sym::EMPTY, Sym::EMPTY, it.get("pod2999").unwrap());
+        assert!(p.map.contains_key(&newest));
+        assert!(!p
+            .map
+            .contains_key(&(Sym::EMPTY, Sym::EMPTY, it.get("pod0").unwrap())));
+        p.prune(u64::MAX);
+        assert_eq!((p.bytes(), p.len()), (0, 0));
+    }
+
+    #[test]
+    fn registry_forgets_the_services_seen_least_recently() {
+        let mut it = Interner::new(100_000);
+        let mut r = Registry::with_budget(64, 1_000_000, 16 * 1024);
+        let ns = it.intern("ns");
+        for i in 0..2000u64 {
+            let svc = it.intern(&format!("svc{i}"));
+            r.record(ns, svc, Sym::EMPTY, i);
+        }
+        assert!(r.bytes() <= 16 * 1024 + 512, "{}", r.bytes());
+        assert!(r.evictions > 1000);
+        assert!(r.knows(ns, it.get("svc1999").unwrap()));
+        assert!(!r.knows(ns, it.get("svc0").unwrap()));
     }
 }
 
@@ -115,29 +237,71 @@ pub struct InstanceEnv {
     pub last_us: u64,
 }
 
-/// The environments (own tags) seen per service: which instances exist.
+/// The environments (own tags) seen per service: which instances exist. Bounded by
+/// services, environments per service and bytes (over its budget, the services seen
+/// least recently are forgotten).
 pub struct Registry {
     map: FxHashMap<(Sym, Sym), Vec<InstanceEnv>>,
     per_service: usize,
     max_services: usize,
+    budget: usize,
+    bytes: usize,
+    /// Services forgotten for the byte budget.
+    pub evictions: u64,
+}
+
+fn service_bytes(v: &Vec<InstanceEnv>) -> usize {
+    crate::budget::map_slot(std::mem::size_of::<((Sym, Sym), Vec<InstanceEnv>)>())
+        + v.capacity() * std::mem::size_of::<InstanceEnv>()
+        + crate::budget::ALLOC_OVERHEAD
 }
 
 impl Registry {
     pub fn new(per_service: usize, max_services: usize) -> Self {
+        Self::with_budget(per_service, max_services, usize::MAX)
+    }
+    pub fn with_budget(per_service: usize, max_services: usize, budget: usize) -> Self {
         Registry {
             map: FxHashMap::default(),
             per_service,
             max_services,
+            budget,
+            bytes: 0,
+            evictions: 0,
         }
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn budget(&self) -> usize {
+        self.budget
     }
     pub fn record(&mut self, ns: Sym, svc: Sym, tag: Sym, t_us: u64) {
         if svc.is_empty() {
             return;
         }
-        if !self.map.contains_key(&(ns, svc)) && self.map.len() >= self.max_services {
+        let new = !self.map.contains_key(&(ns, svc));
+        if new && self.map.len() >= self.max_services {
             return;
         }
+        if new && self.bytes > self.budget {
+            let to_free = self.bytes - crate::budget::low_water(self.budget);
+            let keys = crate::budget::oldest(
+                self.map.iter().map(|(k, v)| {
+                    let last = v.iter().map(|e| e.last_us).max().unwrap_or(0);
+                    (last, *k, service_bytes(v))
+                }),
+                to_free,
+            );
+            for k in keys {
+                if let Some(v) = self.map.remove(&k) {
+                    self.bytes -= service_bytes(&v);
+                    self.evictions += 1;
+                }
+            }
+        }
         let v = self.map.entry((ns, svc)).or_default();
+        let before = if new { 0 } else { service_bytes(v) };
         if let Some(e) = v.iter_mut().find(|e| e.tag == tag) {
             e.first_us = e.first_us.min(t_us);
             e.last_us = e.last_us.max(t_us);
@@ -147,6 +311,15 @@ impl Registry {
                 first_us: t_us,
                 last_us: t_us,
             });
+        }
+        self.bytes = self.bytes + service_bytes(v) - before;
+    }
+    /// Marks the symbols the registry holds (string table compaction).
+    pub fn mark(&self, m: &mut crate::model::Marks) {
+        for (&(ns, svc), v) in &self.map {
+            m.mark(ns);
+            m.mark(svc);
+            v.iter().for_each(|e| m.mark(e.tag));
         }
     }
     pub fn knows(&self, ns: Sym, svc: Sym) -> bool {

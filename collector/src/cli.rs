@@ -180,6 +180,7 @@ fn node_json(n: &CallNode) -> Value {
         "breaks": n.breaks.iter().map(|k| kind_name(*k)).collect::<Vec<_>>(),
         "earlier_attempts": n.earlier_attempts.iter().map(hop_json).collect::<Vec<_>>(),
         "children": n.children.iter().map(node_json).collect::<Vec<_>>(),
+        "continued_at_depth": n.continued_at_depth,
     })
 }
 
@@ -563,6 +564,10 @@ pub fn trace_tree(t: &GetTraceResponse) -> String {
     );
     fn walk(n: &CallNode, prefix: &str, last: bool, root: bool, out: &mut String) {
         if root {
+            // A subtree the collector cut off a chain too deep to send in one piece.
+            if n.continued_at_depth > 0 {
+                let _ = write!(out, "… continued at depth {}: ", n.continued_at_depth);
+            }
             out.push_str(&node_line(n));
         } else {
             out.push_str(prefix);

@@ -12,7 +12,14 @@ use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
 use crate::analysis::{analyse, Analysis, Ctx, Finding, PodIndex, Registry};
-use crate::model::{group_key, CHop, Interner, Sym};
+use crate::budget::{self, map_slot, str_heap, Budgets, StoreBytes};
+use crate::model::{group_key, CHop, Interner, Marks, Sym};
+
+/// GetTrace cuts the call tree before this depth: the cut subtrees are returned as
+/// further roots with `CallNode.continued_at_depth` set. prost (and so the `hopwatch`
+/// CLI) refuses messages nested deeper than 100 levels; each call level is one message
+/// level (a child CallNode), its hops one more, the response itself one: 90 leaves room.
+pub const MAX_TREE_DEPTH: usize = 90;
 
 /// How long after its last hop arrived a trace is complete, even when `--max-open-traces`
 /// or `--max-open-hops` evicts it before `--trace-quiet`: such a trace gets a full
@@ -54,6 +61,11 @@ pub struct Limits {
     pub pod_index_per_pod: usize,
     pub max_pods: usize,
     pub max_interned_strings: usize,
+    /// Byte budgets of the stores (open and recent traces, string table, workload stats,
+    /// cross-trace indexes; the findings' is used by the service).
+    pub budgets: Budgets,
+    /// A per-workload stats row not updated for this long is dropped.
+    pub workload_stats_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -70,6 +82,8 @@ impl Default for Limits {
             pod_index_per_pod: 512,
             max_pods: 50_000,
             max_interned_strings: 2_000_000,
+            budgets: Budgets::default(),
+            workload_stats_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -111,6 +125,59 @@ struct Group {
     hops: Vec<CHop>,
     first_ms: u64,
     last_ms: u64,
+    /// Accounted bytes (see [`Group::base_bytes`]).
+    bytes: usize,
+}
+
+/// Bytes of a queue entry of the quiet/age queues.
+const QUEUE_ENTRY: usize = std::mem::size_of::<(u128, u64)>();
+
+impl Group {
+    /// The map slot, the trace id, two queue entries and the spare hop slots.
+    fn base_bytes(trace_id: &str) -> usize {
+        map_slot(std::mem::size_of::<(u128, Group)>())
+            + str_heap(trace_id.len())
+            + 2 * QUEUE_ENTRY
+            + budget::ALLOC_OVERHEAD
+    }
+}
+
+/// Accounted bytes of hops kept in a vector of `cap` slots.
+fn hops_bytes(hops: &[CHop], cap: usize) -> usize {
+    hops.iter().map(|h| h.bytes()).sum::<usize>() + (cap - hops.len()) * std::mem::size_of::<CHop>()
+}
+
+/// Accounted bytes of an analysis (its nodes and findings).
+fn analysis_bytes(a: &Analysis) -> usize {
+    let node = std::mem::size_of::<crate::analysis::Node>();
+    let nodes: usize = a
+        .nodes
+        .iter()
+        .map(|n| {
+            node + 4 * (n.children.capacity() + n.attempts.capacity())
+                + 4 * n.breaks.capacity()
+                + if n.children.capacity() > 0 {
+                    budget::ALLOC_OVERHEAD
+                } else {
+                    0
+                }
+        })
+        .sum();
+    let findings: usize = a.findings.iter().map(finding_bytes).sum();
+    nodes + 4 * a.roots.capacity() + findings
+}
+
+fn finding_bytes(f: &Finding) -> usize {
+    std::mem::size_of::<Finding>()
+        + str_heap(f.workload.capacity())
+        + str_heap(f.namespace.capacity())
+        + str_heap(f.peer.capacity())
+        + str_heap(f.summary.capacity())
+        + str_heap(f.hint.capacity())
+        + f.flags
+            .iter()
+            .map(|x| 24 + str_heap(x.capacity()))
+            .sum::<usize>()
 }
 
 /// A trace kept after analysis, for GetTrace.
@@ -118,6 +185,19 @@ pub struct Analysed {
     pub trace_id: Box<str>,
     pub hops: Vec<CHop>,
     pub analysis: Analysis,
+}
+
+impl Analysed {
+    /// Accounted bytes: the Arc, the map slot and queue entry, the hops and the analysis.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Analysed>()
+            + 2 * budget::ALLOC_OVERHEAD
+            + map_slot(32)
+            + 16
+            + str_heap(self.trace_id.len())
+            + hops_bytes(&self.hops, self.hops.capacity())
+            + analysis_bytes(&self.analysis)
+    }
 }
 
 /// What analysing one trace produced.
@@ -134,6 +214,20 @@ pub struct WorkloadStats {
     pub outbound: u64,
     pub errors: u64,
     pub flags: FxHashMap<u8, u64>,
+    /// When the row was last updated (ms since the epoch).
+    pub last_ms: u64,
+}
+
+impl WorkloadStats {
+    /// Accounted bytes of a row: its map slot and its flag counts.
+    fn bytes(&self) -> usize {
+        map_slot(std::mem::size_of::<((Sym, Sym), WorkloadStats)>())
+            + if self.flags.capacity() > 0 {
+                map_slot(16) * self.flags.capacity() + budget::ALLOC_OVERHEAD
+            } else {
+                0
+            }
+    }
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -148,6 +242,14 @@ pub struct CoreStats {
     pub traces_analysed_at_max_age: u64,
     /// Hops that arrived for a trace already analysed (merged with it).
     pub late_merges: u64,
+    /// Open traces evicted (analysed early) because `--max-open-bytes` was reached
+    /// (also counted in `traces_evicted`).
+    pub open_evictions_bytes: u64,
+    /// Recent traces dropped because `--max-recent-bytes` was reached.
+    pub recent_evictions_bytes: u64,
+    /// Workload stats rows dropped for the byte budget, and for age.
+    pub workload_evictions: u64,
+    pub workload_expired: u64,
 }
 
 /// A trace as GetTrace returns it (breaks resolved by the caller).
@@ -171,7 +273,10 @@ pub struct Core {
     graveyard: Vec<Arc<Analysed>>,
     recent_q: VecDeque<u128>,
     recent_hops: usize,
+    recent_bytes: usize,
+    open_bytes: usize,
     workloads: FxHashMap<(Sym, Sym), WorkloadStats>,
+    workload_bytes: usize,
     pub stats: CoreStats,
 }
 
@@ -179,9 +284,13 @@ impl Core {
     pub fn new(limits: Limits) -> Self {
         Core {
             shared: Arc::new(RwLock::new(Shared {
-                it: Interner::new(limits.max_interned_strings),
-                pods: PodIndex::new(limits.pod_index_per_pod, limits.max_pods),
-                registry: Registry::new(64, 100_000),
+                it: Interner::with_budget(limits.max_interned_strings, limits.budgets.strings),
+                pods: PodIndex::with_budget(
+                    limits.pod_index_per_pod,
+                    limits.max_pods,
+                    limits.budgets.pods(),
+                ),
+                registry: Registry::with_budget(64, 100_000, limits.budgets.registry()),
             })),
             graveyard: Vec::new(),
             open: FxHashMap::default(),
@@ -191,7 +300,10 @@ impl Core {
             recent: FxHashMap::default(),
             recent_q: VecDeque::new(),
             recent_hops: 0,
+            recent_bytes: 0,
+            open_bytes: 0,
             workloads: FxHashMap::default(),
+            workload_bytes: 0,
             stats: CoreStats::default(),
             limits,
         }
@@ -255,7 +367,17 @@ impl Core {
         let mut evicted = Vec::new();
         let mut accepted = 0u32;
         for (h, (key, c)) in hops.iter().zip(converted) {
-            let ws = self.workloads.entry((c.namespace, c.workload)).or_default();
+            let wk = (c.namespace, c.workload);
+            if !self.workloads.contains_key(&wk) {
+                let row = WorkloadStats::default().bytes();
+                if self.workload_bytes + row > self.limits.budgets.workload_stats {
+                    self.evict_workloads(row);
+                }
+                self.workload_bytes += row;
+            }
+            let ws = self.workloads.entry(wk).or_default();
+            ws.last_ms = now_ms;
+            let before = ws.bytes();
             ws.hops += 1;
             if c.is_inbound() {
                 ws.inbound += 1;
@@ -272,9 +394,26 @@ impl Core {
                 *ws.flags.entry(b).or_default() += 1;
                 f &= f - 1;
             }
+            self.workload_bytes = self.workload_bytes + ws.bytes() - before;
             while self.open_hops >= self.limits.max_open_hops.max(1) {
                 match self.evict_one(now_ms) {
                     Some(r) => evicted.push(r),
+                    None => break,
+                }
+            }
+            // The byte budget: room for this hop (and its trace's overhead when new).
+            let need = c.bytes()
+                + if self.open.contains_key(&key) {
+                    0
+                } else {
+                    Group::base_bytes(crate::other_ids::group_id(h))
+                };
+            while self.open_bytes() + need > self.limits.budgets.open && !self.open.is_empty() {
+                match self.evict_one(now_ms) {
+                    Some(r) => {
+                        self.stats.open_evictions_bytes += 1;
+                        evicted.push(r)
+                    }
                     None => break,
                 }
             }
@@ -287,6 +426,8 @@ impl Core {
                 }
                 let gid = crate::other_ids::group_id(h);
                 let tid: &str = if gid.is_empty() { &h.request_id } else { gid };
+                let bytes = Group::base_bytes(tid) + 3 * std::mem::size_of::<CHop>();
+                self.open_bytes += bytes;
                 self.open.insert(
                     key,
                     Group {
@@ -294,6 +435,7 @@ impl Core {
                         hops: Vec::with_capacity(3),
                         first_ms: now_ms,
                         last_ms: 0,
+                        bytes,
                     },
                 );
                 self.age_q.push_back((key, now_ms));
@@ -305,8 +447,16 @@ impl Core {
                 if g.hops.len() == g.hops.capacity() {
                     // Grow by half instead of doubling: most traces have a handful of
                     // hops, and doubling wastes up to half of the largest allocation.
+                    let cap = g.hops.capacity();
                     g.hops.reserve_exact((g.hops.len() / 2).max(2));
+                    let grown = (g.hops.capacity() - cap) * std::mem::size_of::<CHop>();
+                    g.bytes += grown;
+                    self.open_bytes += grown;
                 }
+                // The slot is counted already: the hop's heap parts.
+                let heap = c.bytes() - std::mem::size_of::<CHop>();
+                g.bytes += heap;
+                self.open_bytes += heap;
                 g.hops.push(c);
                 self.open_hops += 1;
                 accepted += 1;
@@ -318,6 +468,102 @@ impl Core {
         }
         self.stats.hops_accepted += accepted as u64;
         (accepted, evicted)
+    }
+
+    /// Accounted bytes of the open traces (groups, hops, queue entries).
+    pub fn open_bytes(&self) -> usize {
+        // Queue entries beyond the two per trace counted in each group: lazily deleted.
+        let extra = (self.quiet_q.len() + self.age_q.len()).saturating_sub(2 * self.open.len());
+        self.open_bytes + extra * QUEUE_ENTRY
+    }
+    pub fn recent_bytes(&self) -> usize {
+        self.recent_bytes
+    }
+
+    /// Byte figures of the stores the aggregator holds: (open, recent, workload stats).
+    pub fn store_bytes(&self) -> [(&'static str, StoreBytes); 3] {
+        let b = &self.limits.budgets;
+        [
+            (
+                "open_traces",
+                StoreBytes {
+                    bytes: self.open_bytes(),
+                    budget: b.open,
+                    evictions: self.stats.open_evictions_bytes,
+                },
+            ),
+            (
+                "recent_traces",
+                StoreBytes {
+                    bytes: self.recent_bytes,
+                    budget: b.recent,
+                    evictions: self.stats.recent_evictions_bytes,
+                },
+            ),
+            (
+                "workload_stats",
+                StoreBytes {
+                    bytes: self.workload_bytes,
+                    budget: b.workload_stats,
+                    evictions: self.stats.workload_evictions,
+                },
+            ),
+        ]
+    }
+
+    /// Drops the least recently updated workload stats rows: at least `need` bytes, down
+    /// to 7/8 of the budget.
+    fn evict_workloads(&mut self, need: usize) {
+        let budget = self.limits.budgets.workload_stats;
+        let target = self.workload_bytes + need;
+        let to_free = target.saturating_sub(budget::low_water(budget));
+        let keys = budget::oldest(
+            self.workloads
+                .iter()
+                .map(|(k, w)| (w.last_ms, *k, w.bytes())),
+            to_free,
+        );
+        for k in keys {
+            if let Some(w) = self.workloads.remove(&k) {
+                self.workload_bytes -= w.bytes();
+                self.stats.workload_evictions += 1;
+            }
+        }
+    }
+
+    /// Drops the workload stats rows not updated since `before_ms`.
+    pub fn prune_workloads(&mut self, before_ms: u64) -> usize {
+        let mut freed = 0;
+        let mut n = 0;
+        self.workloads.retain(|_, w| {
+            let keep = w.last_ms >= before_ms;
+            if !keep {
+                freed += w.bytes();
+                n += 1;
+            }
+            keep
+        });
+        self.workload_bytes -= freed;
+        self.stats.workload_expired += n as u64;
+        n
+    }
+
+    /// Marks the symbols the aggregator's stores hold (open and recent traces, workload
+    /// stats) for a string table compaction.
+    pub fn mark(&self, m: &mut Marks) {
+        for g in self.open.values() {
+            g.hops.iter().for_each(|h| h.mark(m));
+        }
+        for t in self.recent.values() {
+            t.hops.iter().for_each(|h| h.mark(m));
+        }
+        for t in &self.graveyard {
+            t.hops.iter().for_each(|h| h.mark(m));
+        }
+        for &(ns, wl) in self.workloads.keys() {
+            m.mark(ns);
+            m.mark(wl);
+        }
     }
 
     fn evict_one(&mut self, now_ms: u64) -> Option<TraceResult> {
@@ -447,6 +693,7 @@ impl Core {
     fn take(&mut self, key: u128, partial: bool) -> Option<Pending> {
         let mut g = self.open.remove(&key)?;
         self.open_hops -= g.hops.len();
+        self.open_bytes -= g.bytes;
         // Late hops of a trace analysed already: analyse them together with the earlier
         // hops (so they join their callers/parents) and report only the new findings.
         let mut previous: Vec<Finding> = Vec::new();
@@ -498,26 +745,35 @@ impl Core {
             trace_id: g.trace_id.to_string(),
             findings,
         };
-        // Keep it for GetTrace, bounded by hops.
+        // Keep it for GetTrace, bounded by hops and bytes.
         self.recent_hops += g.hops.len();
-        if let Some(old) = self.recent.insert(
-            key,
-            Arc::new(Analysed {
-                trace_id: g.trace_id,
-                hops: g.hops,
-                analysis,
-            }),
-        ) {
+        let t = Analysed {
+            trace_id: g.trace_id,
+            hops: g.hops,
+            analysis,
+        };
+        self.recent_bytes += t.bytes();
+        if let Some(old) = self.recent.insert(key, Arc::new(t)) {
             self.recent_hops -= old.hops.len();
+            self.recent_bytes -= old.bytes();
+            self.graveyard.push(old);
         } else {
             self.recent_q.push_back(key);
         }
-        while self.recent_hops > self.limits.max_recent_hops {
+        loop {
+            let over_bytes = self.recent_bytes > self.limits.budgets.recent;
+            if self.recent_hops <= self.limits.max_recent_hops && !over_bytes {
+                break;
+            }
             let Some(k) = self.recent_q.pop_front() else {
                 break;
             };
             if let Some(old) = self.recent.remove(&k) {
                 self.recent_hops -= old.hops.len();
+                self.recent_bytes -= old.bytes();
+                if over_bytes {
+                    self.stats.recent_evictions_bytes += 1;
+                }
                 self.graveyard.push(old);
             }
         }
@@ -553,6 +809,10 @@ impl Core {
     }
 
     fn view(it: &Interner, trace_id: &str, hops: &[CHop], a: &Analysis, open: bool) -> TraceView {
+        /// Builds the node `id` at `depth`; a child at [`MAX_TREE_DEPTH`] (relative to
+        /// the root it hangs under) is left out and queued in `cut` with its absolute
+        /// depth, to become a further root.
+        #[allow(clippy::too_many_arguments)]
         fn build(
             id: u32,
             a: &Analysis,
@@ -560,35 +820,47 @@ impl Core {
             tid: &str,
             it: &Interner,
             depth: usize,
+            base: usize,
+            cut: &mut Vec<(u32, usize)>,
         ) -> CallNode {
             let n = &a.nodes[id as usize];
+            let children = if depth + 1 >= base + MAX_TREE_DEPTH {
+                cut.extend(n.children.iter().map(|&c| (c, depth + 1)));
+                vec![]
+            } else {
+                n.children
+                    .iter()
+                    .map(|&c| build(c, a, hops, tid, it, depth + 1, base, cut))
+                    .collect()
+            };
             CallNode {
                 outbound: n.out.map(|h| hops[h as usize].to_proto(tid, it)),
                 inbound: n.inb.map(|h| hops[h as usize].to_proto(tid, it)),
-                children: if depth > 256 {
-                    vec![]
-                } else {
-                    n.children
-                        .iter()
-                        .map(|&c| build(c, a, hops, tid, it, depth + 1))
-                        .collect()
-                },
+                children,
                 breaks: n.breaks.iter().map(|&k| k as i32).collect(),
                 earlier_attempts: n
                     .attempts
                     .iter()
                     .map(|&h| hops[h as usize].to_proto(tid, it))
                     .collect(),
-                continued_at_depth: 0,
+                continued_at_depth: if depth == base { base as u32 } else { 0 },
             }
+        }
+        let mut roots = Vec::new();
+        let mut cut: Vec<(u32, usize)> = a.roots.iter().map(|&r| (r, 0)).collect();
+        // Each cut subtree becomes a root of its own, in the order it was cut (every
+        // node is reached once: the analysis' tree has no cycles, bounded by its nodes).
+        let mut i = 0;
+        while i < cut.len() && roots.len() <= a.nodes.len() {
+            let (r, base) = cut[i];
+            i += 1;
+            let mut more = Vec::new();
+            roots.push(build(r, a, hops, trace_id, it, base, base, &mut more));
+            cut.extend(more);
         }
         TraceView {
             trace_id: trace_id.to_string(),
-            roots: a
-                .roots
-                .iter()
-                .map(|&r| build(r, a, hops, trace_id, it, 0))
-                .collect(),
+            roots,
             hop_count: hops.len() as u32,
             open,
             findings: a.findings.clone(),

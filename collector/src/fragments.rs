@@ -1,8 +1,8 @@
 //! Which trace groups hold hops of one request: the link between the fragments of a trace
 //! that broke apart. An app that copies `x-request-id` but not the trace headers starts a
 //! new trace (or, with tracing off, a group keyed by the request id) on its calls; both
-//! pieces carry the same request id. Fed from the raw hops at ingest, bounded (oldest
-//! request ids forgotten first).
+//! pieces carry the same request id. Fed from the raw hops at ingest, bounded in request
+//! ids and in bytes (oldest request ids forgotten first).
 
 use std::collections::VecDeque;
 
@@ -30,6 +30,18 @@ pub struct FragmentIndex {
     map: FxHashMap<u64, Vec<Group>>,
     order: VecDeque<u64>,
     max_requests: usize,
+    budget: usize,
+    bytes: usize,
+    /// Request ids forgotten for the byte budget.
+    pub evictions: u64,
+}
+
+fn groups_bytes(g: &[Group], cap: usize) -> usize {
+    crate::budget::map_slot(std::mem::size_of::<(u64, Vec<Group>)>())
+        + 8 // the order queue's entry
+        + cap * std::mem::size_of::<Group>()
+        + crate::budget::ALLOC_OVERHEAD
+        + g.iter().map(|g| crate::budget::str_heap(g.id.len())).sum::<usize>()
 }
 
 fn key(request_id: &str) -> u64 {
@@ -42,6 +54,31 @@ impl FragmentIndex {
             map: FxHashMap::default(),
             order: VecDeque::new(),
             max_requests: max_requests.max(1),
+            budget: usize::MAX,
+            bytes: 0,
+            evictions: 0,
+        }
+    }
+
+    pub fn with_budget(max_requests: usize, budget: usize) -> FragmentIndex {
+        FragmentIndex {
+            budget,
+            ..Self::new(max_requests)
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(old) = self.order.pop_front() {
+            if let Some(g) = self.map.remove(&old) {
+                self.bytes -= groups_bytes(&g, g.capacity());
+            }
         }
     }
 
@@ -53,19 +90,23 @@ impl FragmentIndex {
             }
             let k = key(&h.request_id);
             let traced = !h.trace_id.is_empty();
-            let groups = match self.map.get_mut(&k) {
-                Some(g) => g,
-                None => {
-                    if self.order.len() >= self.max_requests {
-                        if let Some(old) = self.order.pop_front() {
-                            self.map.remove(&old);
-                        }
-                    }
-                    self.order.push_back(k);
-                    // Most requests live in one group: no spare capacity.
-                    self.map.entry(k).or_insert_with(|| Vec::with_capacity(1))
+            if !self.map.contains_key(&k) {
+                if self.order.len() >= self.max_requests {
+                    self.forget_oldest();
                 }
+                while self.bytes > self.budget && !self.order.is_empty() {
+                    self.forget_oldest();
+                    self.evictions += 1;
+                }
+                self.order.push_back(k);
+                self.bytes += groups_bytes(&[], 1);
+                // Most requests live in one group: no spare capacity.
+                self.map.insert(k, Vec::with_capacity(1));
+            }
+            let Some(groups) = self.map.get_mut(&k) else {
+                continue;
             };
+            let before = groups_bytes(groups, groups.capacity());
             let same = |g: &Group| {
                 g.traced == traced
                     && if traced {
@@ -87,6 +128,7 @@ impl FragmentIndex {
                     first_us: h.start_time_unix_micros,
                 });
             }
+            self.bytes = self.bytes + groups_bytes(groups, groups.capacity()) - before;
         }
     }
 
@@ -123,6 +165,23 @@ mod tests {
             start_time_unix_micros: start,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn byte_budget_forgets_the_oldest_requests() {
+        let mut f = FragmentIndex::with_budget(1_000_000, 64 * 1024);
+        for i in 0..5000u64 {
+            f.observe(&[hop(&format!("{i:032x}"), &format!("r{i}"), i)]);
+        }
+        assert!(f.bytes() <= 64 * 1024 + 512, "{}", f.bytes());
+        assert!(f.evictions > 4000, "{}", f.evictions);
+        assert!(f.groups("r0").is_empty(), "oldest forgotten");
+        assert_eq!(f.groups("r4999").len(), 1);
+        // Accounting is exact: forgetting everything returns to 0.
+        while !f.order.is_empty() {
+            f.forget_oldest();
+        }
+        assert_eq!(f.bytes(), 0);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   newer detectors live in their own modules: [`app_error`], [`policy_denied`], with
 //!   gRPC status names and hints in [`grpc`].
 //! - [`hidden_hop`]: calls no sidecar saw as HTTP (TCP-named Service ports), as HOP_MISSING.
-//! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces.
+//! - [`core`]: open trace groups, quiet/age queues, bounds, recently analysed traces;
+//!   [`budget`]: the stores' byte budgets.
 //! - [`store`]: the deduplicated findings index; [`persist`]: its redb database, the
 //!   recovery from write errors and the checkpoint; [`wal`]: the write-ahead log of hops.
 //! - [`identity`]: who may report (mTLS peer from XFCC, report token, clock skew).
@@ -24,6 +25,7 @@
 
 pub mod analysis;
 pub mod app_error;
+pub mod budget;
 pub mod cli;
 pub mod core;
 pub mod fragments;

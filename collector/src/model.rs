@@ -24,21 +24,51 @@ impl Sym {
     }
 }
 
-/// String interner with a bound on the number of distinct strings (memory safety against
-/// high-cardinality garbage); past the bound new strings become [`Sym::OVERFLOW`].
+/// String interner with a bound on the number of distinct strings and on their bytes
+/// (memory safety against high-cardinality garbage); past either bound new strings become
+/// [`Sym::OVERFLOW`].
+///
+/// Reclaimed by mark and sweep ([`Interner::compact`]): the owner marks every symbol its
+/// stores still hold, and the strings nobody marked are freed and their ids reused. A
+/// string looked up or interned since the previous compaction (an epoch) is never freed,
+/// so the hops converted just before a compaction but not yet in a store (the report
+/// path converts outside the aggregator's lock) keep their names; the ingest path pays
+/// one store of the epoch per lookup, nothing else.
 pub struct Interner {
     strings: Vec<Arc<str>>,
+    /// Per id: the epoch of its last lookup (low 31 bits), bit 31 set for free text.
+    meta: Vec<u32>,
     map: FxHashMap<Arc<str>, u32>,
+    /// Freed ids, reused first.
+    free: Vec<u32>,
+    empty: Arc<str>,
+    epoch: u32,
     max: usize,
+    /// Byte budget (see [`STRING_OVERHEAD`]); 0: none.
+    budget: usize,
+    bytes: usize,
     pub overflowed: u64,
+    /// Compactions run and strings they freed.
+    pub compactions: u64,
+    pub freed: u64,
+    /// Fields cut to their maximum length at ingest (see [`CHop::from_proto`]).
+    pub truncated: u64,
     /// (cluster, authority) -> (destination service, namespace, bits), parsed once.
     dest_cache: FxHashMap<(Sym, Sym), (Sym, Sym, u8)>,
     /// authority -> first DNS label of its host.
     authority_cache: FxHashMap<Sym, Sym>,
     /// Strings interned through [`Interner::intern_capped`] (free text such as gRPC
-    /// messages).
+    /// messages) and still held.
     capped: usize,
 }
+
+/// Bytes one interned string costs besides its text: the `Arc` allocation's header (16)
+/// and malloc rounding (~16), the id -> string slot (16), the string -> id map slot
+/// (~30 with hashbrown's control byte and load factor) and the epoch (4), plus the
+/// caches' share. Checked with the 100k-detail-strings probe (collector-probes).
+pub const STRING_OVERHEAD: usize = 96;
+
+const FREE_TEXT: u32 = 1 << 31;
 
 /// At most this many distinct free-text strings (gRPC messages) are interned: apps put ids
 /// in their error messages, and the interner never forgets, so without a cap they would
@@ -47,58 +77,147 @@ pub const MAX_FREE_TEXT_STRINGS: usize = 10_000;
 /// Free text is kept up to this many bytes.
 pub const MAX_FREE_TEXT_LEN: usize = 128;
 
+/// Field caps at ingest (what a well-behaved filter never exceeds): longer values are
+/// cut on a character boundary and counted ([`Interner::truncated`]), not refused. Tags
+/// and paths the way the filter caps them (filter/src/tag.rs, filter/src/report.rs),
+/// request ids like its `x-request-id` (filter/src/trace.rs).
+pub const MAX_TAG_LEN: usize = 128;
+pub const MAX_PATH_LEN: usize = 512;
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Response code details and trace details (Envoy's details are short snake_case
+/// words; the trace detail is the filter's own one-line text).
+pub const MAX_DETAIL_LEN: usize = 256;
+/// Names: workload, namespace, pod, service, authority, method, cluster, host, address,
+/// route (a DNS name is at most 253 bytes; an Istio cluster name adds a few words).
+pub const MAX_NAME_LEN: usize = 256;
+
+/// `s` cut to at most `max` bytes on a character boundary; counts a cut in `n`.
+pub fn cap_len<'a>(s: &'a str, max: usize, n: &mut u64) -> &'a str {
+    if s.len() <= max {
+        return s;
+    }
+    *n += 1;
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Symbols still held by the stores, collected for [`Interner::compact`].
+pub struct Marks(Vec<u64>);
+
+impl Marks {
+    pub fn mark(&mut self, s: Sym) {
+        let i = s.0 as usize;
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+    fn is_marked(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
 impl Interner {
     pub fn new(max: usize) -> Self {
+        Self::with_budget(max, 0)
+    }
+    /// At most `max` strings and `budget` bytes (0: no byte bound).
+    pub fn with_budget(max: usize, budget: usize) -> Self {
+        let empty: Arc<str> = Arc::from("");
         let mut i = Interner {
             strings: Vec::new(),
+            meta: Vec::new(),
             map: FxHashMap::default(),
+            free: Vec::new(),
+            empty,
+            epoch: 1,
             max: max.max(16),
+            budget,
+            bytes: 0,
             overflowed: 0,
+            compactions: 0,
+            freed: 0,
+            truncated: 0,
             dest_cache: FxHashMap::default(),
             authority_cache: FxHashMap::default(),
             capped: 0,
         };
-        i.force("");
-        i.force("<overflow>");
+        i.force("", 0);
+        i.force("<overflow>", 0);
         i
     }
-    fn force(&mut self, s: &str) -> Sym {
+    fn cost(s: &str) -> usize {
+        s.len() + STRING_OVERHEAD
+    }
+    fn force(&mut self, s: &str, flag: u32) -> Sym {
         let a: Arc<str> = Arc::from(s);
-        let id = self.strings.len() as u32;
-        self.strings.push(a.clone());
+        self.bytes += Self::cost(s);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.strings[id as usize] = a.clone();
+                self.meta[id as usize] = self.epoch | flag;
+                id
+            }
+            None => {
+                let id = self.strings.len() as u32;
+                self.strings.push(a.clone());
+                self.meta.push(self.epoch | flag);
+                id
+            }
+        };
         self.map.insert(a, id);
         Sym(id)
+    }
+    fn hit(&mut self, s: &str) -> Option<Sym> {
+        let &id = self.map.get(s)?;
+        let m = &mut self.meta[id as usize];
+        *m = (*m & FREE_TEXT) | self.epoch;
+        Some(Sym(id))
+    }
+    fn touch(&mut self, s: Sym) {
+        if let Some(m) = self.meta.get_mut(s.0 as usize) {
+            *m = (*m & FREE_TEXT) | self.epoch;
+        }
+    }
+    fn insert(&mut self, s: &str, flag: u32) -> Sym {
+        let full = self.live() >= self.max
+            || (self.budget > 0 && self.bytes + Self::cost(s) > self.budget);
+        if full {
+            self.overflowed += 1;
+            return Sym::OVERFLOW;
+        }
+        self.force(s, flag)
     }
     pub fn intern(&mut self, s: &str) -> Sym {
         if s.is_empty() {
             return Sym::EMPTY;
         }
-        if let Some(&id) = self.map.get(s) {
-            return Sym(id);
+        if let Some(sym) = self.hit(s) {
+            return sym;
         }
-        if self.strings.len() >= self.max {
-            self.overflowed += 1;
-            return Sym::OVERFLOW;
-        }
-        self.force(s)
+        self.insert(s, 0)
     }
     /// Interns free text (truncated to [`MAX_FREE_TEXT_LEN`] bytes) while fewer than `cap`
-    /// such strings were interned; past that, known strings still resolve and new ones
+    /// such strings are held; past that, known strings still resolve and new ones
     /// become [`Sym::EMPTY`] (dropped, not an overflow of the names).
     pub fn intern_capped(&mut self, s: &str, cap: usize) -> Sym {
-        let mut end = s.len().min(MAX_FREE_TEXT_LEN);
-        while !s.is_char_boundary(end) {
-            end -= 1;
+        let s = cap_len(s, MAX_FREE_TEXT_LEN, &mut self.truncated);
+        if s.is_empty() {
+            return Sym::EMPTY;
         }
-        let s = &s[..end];
-        if let Some(sym) = self.get(s) {
+        if let Some(sym) = self.hit(s) {
             return sym;
         }
         if self.capped >= cap {
             return Sym::EMPTY;
         }
-        self.capped += 1;
-        self.intern(s)
+        let sym = self.insert(s, FREE_TEXT);
+        if sym != Sym::OVERFLOW {
+            self.capped += 1;
+        }
+        sym
     }
 
     /// Looks a string up without interning it.
@@ -111,12 +230,74 @@ impl Interner {
     pub fn resolve(&self, s: Sym) -> &str {
         self.strings.get(s.0 as usize).map(|a| &**a).unwrap_or("")
     }
+    /// Strings held (freed ids excluded).
     pub fn len(&self) -> usize {
-        self.strings.len()
+        self.live()
+    }
+    fn live(&self) -> usize {
+        self.strings.len() - self.free.len()
+    }
+    /// Accounted bytes: the strings' text plus [`STRING_OVERHEAD`] each, plus the caches.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+            + crate::budget::map_slot(20) * self.dest_cache.len()
+            + crate::budget::map_slot(8) * self.authority_cache.len()
+            + 4 * self.free.len()
+    }
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+    /// Worth compacting: over 3/4 of the byte budget or of the count bound.
+    pub fn wants_compaction(&self) -> bool {
+        (self.budget > 0 && self.bytes() > self.budget / 4 * 3) || self.live() > self.max / 4 * 3
+    }
+    /// An empty mark set for [`Interner::compact`].
+    pub fn marks(&self) -> Marks {
+        Marks(vec![0; self.strings.len().div_ceil(64)])
+    }
+    /// Frees every string that is not in `marks` and was not looked up in the current
+    /// epoch, drops the cache entries naming a freed string, and starts a new epoch.
+    /// Returns how many strings were freed.
+    pub fn compact(&mut self, marks: &Marks) -> usize {
+        let mut n = 0;
+        for i in 2..self.strings.len() {
+            let m = self.meta[i];
+            if marks.is_marked(i) || m & !FREE_TEXT >= self.epoch || self.strings[i].is_empty() {
+                continue;
+            }
+            let s = std::mem::replace(&mut self.strings[i], self.empty.clone());
+            self.map.remove(&*s);
+            self.bytes -= Self::cost(&s);
+            if m & FREE_TEXT != 0 {
+                self.capped -= 1;
+            }
+            self.meta[i] = 0;
+            self.free.push(i as u32);
+            n += 1;
+        }
+        let live = |s: &Sym, strings: &[Arc<str>]| {
+            s.0 < 2 || strings.get(s.0 as usize).is_some_and(|a| !a.is_empty())
+        };
+        let strings = &self.strings;
+        self.dest_cache
+            .retain(|(c, a), (s, ns, _)| [c, a, s, ns].iter().all(|x| live(x, strings)));
+        self.authority_cache
+            .retain(|a, s| live(a, strings) && live(s, strings));
+        // Shrink the tables when most of them is free.
+        if self.map.capacity() > 4 * self.map.len().max(1024) {
+            self.map.shrink_to_fit();
+        }
+        self.epoch = (self.epoch + 1) & !FREE_TEXT;
+        self.compactions += 1;
+        self.freed += n as u64;
+        n
     }
     /// [`destination`] of interned strings, cached (bounded like the interner).
     pub fn destination(&mut self, cluster: Sym, authority: Sym) -> (Sym, Sym, u8) {
         if let Some(&d) = self.dest_cache.get(&(cluster, authority)) {
+            // The cached names must survive a compaction like a lookup of them.
+            self.touch(d.0);
+            self.touch(d.1);
             return d;
         }
         let (svc, ns, bits) = destination(self.resolve(cluster), self.resolve(authority));
@@ -128,6 +309,7 @@ impl Interner {
     }
     pub fn authority_service(&mut self, authority: Sym) -> Sym {
         if let Some(&d) = self.authority_cache.get(&authority) {
+            self.touch(d);
             return d;
         }
         let label = first_label(host_of(self.resolve(authority))).to_string();
@@ -138,7 +320,7 @@ impl Interner {
         d
     }
     pub fn is_empty(&self) -> bool {
-        self.strings.len() <= 2
+        self.live() <= 2
     }
 }
 
@@ -261,10 +443,35 @@ impl CHop {
             .collect()
     }
 
-    /// Converts a wire hop (validated: direction set) into the compact form.
+    /// Converts a wire hop (validated: direction set) into the compact form. Over-long
+    /// fields are cut to the `MAX_*_LEN` caps (counted in [`Interner::truncated`]).
     pub fn from_proto(h: &Hop, it: &mut Interner) -> CHop {
-        let upstream_cluster = it.intern(&h.upstream_cluster);
-        let authority = it.intern(&h.authority);
+        let mut cut = 0u64;
+        let mut name = |s: &str, it: &mut Interner| it.intern(cap_len(s, MAX_NAME_LEN, &mut cut));
+        let upstream_cluster = name(&h.upstream_cluster, it);
+        let authority = name(&h.authority, it);
+        let workload = name(&h.workload, it);
+        let namespace = name(&h.namespace, it);
+        let pod = name(&h.pod, it);
+        let service = name(&h.service, it);
+        let method = name(&h.method, it);
+        let upstream_host = name(&h.upstream_host, it);
+        let downstream_local = name(&h.downstream_local_address, it);
+        let route_name = name(&h.route_name, it);
+        let mut tag = |s: &str, it: &mut Interner| it.intern(cap_len(s, MAX_TAG_LEN, &mut cut));
+        let own_tag = tag(&h.own_tag, it);
+        let tag_received = tag(&h.tag_received, it);
+        let tag_sent = tag(&h.tag_sent, it);
+        let correlated_tag = tag(&h.correlated_tag, it);
+        let trace_detail = it.intern(cap_len(&h.trace_detail, MAX_DETAIL_LEN, &mut cut));
+        let code_details = it.intern(cap_len(&h.response_code_details, MAX_DETAIL_LEN, &mut cut));
+        let path = non_empty_box(cap_len(&h.path, MAX_PATH_LEN, &mut cut));
+        let request_id = non_empty_box(cap_len(
+            &request_id_key(&h.request_id),
+            MAX_REQUEST_ID_LEN,
+            &mut cut,
+        ));
+        it.truncated += cut;
         let (dest_service, dest_namespace, dest_bits) = if h.direction == Direction::Outbound as i32
         {
             it.destination(upstream_cluster, authority)
@@ -296,25 +503,25 @@ impl CHop {
             response_flags: h.response_flags,
             // The join form: hops of one request compare equal whatever digit Envoy's
             // UUID extension wrote.
-            request_id: non_empty_box(&request_id_key(&h.request_id)),
-            path: non_empty_box(&h.path),
+            request_id,
+            path,
             duration_us: h.duration_micros.min(u32::MAX as u64) as u32,
-            workload: it.intern(&h.workload),
-            namespace: it.intern(&h.namespace),
-            pod: it.intern(&h.pod),
-            service: it.intern(&h.service),
-            own_tag: it.intern(&h.own_tag),
-            tag_received: it.intern(&h.tag_received),
-            tag_sent: it.intern(&h.tag_sent),
-            correlated_tag: it.intern(&h.correlated_tag),
-            trace_detail: it.intern(&h.trace_detail),
+            workload,
+            namespace,
+            pod,
+            service,
+            own_tag,
+            tag_received,
+            tag_sent,
+            correlated_tag,
+            trace_detail,
             authority,
-            method: it.intern(&h.method),
-            code_details: it.intern(&h.response_code_details),
+            method,
+            code_details,
             upstream_cluster,
-            upstream_host: it.intern(&h.upstream_host),
-            downstream_local: it.intern(&h.downstream_local_address),
-            route_name: it.intern(&h.route_name),
+            upstream_host,
+            downstream_local,
+            route_name,
             dest_service,
             dest_namespace,
             authority_service,
@@ -330,6 +537,42 @@ impl CHop {
             grpc_message: it.intern_capped(&h.grpc_message, MAX_FREE_TEXT_STRINGS),
             has_trace_id: crate::other_ids::has_trace_id(h),
         }
+    }
+
+    /// Every interned symbol of the hop (for [`Interner::compact`]'s marks).
+    pub fn mark(&self, m: &mut Marks) {
+        for s in [
+            self.workload,
+            self.namespace,
+            self.pod,
+            self.service,
+            self.own_tag,
+            self.tag_received,
+            self.tag_sent,
+            self.correlated_tag,
+            self.trace_detail,
+            self.authority,
+            self.method,
+            self.code_details,
+            self.upstream_cluster,
+            self.upstream_host,
+            self.downstream_local,
+            self.route_name,
+            self.dest_service,
+            self.dest_namespace,
+            self.authority_service,
+            self.grpc_message,
+        ] {
+            m.mark(s);
+        }
+    }
+
+    /// Accounted bytes of the hop: its size plus the heap of its request id and path.
+    pub fn bytes(&self) -> usize {
+        use crate::budget::str_heap;
+        std::mem::size_of::<CHop>()
+            + str_heap(self.request_id.as_deref().map_or(0, str::len))
+            + str_heap(self.path.as_deref().map_or(0, str::len))
     }
 
     /// Back to the wire form (for GetTrace). Fields the collector does not keep
@@ -609,6 +852,102 @@ mod tests {
             "dropping free text is not an overflow of names"
         );
         assert!(!it.intern("workload-a").is_empty(), "names still intern");
+    }
+
+    #[test]
+    fn compaction_frees_unreferenced_strings_and_reuses_their_ids() {
+        let mut it = Interner::with_budget(1000, 0);
+        let keep = it.intern("reviews");
+        let gone = it.intern(&"x".repeat(4000));
+        let b0 = it.bytes();
+        assert!(b0 >= 4000 + STRING_OVERHEAD);
+        // Looked up in this epoch: kept even though unmarked (a converted hop may be on
+        // its way to a store).
+        let mut m = it.marks();
+        m.mark(keep);
+        assert_eq!(it.compact(&m), 0);
+        // Next epoch: unmarked and not looked up since: freed.
+        let mut m = it.marks();
+        m.mark(keep);
+        assert_eq!(it.compact(&m), 1);
+        assert_eq!(it.resolve(keep), "reviews");
+        assert_eq!(it.get(&"x".repeat(4000)), None);
+        assert!(it.bytes() + 4000 <= b0, "{} vs {b0}", it.bytes());
+        assert_eq!(it.compactions, 2);
+        assert_eq!(it.freed, 1);
+        // Its id is reused.
+        let again = it.intern("ratings");
+        assert_eq!(again, gone);
+        assert_eq!(it.resolve(again), "ratings");
+        // A string looked up in the epoch survives without a mark.
+        let mut m = it.marks();
+        m.mark(keep);
+        it.intern("ratings");
+        assert_eq!(it.compact(&m), 0);
+        assert_eq!(it.intern("ratings"), again);
+    }
+
+    #[test]
+    fn byte_budget_overflows_and_compaction_makes_room() {
+        let mut it = Interner::with_budget(1_000_000, 64 * 1024);
+        let mut syms = Vec::new();
+        for i in 0..1000 {
+            syms.push(it.intern(&format!("{i:04}{}", "d".repeat(200))));
+        }
+        assert!(it.bytes() <= 64 * 1024, "{}", it.bytes());
+        assert!(it.overflowed > 0);
+        assert!(it.wants_compaction());
+        let m = it.marks();
+        it.compact(&m);
+        it.compact(&m);
+        // What stays: "" and "<overflow>", the free list.
+        assert!(it.bytes() < 2048, "all freed: {}", it.bytes());
+        assert_ne!(it.intern("new-name"), Sym::OVERFLOW);
+    }
+
+    #[test]
+    fn freed_free_text_returns_to_its_cap() {
+        let mut it = Interner::new(1000);
+        assert!(!it.intern_capped("m1", 1).is_empty());
+        assert!(it.intern_capped("m2", 1).is_empty(), "cap reached");
+        let m = it.marks();
+        it.compact(&m);
+        it.compact(&m);
+        assert!(!it.intern_capped("m2", 1).is_empty(), "room again");
+    }
+
+    #[test]
+    fn over_long_fields_are_cut_and_counted() {
+        let mut it = Interner::new(1000);
+        let h = Hop {
+            direction: Direction::Inbound as i32,
+            trace_id: "abc".into(),
+            path: "/".repeat(8192),
+            response_code_details: "é".repeat(3000),
+            own_tag: "t".repeat(500),
+            workload: "w".repeat(300),
+            request_id: "r".repeat(200),
+            ..Default::default()
+        };
+        let c = CHop::from_proto(&h, &mut it);
+        assert_eq!(c.path.as_deref().map(str::len), Some(MAX_PATH_LEN));
+        let d = it.resolve(c.code_details);
+        assert!(d.len() <= MAX_DETAIL_LEN && d.len() >= MAX_DETAIL_LEN - 1);
+        assert_eq!(it.resolve(c.own_tag).len(), MAX_TAG_LEN);
+        assert_eq!(it.resolve(c.workload).len(), MAX_NAME_LEN);
+        assert_eq!(
+            c.request_id.as_deref().map(str::len),
+            Some(MAX_REQUEST_ID_LEN)
+        );
+        assert_eq!(it.truncated, 5);
+        let short = Hop {
+            direction: Direction::Inbound as i32,
+            trace_id: "abc".into(),
+            path: "/a".into(),
+            ..Default::default()
+        };
+        CHop::from_proto(&short, &mut it);
+        assert_eq!(it.truncated, 5, "short fields are not counted");
     }
 
     #[test]

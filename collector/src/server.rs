@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::budget::Budgets;
 use crate::core::Limits;
 use crate::service::{now_ms, Collector, QueryError, ReportError, Settings};
 use crate::store::Filter;
@@ -46,6 +47,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    crate::budget::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -96,9 +101,43 @@ pub struct ServerArgs {
     /// Findings not seen for this long are deleted.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub retention_age: Duration,
-    /// At most this many findings are kept.
+    /// At most this many findings are kept (applied as findings arrive).
     #[arg(long, default_value_t = 100_000)]
     pub retention_count: usize,
+    /// One (namespace, workload) keeps at most this many findings: over it, its own least
+    /// recently seen go, never another workload's.
+    #[arg(long, default_value_t = 5_000)]
+    pub max_findings_per_workload: usize,
+    /// One namespace keeps at most this many findings (its own least recently seen go).
+    #[arg(long, default_value_t = 25_000)]
+    pub max_findings_per_namespace: usize,
+    /// Byte budget of the open traces (sizes like 256MiB, 64MB, 1GiB; the defaults of all
+    /// budgets add up to 640MiB, for the shipped 1 GiB pod): over it, the least recently
+    /// updated trace is analysed early.
+    #[arg(long, default_value = "320MiB", value_parser = parse_size)]
+    pub max_open_bytes: usize,
+    /// Byte budget of the analysed traces kept for GetTrace (oldest dropped first).
+    #[arg(long, default_value = "48MiB", value_parser = parse_size)]
+    pub max_recent_bytes: usize,
+    /// Byte budget of the string table (names, tags, details); unreferenced strings are
+    /// freed by compaction, new ones past the budget are kept as "<overflow>".
+    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+    pub max_string_bytes: usize,
+    /// Byte budget of the findings in memory (least recently seen dropped first).
+    #[arg(long, default_value = "160MiB", value_parser = parse_size)]
+    pub max_findings_bytes: usize,
+    /// Byte budget of the per-workload stats rows (Summary; least recently updated
+    /// dropped first).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_workload_stats_bytes: usize,
+    /// Per-workload stats rows without a hop for this long are dropped.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub workload_stats_ttl: Duration,
+    /// Byte budget of the cross-trace indexes: the per-pod inbound index 1/2, the
+    /// request-id fragment index 1/4, the service graph and the instance registry 1/8
+    /// each (the least recently seen entries go first).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_pod_index_bytes: usize,
     /// Clock slack when joining hops reported by different sidecars.
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     pub join_slack: Duration,
@@ -153,12 +192,23 @@ impl ServerArgs {
                 max_recent_hops: self.max_recent_hops,
                 join_slack: self.join_slack,
                 instance_ttl: self.instance_ttl,
+                budgets: Budgets {
+                    open: self.max_open_bytes,
+                    recent: self.max_recent_bytes,
+                    strings: self.max_string_bytes,
+                    findings: self.max_findings_bytes,
+                    workload_stats: self.max_workload_stats_bytes,
+                    pod_index: self.max_pod_index_bytes,
+                },
+                workload_stats_ttl: self.workload_stats_ttl,
                 ..Limits::default()
             },
             max_batch_hops: self.max_batch_hops,
             retention_age: self.retention_age,
             retention_count: self.retention_count,
             identity: self.identity.policy(),
+            max_findings_per_workload: self.max_findings_per_workload,
+            max_findings_per_namespace: self.max_findings_per_namespace,
         }
     }
 }
@@ -551,6 +601,19 @@ mod tests {
             .settings()
             .limits;
         let d = Limits::default();
+        assert_eq!(l.budgets, d.budgets, "byte budgets");
+        assert_eq!(l.workload_stats_ttl, d.workload_stats_ttl);
+        let s = ServerArgs::parse_from(["hopwatch-collector"]).settings();
+        let sd = Settings::default();
+        assert_eq!(
+            (s.max_findings_per_workload, s.max_findings_per_namespace),
+            (sd.max_findings_per_workload, sd.max_findings_per_namespace)
+        );
+        let a = ServerArgs::parse_from(["hopwatch-collector", "--max-open-bytes", "32MiB"]);
+        assert_eq!(a.settings().limits.budgets.open, 32 << 20);
+        assert!(
+            ServerArgs::try_parse_from(["hopwatch-collector", "--max-open-bytes", "lots"]).is_err()
+        );
         assert_eq!(l.max_open_traces, 400_000);
         assert_eq!(
             (

@@ -13,6 +13,7 @@ use hopwatch_proto::v1::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
+use crate::budget::StoreBytes;
 use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
 use crate::fragments::FragmentIndex;
 use crate::graph::ServiceGraph;
@@ -22,7 +23,7 @@ use crate::metrics::{
 };
 use crate::model::FLAG_NAMES;
 use crate::persist::{Durable, PersistOptions};
-use crate::store::{finding_id, Filter, FindingStore, StoreError};
+use crate::store::{finding_id, Filter, FindingLimits, FindingStore, StoreError};
 use prometheus_client::registry::Unit;
 
 pub fn now_ms() -> u64 {
@@ -40,10 +41,48 @@ pub struct Settings {
     pub max_batch_hops: usize,
     /// Findings not seen for this long are deleted.
     pub retention_age: Duration,
-    /// At most this many findings are kept (the least recently seen go first).
+    /// At most this many findings are kept (the least recently seen go first), applied
+    /// as findings arrive.
     pub retention_count: usize,
     /// Who may report, and what a batch may claim (see [`crate::identity`]).
     pub identity: crate::identity::Policy,
+    /// One (namespace, workload) holds at most this many findings (its own least
+    /// recently seen go first; never another workload's).
+    pub max_findings_per_workload: usize,
+    /// One namespace holds at most this many findings.
+    pub max_findings_per_namespace: usize,
+}
+
+/// GetTrace refuses longer trace ids (INVALID_ARGUMENT naming the limit): the longest
+/// group id the collector keys a trace by is a request id (256 bytes, see
+/// [`validate_hop`]).
+pub const MAX_TRACE_ID_QUERY_LEN: usize = 256;
+/// At most this much of a requested id is echoed back in an error message.
+pub const MAX_ECHOED_ID_LEN: usize = 64;
+
+/// `id` cut for an error message (at most [`MAX_ECHOED_ID_LEN`] bytes, with the length
+/// when cut).
+pub fn echo_id(id: &str) -> String {
+    if id.len() <= MAX_ECHOED_ID_LEN {
+        return id.to_string();
+    }
+    let mut end = MAX_ECHOED_ID_LEN;
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &id[..end], id.len())
+}
+
+impl Settings {
+    /// The findings store's bounds.
+    pub fn finding_limits(&self) -> FindingLimits {
+        FindingLimits {
+            max_count: self.retention_count,
+            max_bytes: self.limits.budgets.findings,
+            per_workload: self.max_findings_per_workload,
+            per_namespace: self.max_findings_per_namespace,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -54,6 +93,8 @@ impl Default for Settings {
             retention_age: Duration::from_secs(7 * 24 * 3600),
             retention_count: 100_000,
             identity: crate::identity::Policy::default(),
+            max_findings_per_workload: 5_000,
+            max_findings_per_namespace: 25_000,
         }
     }
 }
@@ -119,6 +160,10 @@ pub struct Collector {
     pub graph: Mutex<ServiceGraph>,
     /// Request id -> trace groups: links the fragments of a broken trace.
     pub fragments: Mutex<FragmentIndex>,
+    /// Serialises analysis polls and string table compactions (a compaction must not
+    /// run while traces are analysed outside the aggregator's lock).
+    poll_lock: Mutex<()>,
+    last_compaction_ms: AtomicU64,
 }
 
 impl Collector {
@@ -147,9 +192,13 @@ impl Collector {
         Self::with(settings, FindingStore::default(), None)
     }
 
-    fn with(settings: Settings, store: FindingStore, durable: Option<Durable>) -> Collector {
+    fn with(settings: Settings, mut store: FindingStore, durable: Option<Durable>) -> Collector {
         let (watch, _) = broadcast::channel(4096);
         let core = Core::new(settings.limits.clone());
+        store.set_limits(settings.finding_limits());
+        // Loaded findings over the bounds are gone: no metric series to drop yet.
+        let _ = store.take_evicted();
+        let b = settings.limits.budgets;
         Collector {
             shared: core.shared.clone(),
             core: Mutex::new(core),
@@ -157,11 +206,13 @@ impl Collector {
             durable,
             metrics: Metrics::default(),
             watch,
-            graph: Mutex::new(ServiceGraph::new(10_000)),
+            graph: Mutex::new(ServiceGraph::with_budget(10_000, b.graph())),
             // ~100 bytes per request id: ~10 MB at most.
-            fragments: Mutex::new(FragmentIndex::new(100_000)),
+            fragments: Mutex::new(FragmentIndex::with_budget(100_000, b.fragments())),
             settings,
             flush_lock: Mutex::new(()),
+            poll_lock: Mutex::new(()),
+            last_compaction_ms: AtomicU64::new(0),
         }
     }
 
@@ -282,14 +333,62 @@ impl Collector {
                         .inc();
                 }
             }
+            // Findings the bounds removed: their occurrence series go too (else the
+            // metric family would keep every finding ever seen).
+            for b in store.take_evicted() {
+                self.metrics.breaks.remove(&BreakLabels {
+                    kind: crate::cli::kind_str(b.kind).to_string(),
+                    severity: crate::cli::severity_str(b.severity).to_string(),
+                    namespace: b.namespace,
+                    workload: b.workload,
+                    peer: b.peer,
+                });
+            }
         }
         for b in updated {
             let _ = self.watch.send(b);
         }
     }
 
-    /// Analyses what became ready; returns the number of traces analysed.
+    /// Analyses what became ready; returns the number of traces analysed. Compacts the
+    /// string table afterwards when it is over 3/4 of a bound (at most every 10 s), else
+    /// every 5 minutes: a compaction holds the aggregator's lock while it marks (~100 ms
+    /// with 355,000 open traces and a full recent store, collector-probes).
     pub fn poll(&self, now_ms: u64) -> usize {
+        let _serial = self.poll_lock.lock();
+        let n = self.poll_inner(now_ms);
+        let since = now_ms.saturating_sub(self.last_compaction_ms.load(Relaxed));
+        let due = since >= 300_000 || (since >= 10_000 && self.shared.read().it.wants_compaction());
+        if due {
+            self.compact_locked(now_ms);
+        }
+        n
+    }
+
+    /// Frees the interned strings no store holds any more (see [`Interner::compact`]);
+    /// returns how many.
+    ///
+    /// [`Interner::compact`]: crate::model::Interner::compact
+    pub fn compact_strings(&self, now_ms: u64) -> usize {
+        let _serial = self.poll_lock.lock();
+        self.compact_locked(now_ms)
+    }
+
+    fn compact_locked(&self, now_ms: u64) -> usize {
+        self.last_compaction_ms.store(now_ms, Relaxed);
+        // Lock order: aggregator, graph, shared (as everywhere else).
+        let core = self.core.lock();
+        let graph = self.graph.lock();
+        let mut sh = self.shared.write();
+        let mut marks = sh.it.marks();
+        core.mark(&mut marks);
+        graph.mark(&mut marks);
+        sh.pods.mark(&mut marks);
+        sh.registry.mark(&mut marks);
+        sh.it.compact(&marks)
+    }
+
+    fn poll_inner(&self, now_ms: u64) -> usize {
         const CHUNK: usize = 500;
         let mut total = 0;
         loop {
@@ -359,10 +458,21 @@ impl Collector {
             .write()
             .retain(min, self.settings.retention_count);
         self.metrics.findings_expired.fetch_add(n as u64, Relaxed);
+        let evicted = self.store.write().take_evicted();
+        for b in evicted {
+            self.metrics.breaks.remove(&BreakLabels {
+                kind: crate::cli::kind_str(b.kind).to_string(),
+                severity: crate::cli::severity_str(b.severity).to_string(),
+                namespace: b.namespace,
+                workload: b.workload,
+                peer: b.peer,
+            });
+        }
         let keep_us = (self.settings.limits.max_trace_age.as_micros() as u64) * 2;
-        self.core
-            .lock()
-            .prune_indexes((now_ms * 1000).saturating_sub(keep_us));
+        let mut core = self.core.lock();
+        core.prune_indexes((now_ms * 1000).saturating_sub(keep_us));
+        let ttl = self.settings.limits.workload_stats_ttl.as_millis() as u64;
+        core.prune_workloads(now_ms.saturating_sub(ttl));
         n
     }
 
@@ -388,11 +498,18 @@ impl Collector {
             self.metrics.queries_rejected_invalid.fetch_add(1, Relaxed);
             return Err(QueryError::BadFilter("trace_id is empty".into()));
         }
+        if id.len() > MAX_TRACE_ID_QUERY_LEN {
+            self.metrics.queries_rejected_invalid.fetch_add(1, Relaxed);
+            return Err(QueryError::BadFilter(format!(
+                "trace_id is {} bytes, more than the maximum of {MAX_TRACE_ID_QUERY_LEN} bytes",
+                id.len()
+            )));
+        }
         let Some(v) = self.core.lock().trace(id, now_ms) else {
             self.metrics
                 .queries_rejected_not_found
                 .fetch_add(1, Relaxed);
-            return Err(QueryError::TraceNotFound(id.to_string()));
+            return Err(QueryError::TraceNotFound(echo_id(id)));
         };
         let store = self.store.read();
         let breaks = v
@@ -550,21 +667,90 @@ impl Collector {
     /// gauges read now. Counter names are given without `_total` (the encoder adds it).
     pub fn render_metrics_as(&self, format: Format) -> String {
         let m = &self.metrics;
-        let (cs, open, open_hops, recent) = {
+        let (cs, open, open_hops, recent, mut stores) = {
             let c = self.core.lock();
-            (c.stats, c.open_traces(), c.open_hops(), c.recent_traces())
+            let stores = c.store_bytes().to_vec();
+            (
+                c.stats,
+                c.open_traces(),
+                c.open_hops(),
+                c.recent_traces(),
+                stores,
+            )
         };
-        let (pods, interned, overflow) = {
+        let (pods, interned, overflow, compactions, truncated) = {
             let s = self.shared.read();
-            (s.pods.len(), s.it.len(), s.it.overflowed)
+            stores.push((
+                "strings",
+                StoreBytes {
+                    bytes: s.it.bytes(),
+                    budget: s.it.budget(),
+                    evictions: s.it.freed,
+                },
+            ));
+            stores.push((
+                "pod_index",
+                StoreBytes {
+                    bytes: s.pods.bytes(),
+                    budget: s.pods.budget(),
+                    evictions: s.pods.evictions,
+                },
+            ));
+            stores.push((
+                "registry",
+                StoreBytes {
+                    bytes: s.registry.bytes(),
+                    budget: s.registry.budget(),
+                    evictions: s.registry.evictions,
+                },
+            ));
+            (
+                s.pods.len(),
+                s.it.len(),
+                s.it.overflowed,
+                s.it.compactions,
+                s.it.truncated,
+            )
         };
-        let mut by_kind: rustc_hash::FxHashMap<i32, u64> = Default::default();
         {
+            let g = self.graph.lock();
+            stores.push((
+                "graph",
+                StoreBytes {
+                    bytes: g.bytes(),
+                    budget: g.budget(),
+                    evictions: g.evictions,
+                },
+            ));
+        }
+        {
+            let f = self.fragments.lock();
+            stores.push((
+                "fragments",
+                StoreBytes {
+                    bytes: f.bytes(),
+                    budget: f.budget(),
+                    evictions: f.evictions,
+                },
+            ));
+        }
+        let mut by_kind: rustc_hash::FxHashMap<i32, u64> = Default::default();
+        let finding_evictions = {
             let s = self.store.read();
             for b in s.all() {
                 *by_kind.entry(b.kind).or_default() += 1;
             }
-        }
+            let e = s.evictions;
+            stores.push((
+                "findings",
+                StoreBytes {
+                    bytes: s.bytes(),
+                    budget: s.limits().max_bytes,
+                    evictions: e.budget,
+                },
+            ));
+            e
+        };
         let l = |a: &AtomicU64| a.load(Relaxed);
         let mut s = Snapshot::default();
         s.counter(
@@ -697,6 +883,54 @@ impl Collector {
             "hopwatch_findings_expired",
             "Findings removed by retention.",
             l(&m.findings_expired),
+        );
+        s.counter_by(
+            "hopwatch_findings_evicted",
+            "Findings removed as they arrived: over the count or byte budget, over a workload's or a namespace's share.",
+            "reason",
+            &[
+                ("budget", finding_evictions.budget),
+                ("workload_share", finding_evictions.workload_share),
+                ("namespace_share", finding_evictions.namespace_share),
+            ],
+        );
+        let store = |v: &dyn Fn(&StoreBytes) -> u64| -> Vec<(Vec<(&'static str, String)>, u64)> {
+            stores
+                .iter()
+                .map(|(n, b)| (vec![("store", n.to_string())], v(b)))
+                .collect()
+        };
+        s.gauge_labelled(
+            "hopwatch_store_bytes",
+            "Accounted bytes of each in-memory store.",
+            store(&|b| b.bytes as u64),
+        );
+        s.gauge_labelled(
+            "hopwatch_store_budget_bytes",
+            "Byte budget of each in-memory store.",
+            store(&|b| b.budget.min(u64::MAX as usize) as u64),
+        );
+        let evictions: Vec<(&str, u64)> = stores.iter().map(|(n, b)| (*n, b.evictions)).collect();
+        s.counter_by(
+            "hopwatch_store_evictions",
+            "Entries evicted from each store for its byte budget (least recently used first; strings: freed by compaction).",
+            "store",
+            &evictions,
+        );
+        s.counter(
+            "hopwatch_string_compactions",
+            "String table compactions (unreferenced interned strings freed).",
+            compactions,
+        );
+        s.counter(
+            "hopwatch_fields_truncated",
+            "Hop fields cut to their maximum length at ingest.",
+            truncated,
+        );
+        s.counter(
+            "hopwatch_workload_stats_expired",
+            "Per-workload stats rows dropped after --workload-stats-ttl without a hop.",
+            cs.workload_expired,
         );
         s.counter(
             "hopwatch_findings_persisted",

@@ -46,9 +46,89 @@ fn num_id(id: &str) -> u64 {
     u64::from_str_radix(id, 16).unwrap_or_else(|_| hash64(id.as_bytes(), 5))
 }
 
+/// Bounds of the in-memory findings, applied as findings arrive (and at load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FindingLimits {
+    /// At most this many findings (the least recently seen go first).
+    pub max_count: usize,
+    /// At most this many accounted bytes (see [`break_bytes`]).
+    pub max_bytes: usize,
+    /// One (namespace, workload) holds at most this many: over it, its own least
+    /// recently seen findings go, never another workload's.
+    pub per_workload: usize,
+    /// One namespace holds at most this many: over it, the namespace's own least
+    /// recently seen findings go.
+    pub per_namespace: usize,
+}
+
+impl Default for FindingLimits {
+    fn default() -> Self {
+        FindingLimits {
+            max_count: usize::MAX,
+            max_bytes: usize::MAX,
+            per_workload: usize::MAX,
+            per_namespace: usize::MAX,
+        }
+    }
+}
+
+/// Why findings left the store (besides age).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evictions {
+    /// Over `max_count` or `max_bytes`.
+    pub budget: u64,
+    /// Over a workload's share.
+    pub workload_share: u64,
+    /// Over a namespace's share.
+    pub namespace_share: u64,
+}
+
+/// Accounted bytes of one stored finding: the `Break` and its strings, its slot in the
+/// id map, its entries in the four ordered indexes (B-tree keys of 16 bytes at ~2/3
+/// node fill) and its series in `hopwatch_breaks_total` (a label set of five strings
+/// and a counter, ~200 bytes besides the strings), plus [`FINDING_SLACK`].
+pub fn break_bytes(b: &Break) -> usize {
+    use crate::budget::{map_slot, str_heap};
+    let strings = [
+        &b.id,
+        &b.workload,
+        &b.namespace,
+        &b.peer,
+        &b.summary,
+        &b.hint,
+    ]
+    .iter()
+    .map(|s| str_heap(s.len()))
+    .sum::<usize>()
+        + b.trace_ids
+            .iter()
+            .chain(&b.flags)
+            .map(|s| 24 + str_heap(s.len()))
+            .sum::<usize>()
+        + 2 * 16;
+    let metric = 200
+        + str_heap(b.namespace.len())
+        + str_heap(b.workload.len())
+        + str_heap(b.peer.len())
+        + 32;
+    map_slot(8 + std::mem::size_of::<Break>()) + strings + 5 * 24 + metric + FINDING_SLACK
+}
+
+/// What the parts above miss, measured: with 75,000 findings (no eviction) the probe's
+/// RSS grows ~2.3 KB per finding against ~1.45 KB counted by parts: the hash tables'
+/// spare capacity between resizes (the id map's and the metric family's), B-tree
+/// inner nodes, allocator rounding, the watch channel's copies.
+pub const FINDING_SLACK: usize = 850;
+
+/// Bytes of a secondary index's set for one name (map slot, key, a B-tree leaf).
+fn set_bytes(name_len: usize) -> usize {
+    crate::budget::map_slot(24 + 24) + crate::budget::str_heap(name_len) + 200
+}
+
 /// In-memory index of findings: by id, ordered by last seen, with secondary indexes by
 /// kind, workload and namespace so that a filtered ListBreaks walks only the smallest
-/// candidate set (p99 well under 10 ms with 100,000 findings).
+/// candidate set (p99 well under 10 ms with 100,000 findings). Bounded by count, bytes
+/// and per-workload / per-namespace shares ([`FindingLimits`]) as findings arrive.
 #[derive(Default)]
 pub struct FindingStore {
     by_id: FxHashMap<u64, Break>,
@@ -56,17 +136,54 @@ pub struct FindingStore {
     by_kind: FxHashMap<i32, BTreeSet<Key>>,
     by_workload: FxHashMap<String, BTreeSet<Key>>,
     by_namespace: FxHashMap<String, BTreeSet<Key>>,
+    /// (namespace, workload): the per-workload share.
+    by_owner: FxHashMap<(String, String), BTreeSet<Key>>,
     dirty: FxHashSet<u64>,
     removed: FxHashSet<String>,
+    limits: FindingLimits,
+    bytes: usize,
+    pub evictions: Evictions,
+    /// Findings removed (by any bound or by age) since the last [`FindingStore::take_evicted`]
+    /// (the service drops their `hopwatch_breaks_total` series).
+    evicted: Vec<Break>,
 }
 
-fn index_remove(map: &mut FxHashMap<String, BTreeSet<Key>>, name: &str, k: &Key) {
+/// Adds `k` to the set of `name`; returns the bytes a new set took.
+fn index_add<N: std::hash::Hash + Eq>(
+    map: &mut FxHashMap<N, BTreeSet<Key>>,
+    name: N,
+    name_len: usize,
+    k: Key,
+) -> usize {
+    let mut grown = 0;
+    map.entry(name)
+        .or_insert_with(|| {
+            grown = set_bytes(name_len);
+            BTreeSet::new()
+        })
+        .insert(k);
+    grown
+}
+
+/// Removes `k` from the set of `name`; returns the bytes a dropped set freed.
+fn index_remove<N, Q>(
+    map: &mut FxHashMap<N, BTreeSet<Key>>,
+    name: &Q,
+    name_len: usize,
+    k: &Key,
+) -> usize
+where
+    N: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     if let Some(set) = map.get_mut(name) {
         set.remove(k);
         if set.is_empty() {
             map.remove(name);
+            return set_bytes(name_len);
         }
     }
+    0
 }
 
 impl FindingStore {
@@ -86,8 +203,27 @@ impl FindingStore {
         if let Some(set) = self.by_kind.get_mut(&old.kind) {
             set.remove(&k);
         }
-        index_remove(&mut self.by_workload, &old.workload, &k);
-        index_remove(&mut self.by_namespace, &old.namespace, &k);
+        let mut freed = break_bytes(&old);
+        freed += index_remove(
+            &mut self.by_workload,
+            old.workload.as_str(),
+            old.workload.len(),
+            &k,
+        );
+        freed += index_remove(
+            &mut self.by_namespace,
+            old.namespace.as_str(),
+            old.namespace.len(),
+            &k,
+        );
+        let owner = (old.namespace.clone(), old.workload.clone());
+        freed += index_remove(
+            &mut self.by_owner,
+            &owner,
+            owner.0.len() + owner.1.len(),
+            &k,
+        );
+        self.bytes -= freed;
         Some(old)
     }
     /// Inserts a stored finding as is (loading the database).
@@ -97,15 +233,100 @@ impl FindingStore {
         let k = (b.last_seen_unix_ms, n);
         self.order.insert(k);
         self.by_kind.entry(b.kind).or_default().insert(k);
-        self.by_workload
-            .entry(b.workload.clone())
-            .or_default()
-            .insert(k);
-        self.by_namespace
-            .entry(b.namespace.clone())
-            .or_default()
-            .insert(k);
+        let mut grown = break_bytes(&b);
+        grown += index_add(
+            &mut self.by_workload,
+            b.workload.clone(),
+            b.workload.len(),
+            k,
+        );
+        grown += index_add(
+            &mut self.by_namespace,
+            b.namespace.clone(),
+            b.namespace.len(),
+            k,
+        );
+        grown += index_add(
+            &mut self.by_owner,
+            (b.namespace.clone(), b.workload.clone()),
+            b.namespace.len() + b.workload.len(),
+            k,
+        );
+        self.bytes += grown;
         self.by_id.insert(n, b);
+    }
+
+    /// Accounted bytes (see [`break_bytes`]; plus the per-name index sets and the writes
+    /// waiting for the database: ~80 bytes per removed id, ~16 per changed one).
+    pub fn bytes(&self) -> usize {
+        self.bytes + 80 * self.removed.len() + 16 * self.dirty.len()
+    }
+    pub fn limits(&self) -> FindingLimits {
+        self.limits
+    }
+    /// Sets the bounds and applies them at once (after a load).
+    pub fn set_limits(&mut self, limits: FindingLimits) {
+        self.limits = limits;
+        let owners: Vec<(String, String)> = self.by_owner.keys().cloned().collect();
+        for (ns, wl) in owners {
+            self.enforce(&ns, &wl);
+        }
+    }
+
+    /// Removes the finding `n` for a bound: counted, queued for the database and the
+    /// metrics.
+    fn evict(&mut self, n: u64) {
+        if let Some(b) = self.unindex(n) {
+            self.dirty.remove(&n);
+            self.removed.insert(b.id.clone());
+            self.push_evicted(b);
+        }
+    }
+
+    fn push_evicted(&mut self, b: Break) {
+        // Nobody drains them when the store is used directly (tests): keep it bounded.
+        if self.evicted.len() >= 100_000 {
+            self.evicted.clear();
+        }
+        self.evicted.push(b);
+    }
+
+    /// The findings removed since the last call.
+    pub fn take_evicted(&mut self) -> Vec<Break> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Applies the bounds after a finding of (`namespace`, `workload`) changed: first the
+    /// workload's share, then its namespace's, then the store's count and bytes.
+    fn enforce(&mut self, namespace: &str, workload: &str) {
+        let l = self.limits;
+        loop {
+            let owner = self
+                .by_owner
+                .get(&(namespace.to_string(), workload.to_string()))
+                .filter(|s| s.len() > l.per_workload)
+                .and_then(|s| s.first().copied());
+            let Some((_, n)) = owner else { break };
+            self.evictions.workload_share += 1;
+            self.evict(n);
+        }
+        loop {
+            let ns = self
+                .by_namespace
+                .get(namespace)
+                .filter(|s| s.len() > l.per_namespace)
+                .and_then(|s| s.first().copied());
+            let Some((_, n)) = ns else { break };
+            self.evictions.namespace_share += 1;
+            self.evict(n);
+        }
+        while self.by_id.len() > l.max_count || self.bytes > l.max_bytes {
+            let Some(&(_, n)) = self.order.first() else {
+                break;
+            };
+            self.evictions.budget += 1;
+            self.evict(n);
+        }
     }
 
     /// Merges one occurrence of a break in `trace_id`; returns the updated finding.
@@ -150,6 +371,7 @@ impl FindingStore {
         self.insert_raw(b.clone());
         self.removed.remove(&id);
         self.dirty.insert(n);
+        self.enforce(&f.namespace, &f.workload);
         b
     }
 
@@ -203,7 +425,8 @@ impl FindingStore {
                 break;
             }
             if let Some(b) = self.unindex(id) {
-                self.removed.insert(b.id);
+                self.removed.insert(b.id.clone());
+                self.push_evicted(b);
             } else {
                 self.order.pop_first();
             }
@@ -315,6 +538,114 @@ mod tests {
             100,
         );
         assert_eq!(l.len(), 1);
+    }
+
+    fn g(ns: &str, wl: &str, peer: &str, seen: u64) -> Finding {
+        Finding {
+            namespace: ns.into(),
+            peer: peer.into(),
+            ..f(wl, seen)
+        }
+    }
+
+    #[test]
+    fn shares_evict_the_offenders_own_findings_least_recently_seen_first() {
+        let mut s = FindingStore::default();
+        s.set_limits(FindingLimits {
+            max_count: 1000,
+            max_bytes: usize::MAX,
+            per_workload: 10,
+            per_namespace: 25,
+        });
+        s.merge(&g("a", "real", "p", 1), "t");
+        for i in 0..100u64 {
+            s.merge(&g("a", "loud", &format!("p{i}"), 10 + i), "t");
+        }
+        assert!(s
+            .get(&finding_id(BreakKind::HopMissing, "a", "real", "p"))
+            .is_some());
+        let loud: Vec<_> = s
+            .list(
+                &Filter {
+                    workload: Some("loud".into()),
+                    ..Default::default()
+                },
+                100,
+            )
+            .into_iter()
+            .map(|b| b.last_seen_unix_ms)
+            .collect();
+        assert_eq!(
+            loud,
+            (100..110).rev().collect::<Vec<_>>(),
+            "its newest 10 kept"
+        );
+        assert_eq!(s.evictions.workload_share, 90);
+        // A namespace over its share loses its own least recently seen.
+        for w in 0..3 {
+            for i in 0..10u64 {
+                s.merge(
+                    &g("a", &format!("w{w}"), &format!("p{i}"), 1000 + w * 10 + i),
+                    "t",
+                );
+            }
+        }
+        s.merge(&g("b", "other", "p", 0), "t");
+        assert_eq!(
+            s.list(
+                &Filter {
+                    namespace: Some("a".into()),
+                    ..Default::default()
+                },
+                100
+            )
+            .len(),
+            25
+        );
+        assert!(s.evictions.namespace_share > 0);
+        assert!(
+            s.get(&finding_id(BreakKind::HopMissing, "b", "other", "p"))
+                .is_some(),
+            "another namespace is untouched, even its oldest"
+        );
+        // Every removed finding is reported once (for its metric series).
+        let ev = s.take_evicted();
+        let e = s.evictions;
+        assert_eq!(
+            ev.len() as u64,
+            e.workload_share + e.namespace_share + e.budget
+        );
+    }
+
+    #[test]
+    fn accounted_bytes_follow_inserts_and_removals() {
+        let mut s = FindingStore::default();
+        assert_eq!(s.bytes(), 0);
+        for i in 0..500u64 {
+            s.merge(
+                &g(
+                    &format!("n{}", i % 7),
+                    &format!("w{}", i % 13),
+                    &format!("p{i}"),
+                    i,
+                ),
+                "t",
+            );
+        }
+        let full = s.bytes();
+        assert!(full > 500 * 500, "{full}");
+        s.set_limits(FindingLimits {
+            max_bytes: full / 2,
+            ..Default::default()
+        });
+        s.merge(&g("n0", "w0", "new", 10_000), "t");
+        assert!(s.bytes() - 80 * s.removed.len() - 16 * s.dirty.len() <= full / 2);
+        assert!(s.evictions.budget > 200);
+        let _ = s.take_dirty();
+        s.retain(u64::MAX, usize::MAX);
+        let _ = s.take_dirty();
+        assert_eq!(s.bytes(), 0, "back to 0");
+        assert!(s.is_empty());
     }
 
     #[test]

@@ -498,7 +498,7 @@ fn shutdown_function_flushes_open_traces() {
 fn retention_by_age_and_count_also_in_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
-        retention_count: 3,
+        retention_count: 5,
         retention_age: Duration::from_secs(3600),
         ..Default::default()
     };
@@ -524,18 +524,19 @@ fn retention_by_age_and_count_also_in_the_database() {
         .unwrap();
     }
     c.shutdown(now).unwrap();
-    // The first 2 are older than an hour (4 remain), then the count bound keeps 3.
-    assert_eq!(c.list_breaks(&Filter::default(), 100).len(), 6);
+    // The count bound applies as findings arrive (the least recently seen, caller-0,
+    // went); then retention by age removes caller-1 (older than an hour).
+    assert_eq!(c.list_breaks(&Filter::default(), 100).len(), 5);
     let removed = c.retain(now);
-    assert_eq!(removed, 3);
+    assert_eq!(removed, 1);
     let left: Vec<String> = c
         .list_breaks(&Filter::default(), 100)
         .into_iter()
         .map(|b| b.workload)
         .collect();
-    assert_eq!(left, vec!["caller-5", "caller-4", "caller-3"]);
+    assert_eq!(left, vec!["caller-5", "caller-4", "caller-3", "caller-2"]);
     c.flush().unwrap();
     drop(c);
     let c = Collector::open(settings, dir.path()).unwrap();
-    assert_eq!(c.list_breaks(&Filter::default(), 100).len(), 3);
+    assert_eq!(c.list_breaks(&Filter::default(), 100).len(), 4);
 }

@@ -749,6 +749,10 @@ fn open_phase(
     if help.contains("--max-open-hops") {
         extra.push(format!("--max-open-hops={}", args.open_hops * 2));
     }
+    // ... and open trace bytes (issue 15): the phase measures the memory per open hop.
+    if help.contains("--max-open-bytes") {
+        extra.push("--max-open-bytes=2GiB".to_string());
+    }
     let c = Collector::start(bin, dir, "open", args.collector_cpu.as_deref(), &extra)?;
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = c.rss_mib();
@@ -878,12 +882,26 @@ fn query_phase(
     out: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     println!("\n## Queries with {} stored findings\n", args.findings);
-    let extra: Vec<String> = [
+    let mut extra: Vec<String> = [
         "--trace-quiet=1s".to_string(),
         format!("--retention-count={}", args.findings * 2),
         format!("--max-recent-hops={}", args.findings * 4),
     ]
     .to_vec();
+    // Collectors with byte budgets and per-namespace shares (issue 15): the phase stores
+    // all its findings (one namespace) and keeps their traces.
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if help.contains("--max-findings-bytes") {
+        extra.extend([
+            format!("--max-findings-per-namespace={}", args.findings * 2),
+            "--max-findings-bytes=2GiB".to_string(),
+            "--max-recent-bytes=2GiB".to_string(),
+        ]);
+    }
     let c = Collector::start(bin, dir, "queries", args.collector_cpu.as_deref(), &extra)?;
     let nonce = nonce();
     let workloads = 1000u64.min(args.findings.max(1));
