@@ -1150,7 +1150,7 @@ fn authorization_policy_paths_exist_and_query_is_for_operators_only() {
         "{methods:?}"
     );
     assert!(methods.contains_key("hopwatch.v1.Query"), "{methods:?}");
-    let http_paths = ["/metrics", "/healthz"];
+    let http_paths = ["/metrics", "/healthz", "/livez"];
     let mut n = 0;
     for d in all_docs()
         .iter()
@@ -1265,9 +1265,12 @@ fn collector_deployment_and_service_match_the_contract() {
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("container port {name}"))
     };
-    for probe in ["readinessProbe", "livenessProbe"] {
+    // Ready while findings can be persisted (/healthz answers 503 during a disk-full
+    // episode); alive as long as the process serves (/livez): a full disk takes the pod
+    // out of the Service, it does not restart it.
+    for (probe, path) in [("readinessProbe", "/healthz"), ("livenessProbe", "/livez")] {
         let g = &c[probe]["httpGet"];
-        assert_eq!(g["path"], "/healthz", "{probe}");
+        assert_eq!(g["path"], path, "{probe}");
         let port = g["port"]
             .as_u64()
             .unwrap_or_else(|| port_by_name(g["port"].as_str().unwrap()));
