@@ -149,6 +149,30 @@ fn findings_over_the_byte_budget_go_least_recently_seen_first() {
     assert_eq!(metric(&c, "hopwatch_store_bytes{store=\"findings\"}"), 0.0);
 }
 
+/// Reports `batches` batches of `per_batch` one-hop traces (trace `b * per_batch + j` of
+/// [`one_hop_trace`], each hop shaped by `shape`), all at `now`.
+fn report_one_hop_traces(
+    c: &Collector,
+    batches: u64,
+    per_batch: u64,
+    now: u64,
+    shape: impl Fn(u64, u64, Hop) -> Hop,
+) {
+    for b in 0..batches {
+        let hops = (0..per_batch)
+            .map(|j| shape(b, j, one_hop_trace(b * per_batch + j, now * 1000)))
+            .collect();
+        c.report(
+            &ReportRequest {
+                hops,
+                ..Default::default()
+            },
+            now,
+        )
+        .unwrap();
+    }
+}
+
 fn one_hop_trace(i: u64, start_us: u64) -> Hop {
     let t = format!("{:032x}", (7u128 << 100) | i as u128);
     inbound(
@@ -168,19 +192,7 @@ fn open_traces_over_the_byte_budget_are_analysed_early_and_counted() {
     s.limits.budgets.open = 1 << 20;
     let c = Collector::in_memory(s);
     let now = now_ms();
-    for b in 0..100u64 {
-        let hops = (0..200)
-            .map(|j| one_hop_trace(b * 200 + j, now * 1000))
-            .collect();
-        c.report(
-            &ReportRequest {
-                hops,
-                ..Default::default()
-            },
-            now,
-        )
-        .unwrap();
-    }
+    report_one_hop_traces(&c, 100, 200, now, |_, _, h| h);
     let bytes = metric(&c, "hopwatch_store_bytes{store=\"open_traces\"}");
     assert!(bytes <= 1048576.0 && bytes > 512.0 * 1024.0, "{bytes}");
     let ev = metric(&c, "hopwatch_store_evictions_total{store=\"open_traces\"}");
@@ -217,19 +229,7 @@ fn recent_traces_over_the_byte_budget_go_oldest_first() {
     s.limits.budgets.recent = 256 << 10;
     let c = Collector::in_memory(s);
     let now = now_ms();
-    for b in 0..20u64 {
-        let hops = (0..100)
-            .map(|j| one_hop_trace(b * 100 + j, now * 1000))
-            .collect();
-        c.report(
-            &ReportRequest {
-                hops,
-                ..Default::default()
-            },
-            now,
-        )
-        .unwrap();
-    }
+    report_one_hop_traces(&c, 20, 100, now, |_, _, h| h);
     c.poll(now + 120_000);
     let bytes = metric(&c, "hopwatch_store_bytes{store=\"recent_traces\"}");
     assert!(bytes <= 256.0 * 1024.0 && bytes > 128.0 * 1024.0, "{bytes}");
@@ -255,23 +255,10 @@ fn strings_nothing_references_any_more_are_freed() {
     let c = Collector::in_memory(s);
     let now = now_ms();
     let before = metric(&c, "hopwatch_interned_strings");
-    for b in 0..10u64 {
-        let hops = (0..200)
-            .map(|j| {
-                let mut h = one_hop_trace(b * 200 + j, now * 1000);
-                h.response_code_details = format!("detail_{b}_{j}_{}", "x".repeat(4000));
-                h
-            })
-            .collect();
-        c.report(
-            &ReportRequest {
-                hops,
-                ..Default::default()
-            },
-            now,
-        )
-        .unwrap();
-    }
+    report_one_hop_traces(&c, 10, 200, now, |b, j, mut h| {
+        h.response_code_details = format!("detail_{b}_{j}_{}", "x".repeat(4000));
+        h
+    });
     let full = metric(&c, "hopwatch_store_bytes{store=\"strings\"}");
     assert!(metric(&c, "hopwatch_fields_truncated_total") >= 2000.0);
     // Details are cut to 256 bytes at ingest: 2,000 of them, not 8 MB.
