@@ -238,6 +238,9 @@ pub struct CoreStats {
     /// Evicted traces whose last hop was more recent than [`Limits::complete_after`]:
     /// analysed as cut short (no HOP_MISSING).
     pub traces_evicted_cut_short: u64,
+    /// Cut-short traces analysed again in full once no late hop came (see
+    /// [`Core::take_ready`]).
+    pub traces_rechecked: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
     /// Hops that arrived for a trace already analysed (merged with it).
@@ -272,6 +275,11 @@ pub struct Core {
     /// Evicted recent traces, freed by the caller outside the lock.
     graveyard: Vec<Arc<Analysed>>,
     recent_q: VecDeque<u128>,
+    /// Traces evicted cut short (key, last hop's arrival): analysed again in full once
+    /// [`Limits::complete_after`] has passed without a late hop (see
+    /// [`Core::take_ready`]), so that a bound hit under load does not lose the verdicts
+    /// a cut-short analysis withholds (HOP_MISSING).
+    recheck_q: VecDeque<(u128, u64)>,
     recent_hops: usize,
     recent_bytes: usize,
     open_bytes: usize,
@@ -299,6 +307,7 @@ impl Core {
             age_q: VecDeque::new(),
             recent: FxHashMap::default(),
             recent_q: VecDeque::new(),
+            recheck_q: VecDeque::new(),
             recent_hops: 0,
             recent_bytes: 0,
             open_bytes: 0,
@@ -577,6 +586,12 @@ impl Core {
                 let partial = now_ms.saturating_sub(g.last_ms) < complete_after;
                 if partial {
                     self.stats.traces_evicted_cut_short += 1;
+                    // Bounded like the queues it sits beside (16 bytes an entry); the
+                    // oldest re-check is given up first.
+                    if self.recheck_q.len() >= self.limits.max_open_traces {
+                        self.recheck_q.pop_front();
+                    }
+                    self.recheck_q.push_back((key, g.last_ms));
                 }
                 return self.finish(key, now_ms, partial);
             }
@@ -633,7 +648,44 @@ impl Core {
                 out.extend(self.take(key, false));
             }
         }
+        let complete_after = self.limits.complete_after().as_millis() as u64;
+        while out.len() < budget {
+            let Some(&(key, last)) = self.recheck_q.front() else {
+                break;
+            };
+            if last + complete_after > now_ms {
+                break;
+            }
+            self.recheck_q.pop_front();
+            // A late hop re-opened it: its own analysis merges the earlier hops.
+            if self.open.contains_key(&key) {
+                continue;
+            }
+            if let Some(p) = self.recheck(key, last) {
+                out.push(p);
+            }
+        }
         out
+    }
+
+    /// A full analysis of a trace analysed cut short, from its hops in the recent store
+    /// (none if they were pushed out since); only findings the cut-short analysis did not
+    /// have are reported.
+    fn recheck(&mut self, key: u128, last_ms: u64) -> Option<Pending> {
+        let old = self.recent.get(&key)?;
+        self.stats.traces_rechecked += 1;
+        Some(Pending {
+            key,
+            group: Group {
+                trace_id: old.trace_id.clone(),
+                hops: old.hops.clone(),
+                first_ms: last_ms,
+                last_ms,
+                bytes: 0,
+            },
+            partial: false,
+            previous: old.analysis.findings.clone(),
+        })
     }
 
     /// Analyses every open trace (shutdown).

@@ -499,3 +499,57 @@ fn over_long_fields_are_cut_and_counted_not_refused() {
     assert_eq!(h.response_code_details.len(), 256);
     assert_eq!(h.own_tag.len(), 128);
 }
+
+/// A trace evicted by the open-traces budget before it was quiet for the late-hop window
+/// is analysed cut short (no HOP_MISSING: its callee's hop may still come). Once the
+/// window has passed with no late hop, it is analysed again in full from the recent
+/// store: under load, the byte budget must not lose the callee-without-sidecar verdict.
+#[test]
+fn a_trace_evicted_cut_short_gets_its_hop_missing_once_no_late_hop_came() {
+    let mut s = Settings::default();
+    s.limits.budgets.open = 256 << 10;
+    let c = Collector::in_memory(s);
+    let now = now_ms();
+    let base = now * 1000;
+    let mut chain = healthy_chain(&trace_id(77), base, "");
+    chain.remove(4); // ratings answers but has no sidecar: never reports its inbound hop
+    c.report(
+        &ReportRequest {
+            hops: chain,
+            ..Default::default()
+        },
+        now,
+    )
+    .unwrap();
+    // Enough one-hop traces at the same instant to push the chain out at once.
+    report_one_hop_traces(&c, 20, 200, now, |_, _, h| h);
+    assert!(
+        metric(&c, "hopwatch_store_evictions_total{store=\"open_traces\"}") > 0.0,
+        "the budget evicted"
+    );
+    let hop_missing = |c: &Collector| {
+        c.list_breaks(
+            &Filter {
+                kind: Some(BreakKind::HopMissing),
+                ..Default::default()
+            },
+            10,
+        )
+    };
+    assert!(
+        hop_missing(&c).is_empty(),
+        "cut short: no HOP_MISSING yet, the partner may still come"
+    );
+    // The late-hop window (2 s) passes; the trace quiet time of everything else too.
+    c.poll(now + 120_000);
+    let found = hop_missing(&c);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(
+        (found[0].workload.as_str(), found[0].peer.as_str()),
+        ("reviews-v1", "ratings")
+    );
+    assert_eq!(found[0].count, 1, "reported once");
+    // A second poll does not report it again.
+    c.poll(now + 240_000);
+    assert_eq!(hop_missing(&c)[0].count, 1);
+}
