@@ -13,33 +13,41 @@
 //!
 //! ## Layout in proxy-wasm shared data (process-wide per `vm_id`)
 //!
-//! Ids are hashed (FNV-1a) to one of `buckets` keys `hopwatch.corr.<n>`. Each key holds
-//! a compact binary list of at most `per_bucket` entries:
+//! The store is a direct-mapped table of `correlation_buckets x correlation_bucket_entries`
+//! slots (4,096 at the defaults). An id is hashed to one slot, whose shared-data key
+//! `hopwatch.slot.<n>` holds exactly one entry:
 //!
 //! ```text
-//! value  := version:u8(=2) buckets:u16le entry*      (version 1: no `buckets`)
-//! entry  := expires_at_secs:u32le kind:u8 flags:u8 id_len:u8 tag_len:u8 id tag
+//! value  := version:u8(=3) buckets:u16le entries:u16le entry
+//! entry  := expires_at_secs:u32le kind:u8 flags:u8 id_len:u8 tag_len:u8 trace:u64le id tag
 //! flags  := bit 0 serving (always set), bit 1 the request carried B3, bit 2 W3C
+//! trace  := FNV-1a of the request's trace id (0: none), see `Contexts::trace`
 //! ```
 //!
-//! `buckets` is the writer's `correlation_buckets`. Why: the inbound and outbound side
-//! must hash ids over the same number of buckets; configured differently, the outbound
-//! side looks in the wrong bucket for most ids and tag restores silently fail. With the
-//! count in the data, a reader or writer that finds another count than its own counts
-//! `correlation_buckets_mismatch`, logs it (rate-limited, [`crate::ratelimit`]) and the
-//! outbound side still finds the entry in the bucket the writer's count gives (one more
-//! read, only while misconfigured). Version 1 values (written by older filters during
-//! an upgrade) are still read; they carry no count, so they are never a mismatch.
+//! Remembering an id is one unconditional `set_shared_data` of about 60 bytes: no read,
+//! no compare-and-swap, no rewrite of other entries. A newer id overwrites an older one in
+//! its slot, exactly as in the [`LocalStore`] that answers the same-worker case, so both
+//! copies hold the same history: an id survives `slots / (ids remembered per second)`
+//! seconds on average (at most the TTL). Looking an id up on another worker is one read
+//! of its slot, which is compared with the id.
 //!
-//! Why: one key per id would cost a host call per id and leave expired keys behind
-//! forever (shared data has no TTL and no delete); one key for everything would copy
-//! the whole store on every request and make every worker contend on one CAS token. A
-//! small fixed number of buckets bounds memory (`buckets * per_bucket` entries of at
-//! most 264 bytes), costs one read + one CAS write per distinct bucket touched on the
-//! inbound side and one read per id on the outbound side, and spreads CAS contention.
-//! Writes drop expired entries, replace an entry with the same id, and evict the entry
-//! closest to expiry when the bucket is full; a CAS mismatch is retried a bounded
-//! number of times, then given up (counted), never blocking the request.
+//! Why not buckets of many entries (the layout until December 2026): every inbound
+//! request read and CAS-rewrote one ~3 KB bucket per id (64 entries, each UTF-8-checked
+//! and re-encoded in the VM) so that an entry could be replaced and the oldest evicted.
+//! In Envoy 1.40 that cost 16 us of Envoy CPU per sidecar round trip of fresh B3 ids
+//! (two ids: B3 and `x-request-id`), a tenth of the whole round trip; slot writes cost
+//! about 1 us (docs/BENCHMARKS.md). Shared data has no delete and no TTL, so keys are
+//! bounded by the slot count (one key per slot ever written, at most ~330 bytes each).
+//!
+//! `buckets` and `entries` are the writer's `correlation_buckets` and
+//! `correlation_bucket_entries`. Why: the inbound and outbound side must hash ids over
+//! the same number of slots; configured differently, the outbound side looks in the
+//! wrong slot for most ids and tag restores silently fail. A reader that finds a slot
+//! written with another slot count counts `correlation_buckets_mismatch`, logs it
+//! (rate-limited, [`crate::ratelimit`]) and still finds the entry in the slot the
+//! writer's count gives (one more read, only while misconfigured). Slots are only read
+//! by the outbound side of another worker than the inbound request's, which is exactly
+//! where a mismatch loses tags.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -106,10 +114,8 @@ pub struct Entry {
     pub contexts: Contexts,
 }
 
-/// The current bucket format (with the writer's bucket count).
-const VERSION: u8 = 2;
-/// The format before the bucket count was carried (read, never written).
-const VERSION_1: u8 = 1;
+/// The slot format (one entry, with the writer's store dimensions).
+const VERSION: u8 = 3;
 const FLAG_SERVING: u8 = 1;
 /// The inbound request carried a B3 trace context.
 const FLAG_B3: u8 = 2;
@@ -130,6 +136,20 @@ pub struct Contexts {
     pub b3: bool,
     /// W3C `traceparent`.
     pub w3c: bool,
+    /// [`trace_hash`] of the request's trace id (0: none). Why: an outbound call found
+    /// through another id than its trace id (the trace id's slot was overwritten, or the
+    /// app passes the request id on) still continues the request's trace when it carries
+    /// the same trace id: PROPAGATED, not NEW.
+    pub trace: u64,
+}
+
+/// The hash of a trace id kept with its request's entries (0 for none).
+pub fn trace_hash(trace_id: &str) -> u64 {
+    if trace_id.is_empty() {
+        0
+    } else {
+        fnv1a(trace_id.as_bytes()).max(1)
+    }
 }
 
 impl Contexts {
@@ -137,17 +157,25 @@ impl Contexts {
     pub const NONE: Contexts = Contexts {
         b3: false,
         w3c: false,
+        trace: 0,
     };
+
+    /// Whether an outbound call with trace id hash `trace` continues the trace of the
+    /// request these contexts are of.
+    pub fn same_trace(self, trace: u64) -> bool {
+        self.trace != 0 && self.trace == trace
+    }
 
     /// Either context.
     pub fn traced(self) -> bool {
         self.b3 || self.w3c
     }
 
-    fn from_flags(flags: u8) -> Contexts {
+    fn from_flags(flags: u8, trace: u64) -> Contexts {
         Contexts {
             b3: flags & FLAG_B3 != 0,
             w3c: flags & FLAG_W3C != 0,
+            trace,
         }
     }
 }
@@ -167,95 +195,215 @@ fn entry_flags(ctx: Contexts) -> u8 {
 /// Store dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreConfig {
-    /// Number of bucket keys.
+    /// `correlation_buckets`.
     pub buckets: u32,
-    /// Entries per bucket.
+    /// `correlation_bucket_entries`.
     pub per_bucket: usize,
     /// Entry lifetime, seconds.
     pub ttl_secs: u32,
 }
 
-/// Max CAS attempts per bucket write.
-pub const CAS_ATTEMPTS: usize = 4;
+impl StoreConfig {
+    /// The number of slots: `buckets x per_bucket` (at least 1).
+    pub fn slots(&self) -> u32 {
+        let per = u32::try_from(self.per_bucket).unwrap_or(u32::MAX);
+        self.buckets.saturating_mul(per).max(1)
+    }
 
-/// Bucket index of an id.
-pub fn bucket_of(cfg: &StoreConfig, kind: IdKind, id: &str) -> u32 {
-    let h = fnv1a(id.as_bytes()) ^ u64::from(kind as u8);
-    (h % u64::from(cfg.buckets.max(1))) as u32
+    /// The dimensions a slot written by this store carries.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            buckets: u16::try_from(self.buckets).unwrap_or(u16::MAX),
+            entries: u16::try_from(self.per_bucket).unwrap_or(u16::MAX),
+        }
+    }
 }
 
-/// Shared-data key of a bucket.
-pub fn bucket_key(bucket: u32) -> String {
-    let mut k = String::from("hopwatch.corr.");
-    crate::flags::push_u64(&mut k, u64::from(bucket));
+/// The store dimensions a slot was written with (`correlation_buckets`,
+/// `correlation_bucket_entries` of the writer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dims {
+    /// The writer's `correlation_buckets`.
+    pub buckets: u16,
+    /// The writer's `correlation_bucket_entries`.
+    pub entries: u16,
+}
+
+impl Dims {
+    /// The writer's slot count.
+    pub fn slots(self) -> u32 {
+        (u32::from(self.buckets) * u32::from(self.entries)).max(1)
+    }
+}
+
+/// The [`LocalStore`]'s hash of an id. Ids are random hex (or UUIDs): a word-at-a-time
+/// multiplicative hash spreads them well and costs a few instructions per 8 bytes. A
+/// slot is only a hint: the id itself is compared.
+fn local_hash(kind: IdKind, id: &str) -> u64 {
+    let mut h: u64 = u64::from(kind as u8);
+    for chunk in id.as_bytes().chunks(8) {
+        let mut w = [0u8; 8];
+        if let Some(dst) = w.get_mut(..chunk.len()) {
+            dst.copy_from_slice(chunk);
+        }
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    h >> 32
+}
+
+/// The shared slot of an id in a table of `slots` slots. Why another hash than the
+/// [`LocalStore`]'s: the two tables are both direct-mapped and, at the defaults, of the
+/// same size; with one hash, two ids that collide locally would collide in shared data
+/// too, and the shared copy would never answer the local misses it is there for. With
+/// independent hashes a lookup misses only when both slots were overwritten.
+fn slot_in(slots: u32, kind: IdKind, id: &str) -> u32 {
+    let h = fnv1a(id.as_bytes()) ^ u64::from(kind as u8);
+    (h % u64::from(slots.max(1))) as u32
+}
+
+/// The shared slot of an id.
+pub fn slot_of(cfg: &StoreConfig, kind: IdKind, id: &str) -> u32 {
+    slot_in(cfg.slots(), kind, id)
+}
+
+/// Shared-data key of a slot.
+pub fn slot_key(slot: u32) -> String {
+    let mut k = String::with_capacity(20);
+    k.push_str("hopwatch.slot.");
+    crate::flags::push_u64(&mut k, u64::from(slot));
     k
 }
 
-/// Appends one encoded entry; skips it when the id or tag is longer than 255 bytes.
-fn push_entry(out: &mut Vec<u8>, expires_at: u32, kind: IdKind, id: &str, tag: &str, flags: u8) {
+/// The encoded slot value of one entry written by a store of `dims`; `None` when the id
+/// or the tag is longer than 255 bytes (such ids are not remembered).
+fn encode_parts(
+    dims: Dims,
+    expires_at: u32,
+    kind: IdKind,
+    id: &str,
+    tag: &str,
+    contexts: Contexts,
+) -> Option<Vec<u8>> {
     let (id, tag) = (id.as_bytes(), tag.as_bytes());
-    if id.len() > 255 || tag.len() > 255 {
-        return;
-    }
+    let id_len = u8::try_from(id.len()).ok()?;
+    let tag_len = u8::try_from(tag.len()).ok()?;
+    let mut out = Vec::with_capacity(HEAD + id.len() + tag.len());
+    out.push(VERSION);
+    out.extend_from_slice(&dims.buckets.to_le_bytes());
+    out.extend_from_slice(&dims.entries.to_le_bytes());
     out.extend_from_slice(&expires_at.to_le_bytes());
     out.push(kind as u8);
-    out.push(flags);
-    out.push(id.len() as u8);
-    out.push(tag.len() as u8);
+    out.push(entry_flags(contexts));
+    out.push(id_len);
+    out.push(tag_len);
+    out.extend_from_slice(&contexts.trace.to_le_bytes());
     out.extend_from_slice(id);
     out.extend_from_slice(tag);
+    Some(out)
 }
 
-/// The bucket value header: the version and the writer's bucket count.
-fn push_header(out: &mut Vec<u8>, buckets: u32) {
-    out.push(VERSION);
-    out.extend_from_slice(&u16::try_from(buckets).unwrap_or(u16::MAX).to_le_bytes());
+/// Bytes of a slot value before its id and tag.
+const HEAD: usize = 21;
+
+/// Serialises a slot holding `entry`, written by a store of `dims` (`None`: the id or
+/// the tag is over 255 bytes).
+pub fn encode(entry: &Entry, dims: Dims) -> Option<Vec<u8>> {
+    encode_parts(
+        dims,
+        entry.expires_at,
+        entry.kind,
+        &entry.id,
+        &entry.tag,
+        entry.contexts,
+    )
 }
 
-/// The bucket count the writer of an encoded bucket was configured with (`None`: empty,
-/// unreadable, or a version 1 value, which carries none).
-pub fn written_buckets(bytes: &[u8]) -> Option<u32> {
-    match bytes {
-        [VERSION, a, b, ..] => Some(u32::from(u16::from_le_bytes([*a, *b]))),
-        _ => None,
+/// One slot value, borrowed.
+struct RawSlot<'b> {
+    dims: Dims,
+    expires_at: u32,
+    kind: u8,
+    flags: u8,
+    trace: u64,
+    id: &'b [u8],
+    tag: &'b [u8],
+}
+
+/// Reads a slot value in place; `None` for anything else than one whole entry of the
+/// current version (never panics).
+fn raw_slot(bytes: &[u8]) -> Option<RawSlot<'_>> {
+    let (head, rest) = bytes.split_first_chunk::<HEAD>()?;
+    let [v, b0, b1, e0, e1, x0, x1, x2, x3, kind, flags, id_len, tag_len, t @ ..] = *head;
+    if v != VERSION {
+        return None;
     }
-}
-
-/// Serialises a bucket written by a store of `buckets` buckets.
-pub fn encode(entries: &[Entry], buckets: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(3 + entries.len() * 48);
-    push_header(&mut out, buckets);
-    for e in entries {
-        push_entry(
-            &mut out,
-            e.expires_at,
-            e.kind,
-            &e.id,
-            &e.tag,
-            entry_flags(e.contexts),
-        );
+    let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
+    if rest.len() != id_len + tag_len {
+        return None;
     }
-    out
+    let (id, tag) = rest.split_at(id_len);
+    Some(RawSlot {
+        dims: Dims {
+            buckets: u16::from_le_bytes([b0, b1]),
+            entries: u16::from_le_bytes([e0, e1]),
+        },
+        expires_at: u32::from_le_bytes([x0, x1, x2, x3]),
+        kind,
+        flags,
+        trace: u64::from_le_bytes(t),
+        id,
+        tag,
+    })
 }
 
-/// Parses a bucket; tolerant: anything unreadable ends the list (never panics).
-pub fn decode(bytes: &[u8]) -> Vec<Entry> {
-    readable_entries(bytes)
-        .filter_map(|e| {
-            Some(Entry {
-                expires_at: e.expires_at,
-                kind: IdKind::from_u8(e.kind)?,
-                id: std::str::from_utf8(e.id).ok()?.to_string(),
-                tag: std::str::from_utf8(e.tag).ok()?.to_string(),
-                contexts: Contexts::from_flags(e.flags),
-            })
-        })
-        .collect()
+/// Parses a slot value: its entry and the writer's dimensions (`None`: empty,
+/// unreadable, another format).
+pub fn decode(bytes: &[u8]) -> Option<(Entry, Dims)> {
+    let r = raw_slot(bytes)?;
+    Some((
+        Entry {
+            expires_at: r.expires_at,
+            kind: IdKind::from_u8(r.kind)?,
+            id: std::str::from_utf8(r.id).ok()?.to_string(),
+            tag: std::str::from_utf8(r.tag).ok()?.to_string(),
+            contexts: Contexts::from_flags(r.flags, r.trace),
+        },
+        r.dims,
+    ))
+}
+
+/// The dimensions of the store that wrote a slot value (`None`: unreadable).
+pub fn written_dims(bytes: &[u8]) -> Option<Dims> {
+    raw_slot(bytes).map(|r| r.dims)
+}
+
+/// The tag and trace contexts of a slot value when it holds a live entry for (kind, id),
+/// read in place.
+pub fn find_encoded_entry<'b>(
+    bytes: &'b [u8],
+    kind: IdKind,
+    id: &str,
+    now: u32,
+) -> Option<(&'b str, Contexts)> {
+    let r = raw_slot(bytes)?;
+    if r.kind != kind as u8 || r.id != id.as_bytes() || r.expires_at <= now {
+        return None;
+    }
+    Some((
+        std::str::from_utf8(r.tag).ok()?,
+        Contexts::from_flags(r.flags, r.trace),
+    ))
+}
+
+/// Like [`find_encoded_entry`], the tag only.
+pub fn find_encoded<'b>(bytes: &'b [u8], kind: IdKind, id: &str, now: u32) -> Option<&'b str> {
+    find_encoded_entry(bytes, kind, id, now).map(|(tag, _)| tag)
 }
 
 /// Remembers ids with `tag` (inbound side), in this VM's `local` copy and in shared
-/// data; `contexts`: the trace contexts the request carried. Returns the number
-/// of bucket writes given up. Ids longer than 255 bytes or empty are skipped.
+/// data (one write per id, see the module docs); `contexts`: the trace contexts the
+/// request carried. Returns the number of writes that failed. Ids longer than 255
+/// bytes or empty are skipped.
 pub fn remember<H: Host + ?Sized>(
     host: &H,
     local: &LocalStore,
@@ -269,217 +417,28 @@ pub fn remember<H: Host + ?Sized>(
     if contexts.traced() {
         local.saw_traced_inbound(expires_at);
     }
-    if tag.len() <= 255 {
-        let shared_tag: Rc<str> = Rc::from(tag);
-        for &(kind, id) in ids {
-            local.put(kind, id, &shared_tag, contexts, expires_at);
-        }
-    }
     if tag.len() > 255 {
         return 0;
     }
-    // Group ids by bucket so each bucket is read and written once.
-    let mut groups: Vec<(u32, Vec<(IdKind, &str)>)> = Vec::with_capacity(ids.len());
+    let shared_tag: Rc<str> = Rc::from(tag);
+    let (dims, slots) = (cfg.dims(), cfg.slots());
+    let mut failures = 0;
     for &(kind, id) in ids {
-        if id.is_empty() || id.len() > 255 {
+        if id.is_empty() {
             continue;
         }
-        let b = bucket_of(cfg, kind, id);
-        match groups.iter_mut().find(|(gb, _)| *gb == b) {
-            Some((_, v)) => v.push((kind, id)),
-            None => groups.push((b, vec![(kind, id)])),
-        }
-    }
-    let mut failures = 0;
-    for (b, new_ids) in groups {
-        let key = bucket_key(b);
-        let mut done = false;
-        for attempt in 0..CAS_ATTEMPTS {
-            let (old, cas) = host.shared_get(&key).unwrap_or_default();
-            if attempt == 0 {
-                check_buckets(host, local, cfg, &old);
-            }
-            let value = upsert_encoded(
-                &old,
-                &new_ids,
-                tag,
-                contexts,
-                expires_at,
-                now,
-                cfg.per_bucket,
-                cfg.buckets,
-            );
-            match host.shared_set(&key, &value, cas) {
-                SetStatus::Ok => {
-                    done = true;
-                    break;
-                }
-                SetStatus::CasMismatch => continue,
-                SetStatus::Failed => break,
-            }
-        }
-        if !done {
+        local.put(kind, id, &shared_tag, contexts, expires_at);
+        let Some(value) = encode_parts(dims, expires_at, kind, id, tag, contexts) else {
+            continue;
+        };
+        // cas 0: unconditional. A concurrent writer of the same slot on another worker
+        // wins or loses as a newer id would: nothing to retry.
+        let key = slot_key(slot_in(slots, kind, id));
+        if host.shared_set(&key, &value, 0) != SetStatus::Ok {
             failures += 1;
         }
     }
     failures
-}
-
-/// One entry of an encoded bucket, borrowed.
-struct RawEntry<'b> {
-    expires_at: u32,
-    kind: u8,
-    flags: u8,
-    id: &'b [u8],
-    tag: &'b [u8],
-    /// The whole encoded entry (header, id, tag), copied as is when kept.
-    bytes: &'b [u8],
-}
-
-impl RawEntry<'_> {
-    /// A known kind and UTF-8 id and tag: what [`decode`] accepts.
-    fn readable(&self) -> bool {
-        IdKind::from_u8(self.kind).is_some()
-            && std::str::from_utf8(self.id).is_ok()
-            && std::str::from_utf8(self.tag).is_ok()
-    }
-}
-
-/// The entries of an encoded bucket, in order, read in place; ends at the first entry
-/// that does not fit the bytes (a bucket of another format, or a truncated one).
-struct RawEntries<'b> {
-    rest: &'b [u8],
-}
-
-fn raw_entries(bytes: &[u8]) -> RawEntries<'_> {
-    match bytes {
-        [VERSION, _, _, rest @ ..] | [VERSION_1, rest @ ..] => RawEntries { rest },
-        _ => RawEntries { rest: &[] },
-    }
-}
-
-/// The entries up to the first unreadable one (where [`decode`] stops).
-fn readable_entries(bytes: &[u8]) -> impl Iterator<Item = RawEntry<'_>> {
-    raw_entries(bytes).take_while(RawEntry::readable)
-}
-
-impl<'b> Iterator for RawEntries<'b> {
-    type Item = RawEntry<'b>;
-
-    fn next(&mut self) -> Option<RawEntry<'b>> {
-        let (head, tail) = self.rest.split_first_chunk::<8>()?;
-        let [a, b, c, d, kind, flags, id_len, tag_len] = *head;
-        let (id_len, tag_len) = (usize::from(id_len), usize::from(tag_len));
-        let len = 8 + id_len + tag_len;
-        let (Some(id), Some(tag), Some(bytes)) = (
-            tail.get(..id_len),
-            tail.get(id_len..id_len + tag_len),
-            self.rest.get(..len),
-        ) else {
-            self.rest = &[];
-            return None;
-        };
-        self.rest = self.rest.get(len..).unwrap_or_default();
-        Some(RawEntry {
-            expires_at: u32::from_le_bytes([a, b, c, d]),
-            kind,
-            flags,
-            id,
-            tag,
-            bytes,
-        })
-    }
-}
-
-/// One entry of the rewritten bucket: (expiry, a kept entry, or a new id).
-type BucketSlot<'e, 'b> = (u32, Option<&'e RawEntry<'b>>, Option<(IdKind, &'e str)>);
-
-/// The new value of an encoded bucket after remembering `ids` with `tag` (and the
-/// request's trace `contexts`): expired
-/// entries and the entries of the same ids dropped, the new entries appended, then the
-/// entries closest to expiry evicted beyond `cap` (the earliest first among equals).
-/// Computed on the bytes: the kept entries are copied as they are, nothing is decoded
-/// into owned strings; this runs on every inbound request, for every bucket its ids
-/// fall in. The value is written in the current format, with `buckets` (the writer's
-/// bucket count) in its header.
-#[allow(clippy::too_many_arguments)]
-pub fn upsert_encoded(
-    old: &[u8],
-    ids: &[(IdKind, &str)],
-    tag: &str,
-    contexts: Contexts,
-    expires_at: u32,
-    now: u32,
-    cap: usize,
-    buckets: u32,
-) -> Vec<u8> {
-    let cap = cap.max(1);
-    let mut kept: Vec<RawEntry<'_>> = readable_entries(old).collect();
-    kept.retain(|e| {
-        e.expires_at > now
-            && !ids
-                .iter()
-                .any(|&(k, id)| k as u8 == e.kind && id.as_bytes() == e.id)
-    });
-    // The bucket in order: the kept entries, then the new ones.
-    let mut all: Vec<BucketSlot<'_, '_>> = kept
-        .iter()
-        .map(|e| (e.expires_at, Some(e), None))
-        .chain(ids.iter().map(|&n| (expires_at, None, Some(n))))
-        .collect();
-    // Over capacity: drop the entries closest to expiry, the earliest first among equals.
-    while all.len() > cap {
-        let oldest = all
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (exp, _, _))| *exp)
-            .map(|(i, _)| i);
-        match oldest {
-            Some(i) => {
-                all.remove(i);
-            }
-            None => break,
-        }
-    }
-    let size: usize = kept.iter().map(|e| e.bytes.len()).sum::<usize>()
-        + ids
-            .iter()
-            .map(|(_, id)| 8 + id.len() + tag.len())
-            .sum::<usize>();
-    let mut out = Vec::with_capacity(3 + size);
-    push_header(&mut out, buckets);
-    for (_, old_entry, new_id) in &all {
-        if let Some(e) = old_entry {
-            out.extend_from_slice(e.bytes);
-        }
-        if let Some((kind, id)) = new_id {
-            push_entry(&mut out, expires_at, *kind, id, tag, entry_flags(contexts));
-        }
-    }
-    out
-}
-
-/// The live entry for (kind, id) in an encoded bucket, read in place: the tag is
-/// borrowed from `bytes` (no entry is decoded into owned strings on the lookup path).
-pub fn find_encoded<'b>(bytes: &'b [u8], kind: IdKind, id: &str, now: u32) -> Option<&'b str> {
-    find_encoded_entry(bytes, kind, id, now).map(|(tag, _)| tag)
-}
-
-/// Like [`find_encoded`], with the trace contexts of the inbound request.
-pub fn find_encoded_entry<'b>(
-    bytes: &'b [u8],
-    kind: IdKind,
-    id: &str,
-    now: u32,
-) -> Option<(&'b str, Contexts)> {
-    raw_entries(bytes)
-        .find(|e| e.kind == kind as u8 && e.id == id.as_bytes() && e.expires_at > now)
-        .and_then(|e| {
-            Some((
-                std::str::from_utf8(e.tag).ok()?,
-                Contexts::from_flags(e.flags),
-            ))
-        })
 }
 
 /// A correlation hit: the tag the inbound request carried (empty: none) and which id
@@ -528,9 +487,9 @@ pub struct LocalStore {
     /// none that correlates to nothing lost its context in the app. On a mesh without a
     /// tracer this stays 0 and such calls are sampled like any other.
     traced_until: Cell<u32>,
-    /// Buckets found written with another bucket count since the last
-    /// [`LocalStore::take_mismatch`], and the last such count.
-    mismatches: Cell<(u64, u32)>,
+    /// Slots found written with other store dimensions since the last
+    /// [`LocalStore::take_mismatch`], and the last such dimensions.
+    mismatches: Cell<(u64, Dims)>,
 }
 
 impl LocalStore {
@@ -542,36 +501,24 @@ impl LocalStore {
             slots: RefCell::new(vec![None; n]),
             mask: n - 1,
             traced_until: Cell::new(0),
-            mismatches: Cell::new((0, 0)),
+            mismatches: Cell::new((0, Dims::default())),
         }
     }
 
-    /// Notes a bucket written by a store of `buckets` buckets (not this one's count).
-    pub fn note_mismatch(&self, buckets: u32) {
+    /// Notes a slot written by a store of other dimensions (`theirs`).
+    pub fn note_mismatch(&self, theirs: Dims) {
         let (n, _) = self.mismatches.get();
-        self.mismatches.set((n.saturating_add(1), buckets));
+        self.mismatches.set((n.saturating_add(1), theirs));
     }
 
-    /// Mismatches noted since the last call, with the last other bucket count seen.
-    pub fn take_mismatch(&self) -> Option<(u64, u32)> {
-        let (n, b) = self.mismatches.replace((0, 0));
-        (n > 0).then_some((n, b))
+    /// Mismatches noted since the last call, with the last other dimensions seen.
+    pub fn take_mismatch(&self) -> Option<(u64, Dims)> {
+        let (n, d) = self.mismatches.replace((0, Dims::default()));
+        (n > 0).then_some((n, d))
     }
 
     fn index(&self, kind: IdKind, id: &str) -> usize {
-        // Ids are random hex (or UUIDs): a word-at-a-time multiplicative hash spreads
-        // them well and costs a few instructions per 8 bytes (FNV-1a, used for the
-        // shared buckets, costs a multiplication per byte). The slot is only a hint:
-        // the id itself is compared.
-        let mut h: u64 = u64::from(kind as u8);
-        for chunk in id.as_bytes().chunks(8) {
-            let mut w = [0u8; 8];
-            if let Some(dst) = w.get_mut(..chunk.len()) {
-                dst.copy_from_slice(chunk);
-            }
-            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-        (h >> 32) as usize & self.mask
+        local_hash(kind, id) as usize & self.mask
     }
 
     /// Notes that the inbound side saw a traced request (remembered until `expires_at`).
@@ -628,7 +575,7 @@ impl LocalStore {
 }
 
 /// Looks ids up in order (outbound side); the first live entry wins. Each id is looked
-/// up in this VM's `local` copy first and in shared data only when it is not there.
+/// up in this VM's `local` copy first and in its shared slot only when it is not there.
 pub fn recall<H: Host + ?Sized>(
     host: &H,
     local: &LocalStore,
@@ -647,24 +594,20 @@ pub fn recall<H: Host + ?Sized>(
                 contexts,
             });
         }
-        let bucket = bucket_of(cfg, kind, id);
-        let Some((bytes, _)) = host.shared_get(&bucket_key(bucket)) else {
+        let slot = slot_of(cfg, kind, id);
+        let Some((bytes, _)) = host.shared_get(&slot_key(slot)) else {
             continue;
         };
         if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
             return Some(hit(kind, tag, contexts));
         }
-        // Written by a store of another size: the id is in the bucket that size gives
-        // (the other side hashed it over its own count). Look there too, so that the
+        // Written by a store of another size: the id is in the slot that size gives (the
+        // other side hashed it over its own count). Look there too, so that the
         // misconfiguration costs a log line and a read, not the tag.
-        if let Some(other) = check_buckets(host, local, cfg, &bytes) {
-            let theirs = StoreConfig {
-                buckets: other,
-                ..*cfg
-            };
-            let b = bucket_of(&theirs, kind, id);
-            if b != bucket {
-                if let Some((bytes, _)) = host.shared_get(&bucket_key(b)) {
+        if let Some(theirs) = check_dims(host, local, cfg, &bytes) {
+            let s = slot_in(theirs.slots(), kind, id);
+            if s != slot {
+                if let Some((bytes, _)) = host.shared_get(&slot_key(s)) {
                     if let Some((tag, contexts)) = find_encoded_entry(&bytes, kind, id, now) {
                         return Some(hit(kind, tag, contexts));
                     }
@@ -683,16 +626,16 @@ fn hit(kind: IdKind, tag: &str, contexts: Contexts) -> Hit {
     }
 }
 
-/// Compares the bucket count an encoded bucket was written with to this store's; on a
+/// Compares the slot count a slot value was written with to this store's; on a
 /// mismatch counts it (`correlation_buckets_mismatch`), notes it for the rate-limited
-/// log line and returns the other count.
-fn check_buckets<H: Host + ?Sized>(
+/// log line and returns the other dimensions.
+fn check_dims<H: Host + ?Sized>(
     host: &H,
     local: &LocalStore,
     cfg: &StoreConfig,
     bytes: &[u8],
-) -> Option<u32> {
-    let theirs = written_buckets(bytes).filter(|b| *b != cfg.buckets && *b > 0)?;
+) -> Option<Dims> {
+    let theirs = written_dims(bytes).filter(|d| d.slots() != cfg.slots())?;
     host.count(crate::metrics::CORRELATION_BUCKETS_MISMATCH, 1);
     local.note_mismatch(theirs);
     Some(theirs)

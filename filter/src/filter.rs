@@ -362,6 +362,7 @@ impl Stream {
         let contexts = Contexts {
             b3: !trace.b3_trace_id.is_empty(),
             w3c: !trace.w3c_trace_id.is_empty(),
+            trace: correlation::trace_hash(&trace.trace_id),
         };
         // B3 and W3C carrying different traces, each well-formed: two tracers' contexts.
         let two_tracers =
@@ -387,7 +388,12 @@ impl Stream {
                 }
                 let hit = correlation::recall(host, local, &store, ids, now);
                 if class == TraceContext::Valid {
-                    class = if hit.as_ref().is_some_and(|h| h.kind.is_trace()) {
+                    // Found by its trace id, or by another id of a request of the same
+                    // trace (see `Contexts::trace`): the app continued the trace.
+                    let continued = hit.as_ref().is_some_and(|h| {
+                        h.kind.is_trace() || h.contexts.same_trace(contexts.trace)
+                    });
+                    class = if continued {
                         TraceContext::Propagated
                     } else {
                         TraceContext::New

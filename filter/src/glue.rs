@@ -43,7 +43,7 @@ use std::rc::Rc;
 use crate::abi::{self, LogLevel, MapType};
 use crate::batch::{Batch, Batcher, Push};
 use crate::config::PluginConfig;
-use crate::correlation::LocalStore;
+use crate::correlation::{Dims, LocalStore};
 use crate::filter::{Core, Identity, Stream};
 use crate::host::{Host, SetStatus};
 use crate::metrics::{self, Metric};
@@ -145,7 +145,7 @@ struct Shared {
     /// mismatch, UNAVAILABLE from a collector that is down, ...), with the last status.
     call_failures: RefCell<(Warning, u32)>,
     /// Correlation buckets written with another bucket count, with the last one seen.
-    bucket_mismatches: RefCell<(Warning, u32)>,
+    bucket_mismatches: RefCell<(Warning, Dims)>,
 }
 
 impl Shared {
@@ -249,15 +249,19 @@ impl Shared {
     }
 
     /// "hopwatch: correlation_buckets mismatch: ..."
-    fn warn_mismatch(&self, count: u64, theirs: u32) {
+    fn warn_mismatch(&self, count: u64, theirs: Dims) {
         let mut m = String::from(
-            "hopwatch: correlation_buckets mismatch: correlation store buckets were written with correlation_buckets=",
+            "hopwatch: correlation_buckets mismatch: correlation store slots were written with correlation_buckets x correlation_bucket_entries = ",
         );
-        crate::flags::push_u64(&mut m, u64::from(theirs));
+        crate::flags::push_u64(&mut m, u64::from(theirs.buckets));
+        m.push_str(" x ");
+        crate::flags::push_u64(&mut m, u64::from(theirs.entries));
         m.push_str(", this ");
         m.push_str(self.core.config.direction.as_str());
         m.push_str(" side has ");
         crate::flags::push_u64(&mut m, u64::from(self.core.config.correlation_buckets));
+        m.push_str(" x ");
+        crate::flags::push_u64(&mut m, u64::from(self.core.config.correlation_bucket_entries));
         m.push_str(" (configure both sides alike); ");
         crate::flags::push_u64(&mut m, count);
         m.push_str(" time(s) since the last such line");
@@ -496,7 +500,7 @@ pub extern "C" fn proxy_on_configure(context_id: u32, _size: usize) -> u32 {
         metadata,
         dispatch_failures: RefCell::new((Warning::default(), 0)),
         call_failures: RefCell::new((Warning::default(), 0)),
-        bucket_mismatches: RefCell::new((Warning::default(), 0)),
+        bucket_mismatches: RefCell::new((Warning::default(), Dims::default())),
     }));
     abi::set_tick_period_ms(tick);
     1
@@ -621,6 +625,10 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
     let Some(h) = VM.with(|vm| vm.borrow_mut().streams.remove(&context_id)) else {
         return;
     };
+    if PROFILE_VARIANT.is_some() {
+        // Profiling builds: the stream was never classified; nothing to report.
+        return;
+    }
     let hop = {
         let h = h.borrow();
         let Some(sh) = &h.shared else {

@@ -24,7 +24,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use hopwatch_filter::config::{key_at, PluginConfig};
-use hopwatch_filter::correlation::{self, Contexts, Entry, IdKind, LocalStore, StoreConfig};
+use hopwatch_filter::correlation::{self, Contexts, Dims, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::headers::{self, RequestView};
 use hopwatch_filter::host::{Host, SetStatus};
@@ -554,39 +554,36 @@ fn entry() -> impl Strategy<Value = Entry> {
         "[a-z0-9.-]{0,30}",
         any::<bool>(),
         any::<bool>(),
+        any::<u64>(),
     )
-        .prop_map(|(expires_at, kind, id, tag, b3, w3c)| Entry {
+        .prop_map(|(expires_at, kind, id, tag, b3, w3c, trace)| Entry {
             expires_at,
             kind,
             id,
             tag,
-            contexts: Contexts { b3, w3c },
+            contexts: Contexts { b3, w3c, trace },
         })
 }
 
 #[test]
 fn fuzz_correlation_codec_round_trips() {
-    let strategy = (prop::collection::vec(entry(), 0..12), 1u32..=1024);
+    let strategy = (entry(), 1u16..=1024, 1u16..=1024, any::<u32>());
     fuzz(
         "correlation codec round trip",
         strategy,
-        |(entries, buckets)| {
-            // Ids and tags longer than 255 bytes are skipped by the encoder (never cut).
-            let kept: Vec<Entry> = entries
-                .iter()
-                .filter(|e| e.id.len() <= 255 && e.tag.len() <= 255)
-                .cloned()
-                .collect();
-            let bytes = correlation::encode(&entries, buckets);
-            assert_eq!(correlation::decode(&bytes), kept);
-            assert_eq!(correlation::written_buckets(&bytes), Some(buckets));
-            for e in &kept {
-                let want = kept
-                    .iter()
-                    .find(|x| x.kind == e.kind && x.id == e.id && x.expires_at > 0)
-                    .map(|x| x.tag.as_str());
-                assert_eq!(correlation::find_encoded(&bytes, e.kind, &e.id, 0), want);
-            }
+        |(e, buckets, entries, now)| {
+            let dims = Dims { buckets, entries };
+            // Ids and tags longer than 255 bytes are not encoded (never cut).
+            let fits = e.id.len() <= 255 && e.tag.len() <= 255;
+            let Some(bytes) = correlation::encode(&e, dims) else {
+                assert!(!fits, "{e:?} fits but was not encoded");
+                return;
+            };
+            assert!(fits);
+            assert_eq!(correlation::decode(&bytes), Some((e.clone(), dims)));
+            assert_eq!(correlation::written_dims(&bytes), Some(dims));
+            let want = (e.expires_at > now).then_some(e.tag.as_str());
+            assert_eq!(correlation::find_encoded(&bytes, e.kind, &e.id, now), want);
         },
     );
 }
@@ -602,54 +599,36 @@ fn fuzz_correlation_codec_of_arbitrary_bytes() {
     fuzz(
         "correlation codec bytes",
         strategy,
-        |(old, ids, now, cap)| {
+        |(old, ids, now, per_bucket)| {
             let _ = correlation::decode(&old);
-            let _ = correlation::written_buckets(&old);
+            let _ = correlation::written_dims(&old);
             let id_refs: Vec<(IdKind, &str)> = ids.iter().map(|(k, s)| (*k, s.as_str())).collect();
             for (k, id) in &id_refs {
                 let _ = correlation::find_encoded_entry(&old, *k, id, now);
             }
-            let new = correlation::upsert_encoded(
-                &old,
-                &id_refs,
-                "dev",
-                Contexts::NONE,
-                now.saturating_add(60),
-                now,
-                cap,
-                64,
-            );
-            let decoded = correlation::decode(&new);
-            assert!(decoded.len() <= cap.max(1));
-            assert_eq!(correlation::written_buckets(&new), Some(64));
-            // Every new id that fits is findable (the newest entries are never the ones
-            // evicted first: they expire last), unless more new ids than the capacity came.
-            if id_refs.len() <= cap && now < u32::MAX - 60 {
-                for (k, id) in &id_refs {
-                    if !id.is_empty() && id.len() <= 255 {
-                        assert_eq!(
-                            correlation::find_encoded(&new, *k, id, now),
-                            Some("dev"),
-                            "{id:?} in {decoded:?}"
-                        );
-                    }
-                }
-            }
-            // Through the store API too, with a host whose shared data holds the bytes.
+            // Through the store API, with a host whose every slot holds the bytes: the
+            // lookups survive them, and what is remembered is then found (an id written
+            // after another of its slot wins it).
             let host = MiniHost::default();
             let cfg = StoreConfig {
                 buckets: 4,
-                per_bucket: cap,
+                per_bucket,
                 ttl_secs: 60,
             };
-            for b in 0..4 {
+            for slot in 0..cfg.slots() {
                 host.shared
                     .borrow_mut()
-                    .insert(correlation::bucket_key(b), (old.clone(), 1));
+                    .insert(correlation::slot_key(slot), (old.clone(), 1));
             }
+            let _ = correlation::recall(&host, &LocalStore::new(8), &cfg, &id_refs, now);
             let local = LocalStore::new(8);
             correlation::remember(&host, &local, &cfg, &id_refs, "dev", Contexts::NONE, now);
-            let _ = correlation::recall(&host, &LocalStore::new(8), &cfg, &id_refs, now);
+            if now < u32::MAX - 60 {
+                if let Some(&(k, id)) = id_refs.last().filter(|(_, id)| !id.is_empty()) {
+                    let hit = correlation::recall(&host, &LocalStore::new(8), &cfg, &[(k, id)], now);
+                    assert_eq!(hit.map(|h| h.tag.to_string()).as_deref(), Some("dev"), "{id:?}");
+                }
+            }
         },
     );
 }

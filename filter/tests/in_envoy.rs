@@ -2239,11 +2239,11 @@ fn batch_size_above_the_collector_limit_is_refused() {
 }
 
 /// Inbound and outbound configured with different `correlation_buckets` in one Envoy
-/// (same vm_id): the outbound side finds buckets written with the other count, counts
+/// (same vm_id): the outbound side finds slots written with the other count, counts
 /// it and logs it at warn (rate-limited) instead of silently missing tag restores.
 #[test]
 fn unequal_correlation_buckets_are_detected_and_logged() {
-    use hopwatch_filter::correlation::{bucket_of, IdKind, StoreConfig};
+    use hopwatch_filter::correlation::{slot_of, IdKind, StoreConfig};
     let echo = start_echo();
     let extras = Extras {
         no_tracer: true,
@@ -2265,14 +2265,16 @@ fn unequal_correlation_buckets_are_detected_and_logged() {
         ..inbound
     };
     // An inbound trace id, then an outbound one (never seen: no local hit) that the
-    // outbound side hashes to the bucket the inbound side wrote.
-    let t_in = hex_id(1, 32);
-    let b = bucket_of(&inbound, IdKind::B3, &t_in);
-    let t_out = (2..100_000)
+    // outbound side hashes to the slot the inbound side wrote.
+    let t_in = (1..1_000)
         .map(|i| hex_id(i, 32))
-        .find(|t| bucket_of(&outbound, IdKind::B3, t) == b)
-        .expect("an id for the bucket");
-    assert!(b < 32 || bucket_of(&outbound, IdKind::B3, &t_out) == b);
+        .find(|t| slot_of(&inbound, IdKind::B3, t) < outbound.slots())
+        .expect("an inbound id in a slot both sides have");
+    let b = slot_of(&inbound, IdKind::B3, &t_in);
+    let t_out = (1_000..1_000_000)
+        .map(|i| hex_id(i, 32))
+        .find(|t| slot_of(&outbound, IdKind::B3, t) == b)
+        .expect("an id for the slot");
     let r = get(
         envoy.inbound,
         "/in/mismatch",
@@ -2303,7 +2305,7 @@ fn unequal_correlation_buckets_are_detected_and_logged() {
         "rate-limited:\n{log}"
     );
     assert!(
-        log.contains("written with correlation_buckets=64, this outbound side has 32"),
+        log.contains("written with correlation_buckets x correlation_bucket_entries = 64 x 64, this outbound side has 32 x 64"),
         "{log}"
     );
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use hopwatch_filter::batch::{Batcher, Push};
 use hopwatch_filter::config::{self, Annotate, ConfigError, Direction, PluginConfig};
-use hopwatch_filter::correlation::{self, Contexts, Entry, IdKind, LocalStore, StoreConfig};
+use hopwatch_filter::correlation::{self, Contexts, Dims, Entry, IdKind, LocalStore, StoreConfig};
 use hopwatch_filter::filter::{Core, Identity, Stream};
 use hopwatch_filter::headers::RequestView;
 use hopwatch_filter::host::{Host, SetStatus};
@@ -41,8 +41,6 @@ struct FakeHost {
     now: Cell<u64>,
     counters: RefCell<HashMap<u16, u64>>,
     calls: RefCell<Vec<String>>,
-    /// Answer CasMismatch this many times (as if another worker wrote in between).
-    cas_conflicts: Cell<u32>,
     shared_broken: Cell<bool>,
     /// The VM's local correlation copy of the worker this host stands for (not a host
     /// service: kept here so that each test's worker has one).
@@ -58,7 +56,6 @@ impl FakeHost {
             now: Cell::new(1_700_000_000_000_000_000),
             counters: RefCell::default(),
             calls: RefCell::default(),
-            cas_conflicts: Cell::default(),
             shared_broken: Cell::default(),
             local: LocalStore::new(4096),
         }
@@ -103,12 +100,6 @@ impl Host for FakeHost {
         }
         let mut m = self.shared.borrow_mut();
         let cur = m.get(key).map(|(_, c)| *c).unwrap_or(0);
-        if self.cas_conflicts.get() > 0 {
-            self.cas_conflicts.set(self.cas_conflicts.get() - 1);
-            let v = m.get(key).map(|(v, _)| v.clone()).unwrap_or_default();
-            m.insert(key.to_string(), (v, cur + 1));
-            return SetStatus::CasMismatch;
-        }
         if cas != 0 && cas != cur {
             return SetStatus::CasMismatch;
         }
@@ -476,47 +467,67 @@ fn store_cfg() -> StoreConfig {
 }
 
 t!(correlation_encoding_roundtrip_and_garbage {
-    let e = vec![
-        Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into(), contexts: Contexts { b3: true, w3c: false } },
-        Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into(), contexts: Contexts { b3: false, w3c: true } },
-    ];
-    assert_eq!(correlation::decode(&correlation::encode(&e, 64)), e);
-    assert_eq!(correlation::decode(&[]), vec![]);
-    assert_eq!(correlation::decode(&[9, 1, 2, 3]), vec![]);
+    let dims = Dims { buckets: 64, entries: 64 };
+    for e in [
+        Entry { expires_at: 100, kind: IdKind::B3, id: T128.into(), tag: "dev.a".into(), contexts: Contexts { b3: true, w3c: false, trace: correlation::trace_hash(T128) } },
+        Entry { expires_at: 200, kind: IdKind::RequestId, id: "r".into(), tag: "".into(), contexts: Contexts { b3: false, w3c: true, trace: u64::MAX } },
+    ] {
+        let bytes = correlation::encode(&e, dims).unwrap();
+        assert_eq!(correlation::decode(&bytes), Some((e.clone(), dims)));
+        assert_eq!(correlation::written_dims(&bytes), Some(dims));
+        assert_eq!(correlation::find_encoded(&bytes, e.kind, &e.id, 99), Some(&*e.tag));
+        assert_eq!(correlation::find_encoded(&bytes, e.kind, &e.id, e.expires_at), None, "expired");
+        // Truncated or padded: not one whole entry, nothing read.
+        assert_eq!(correlation::decode(&bytes[..bytes.len() - 1]), None);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(correlation::decode(&longer), None);
+    }
+    // Over-long ids or tags are not encoded (nor remembered in shared data).
+    let long = Entry { expires_at: 1, kind: IdKind::Header, id: "i".repeat(256), tag: String::new(), contexts: Contexts::NONE };
+    assert_eq!(correlation::encode(&long, dims), None);
+    assert_eq!(correlation::decode(&[]), None);
+    assert_eq!(correlation::decode(&[9, 1, 2, 3]), None);
+    // The bucket format of earlier filters (version 1 and 2) is not this one: ignored.
+    let mut v2 = vec![2u8, 64, 0];
+    v2.extend_from_slice(&[100, 0, 0, 0, 1, 1, 3, 0]);
+    v2.extend_from_slice(b"abc");
+    assert_eq!(correlation::decode(&v2), None);
     // Any byte string decodes without panicking.
     let mut x: u64 = 1;
     for len in 0..300 {
-        let mut b = vec![1u8];
+        let mut b = vec![3u8];
         for _ in 0..len {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             b.push((x >> 56) as u8);
         }
         let _ = correlation::decode(&b);
+        let _ = correlation::find_encoded_entry(&b, IdKind::B3, "abc", 0);
     }
-    // Truncated input keeps the complete entries.
-    let full = correlation::encode(&e, 64);
-    assert_eq!(correlation::decode(&full[..full.len() - 1]).len(), 1);
 });
 
-t!(correlation_upsert_bounded_and_expiring {
-    let mut b = correlation::encode(&[], 64);
-    for i in 0..20u32 {
-        b = correlation::upsert_encoded(&b, &[(IdKind::B3, &format!("id{i}"))], "", Contexts::NONE, 100 + i, 50, 8, 64);
-    }
-    let v = correlation::decode(&b);
-    assert_eq!(v.len(), 8);
-    assert!(v.iter().all(|e| e.expires_at >= 112), "oldest evicted first");
-    // Replace same id.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
-    assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 1);
-    // Same id, other kind: distinct.
-    b = correlation::upsert_encoded(&b, &[(IdKind::W3c, "id19")], "t", Contexts::NONE, 500, 50, 8, 64);
-    assert_eq!(correlation::decode(&b).iter().filter(|e| e.id == "id19").count(), 2);
-    // Expired entries go on the next write.
-    b = correlation::upsert_encoded(&b, &[(IdKind::B3, "new")], "", Contexts::NONE, 1000, 400, 8, 64);
-    assert!(correlation::decode(&b).iter().all(|e| e.expires_at > 400));
-    assert_eq!(correlation::find_encoded(&b, IdKind::B3, "new", 999), Some(""));
-    assert!(correlation::find_encoded(&b, IdKind::B3, "new", 1000).is_none());
+t!(correlation_a_newer_id_overwrites_its_slot_and_each_write_is_one_blind_set {
+    let h = FakeHost::new();
+    let sc = store_cfg();
+    let now = 1_000u32;
+    // One write per id, no read, unconditional (cas 0).
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", Contexts::NONE, now);
+    assert_eq!(h.calls("shared_get"), 0);
+    assert_eq!(h.calls("shared_set"), 3);
+    // Two ids of one slot: the newer one wins, the older is gone from shared data.
+    let a = "a-0".to_string();
+    let b = (1..10_000)
+        .map(|i| format!("a-{i}"))
+        .find(|b| correlation::slot_of(&sc, IdKind::RequestId, b) == correlation::slot_of(&sc, IdKind::RequestId, &a))
+        .unwrap();
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &a)], "dev.a", Contexts::NONE, now);
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &b)], "dev.b", Contexts::NONE, now);
+    let other_worker = LocalStore::new(64);
+    assert!(correlation::recall(&h, &other_worker, &sc, &[(IdKind::RequestId, &a)], now).is_none());
+    assert_eq!(&*correlation::recall(&h, &other_worker, &sc, &[(IdKind::RequestId, &b)], now).unwrap().tag, "dev.b");
+    // The same id again: replaced in place, with its new tag.
+    correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &b)], "dev.b2", Contexts::NONE, now);
+    assert_eq!(&*correlation::recall(&h, &other_worker, &sc, &[(IdKind::RequestId, &b)], now).unwrap().tag, "dev.b2");
 });
 
 t!(correlation_remember_recall_ttl {
@@ -572,54 +583,36 @@ t!(correlation_local_copy_answers_the_same_worker_without_a_host_call {
     assert!(small.get(IdKind::W3c, &format!("{:032x}", 99), now).is_none(), "kind matters");
 });
 
-t!(correlation_upsert_in_place_matches_decode_upsert_encode {
-    // The inbound path rewrites buckets on the bytes; it must give exactly what the
-    // decoded entries would give, for any bucket.
-    let mut x: u64 = 11;
-    let mut rnd = |n: u64| {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (x >> 33) % n
-    };
-    let ids = ["a1", "b2", "c3", "d4", "e5", "f6", T128, T64];
-    let kinds = [IdKind::B3, IdKind::W3c, IdKind::RequestId];
-    for round in 0..2000 {
-        let cap = 1 + rnd(8) as usize;
-        let now = 1000u32;
-        let mut old = Vec::new();
-        for _ in 0..rnd(10) {
-            old.push(Entry {
-                expires_at: 990 + rnd(80) as u32,
-                kind: kinds[rnd(3) as usize],
-                id: ids[rnd(8) as usize].to_string(),
-                tag: if rnd(2) == 0 { String::new() } else { format!("dev.t{}", rnd(3)) },
-                contexts: Contexts::NONE,
-            });
-        }
-        let mut old_bytes = correlation::encode(&old, 64);
-        if round % 7 == 0 {
-            old_bytes.extend_from_slice(&[0, 0, 0, 0, 9, 1, 0, 0]); // unreadable tail
-        }
-        let mut new_ids: Vec<(IdKind, &str)> = Vec::new();
-        for _ in 0..1 + rnd(3) {
-            let id = (kinds[rnd(3) as usize], ids[rnd(8) as usize]);
-            if !new_ids.contains(&id) {
-                new_ids.push(id);
+t!(correlation_local_and_shared_slots_are_independent {
+    // Both tables are direct-mapped and of the same size at the defaults; ids that
+    // collide in the local copy must not collide in shared data as well, or the shared
+    // copy would never answer the local misses (tags lost under concurrency).
+    let sc = StoreConfig { buckets: 64, per_bucket: 64, ttl_secs: 60 };
+    let tag: std::rc::Rc<str> = "t".into();
+    let id = |i: u64| format!("{:032x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut next = 1_000_000u64;
+    for i in 0..20u64 {
+        // An id whose local slot is the one of `first` (found through the table itself).
+        let first = id(i);
+        let probe = LocalStore::new(4096);
+        let second = loop {
+            next += 1;
+            let cand = id(next);
+            probe.put(IdKind::B3, &first, &tag, Contexts::NONE, 100);
+            probe.put(IdKind::B3, &cand, &tag, Contexts::NONE, 100);
+            if probe.get(IdKind::B3, &first, 10).is_none() {
+                break cand;
             }
-        }
-        let expires_at = now + 60;
-        // Reference: decode, drop expired and replaced entries, append the new ones,
-        // evict the ones closest to expiry (earliest first) beyond the capacity.
-        let mut want = correlation::decode(&old_bytes);
-        want.retain(|e| e.expires_at > now && !new_ids.iter().any(|&(k, id)| e.kind == k && e.id == id));
-        for &(kind, id) in &new_ids {
-            want.push(Entry { expires_at, kind, id: id.into(), tag: "dev.new".into(), contexts: Contexts::NONE });
-        }
-        while want.len() > cap {
-            let i = want.iter().enumerate().min_by_key(|(_, e)| e.expires_at).unwrap().0;
-            want.remove(i);
-        }
-        let got = correlation::upsert_encoded(&old_bytes, &new_ids, "dev.new", Contexts::NONE, expires_at, now, cap, 64);
-        assert_eq!(got, correlation::encode(&want, 64), "round {round}: cap {cap}, old {old:?}, new {new_ids:?}");
+        };
+        // The second request's id overwrites the first's local slot before the first's
+        // outbound call is looked up: shared data answers.
+        let h = FakeHost::new();
+        let local = LocalStore::new(4096);
+        correlation::remember(&h, &local, &sc, &[(IdKind::B3, &first)], "dev.first", Contexts::NONE, 10);
+        correlation::remember(&h, &local, &sc, &[(IdKind::B3, &second)], "dev.second", Contexts::NONE, 10);
+        assert!(local.get(IdKind::B3, &first, 10).is_none(), "collided locally");
+        let hit = correlation::recall(&h, &local, &sc, &[(IdKind::B3, &first)], 10);
+        assert_eq!(hit.map(|h| h.tag.to_string()).as_deref(), Some("dev.first"), "{first} / {second}");
     }
 });
 
@@ -630,33 +623,25 @@ t!(correlation_memory_is_bounded {
         correlation::remember(&h, &h.local, &sc, &[(IdKind::RequestId, &format!("client-id-{i}"))], "dev", Contexts::NONE, 1000);
     }
     let shared = h.shared.borrow();
-    assert!(shared.len() <= sc.buckets as usize);
+    assert!(shared.len() <= sc.slots() as usize, "{} keys", shared.len());
+    assert!(shared.len() > sc.slots() as usize / 2, "ids spread over the slots: {} keys", shared.len());
     for (k, (v, _)) in shared.iter() {
-        assert!(k.starts_with("hopwatch.corr."));
-        assert!(correlation::decode(v).len() <= sc.per_bucket, "{k}");
+        assert!(k.starts_with("hopwatch.slot."));
+        assert!(correlation::decode(v).is_some(), "{k}");
     }
 });
 
-t!(correlation_cas_retry_and_give_up {
+t!(correlation_failed_writes_are_counted_and_never_retried {
     let h = FakeHost::new();
     let sc = store_cfg();
-    h.cas_conflicts.set(2);
     assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128)], "dev", Contexts::NONE, 10), 0);
     assert!(correlation::recall(&h, &LocalStore::new(64), &sc, &[(IdKind::B3, T128)], 10).is_some());
-    h.cas_conflicts.set(100);
-    assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T64)], "dev", Contexts::NONE, 10), 1);
-    assert_eq!(h.calls("shared_set"), 3 + correlation::CAS_ATTEMPTS);
-    h.cas_conflicts.set(0);
     h.shared_broken.set(true);
+    h.reset_calls();
     assert_eq!(correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, "x1"), (IdKind::RequestId, "x2")], "dev", Contexts::NONE, 10), 2);
-});
-
-t!(correlation_ids_in_one_bucket_cost_one_write {
-    let h = FakeHost::new();
-    let sc = StoreConfig { buckets: 1, per_bucket: 8, ttl_secs: 60 };
-    correlation::remember(&h, &h.local, &sc, &[(IdKind::B3, T128), (IdKind::W3c, T128), (IdKind::RequestId, "r")], "dev", Contexts::NONE, 10);
-    assert_eq!(h.calls("shared_get"), 1);
-    assert_eq!(h.calls("shared_set"), 1);
+    assert_eq!(h.calls("shared_set"), 2, "one attempt per id");
+    // The local copy still has them (the same worker still restores the tag).
+    assert!(correlation::recall(&h, &h.local, &sc, &[(IdKind::B3, "x1")], 10).is_some());
 });
 
 // ------------------------------------------------------------------------------------
@@ -782,6 +767,31 @@ t!(inbound_remembers_outbound_restores {
     assert_eq!(h.counter(metrics::tag_metric("none")), 1);
     assert_eq!(h.counter(metrics::trace_metric("propagated").unwrap()), 2);
     assert_eq!(h.counter(metrics::trace_metric("new").unwrap()), 1);
+});
+
+t!(a_call_found_by_its_request_id_with_the_same_trace_id_is_propagated {
+    // The slot of the request's trace id was overwritten (another worker's view: only
+    // the request id's slot is left): the call carries the request's trace id, so it
+    // continues the trace (PROPAGATED), and a call of another trace id is NEW.
+    let h = FakeHost::new();
+    let rid = "0b1e7c5e-2d43-4f7a-9d4b-6a2d9b1c0e11";
+    Stream::on_request_headers(&core("inbound", "dev"), &h, &h.local, hdrs(&[
+        ("x-virtual-env", "dev.p"), ("x-b3-traceid", T128), ("x-b3-spanid", S1), ("x-request-id", rid),
+    ]));
+    let sc = core("outbound", "dev").store();
+    let b3_key = correlation::slot_key(correlation::slot_of(&sc, IdKind::B3, T128));
+    assert!(h.shared.borrow_mut().remove(&b3_key).is_some(), "the trace id's slot");
+    let other_worker = LocalStore::new(64);
+    let (s, edit) = Stream::on_request_headers(&core("outbound", "dev"), &h, &other_worker, hdrs(&[
+        ("x-b3-traceid", T128), ("x-b3-spanid", S2), ("x-request-id", rid),
+    ]));
+    assert_eq!(edit, TagEdit::Set("dev.p".into()));
+    assert_eq!(s.class(), TraceContext::Propagated);
+    let (s, _) = Stream::on_request_headers(&core("outbound", "dev"), &h, &other_worker, hdrs(&[
+        ("x-b3-traceid", T64), ("x-b3-spanid", S2), ("x-request-id", rid),
+    ]));
+    assert_eq!(s.tag().source, TagSource::Correlated);
+    assert_eq!(s.class(), TraceContext::New);
 });
 
 t!(fallback_instance_passes_requested_tag_on {
@@ -1601,35 +1611,24 @@ t!(warnings_are_rate_limited {
     assert_eq!(w.pending(), u64::MAX, "saturates");
 });
 
-t!(correlation_bucket_count_is_carried_and_a_mismatch_is_detected {
-    // The encoding carries the writer's bucket count; version 1 values still decode.
-    let e = vec![Entry { expires_at: 100, kind: IdKind::B3, id: "abc".into(), tag: "dev".into(), contexts: Contexts::NONE }];
-    let v2 = correlation::encode(&e, 64);
-    assert_eq!(correlation::written_buckets(&v2), Some(64));
-    assert_eq!(correlation::decode(&v2), e);
-    let mut v1 = vec![1u8];
-    v1.extend_from_slice(&v2[3..]);
-    assert_eq!(correlation::decode(&v1), e, "version 1 is still read");
-    assert_eq!(correlation::written_buckets(&v1), None);
-    assert_eq!(correlation::find_encoded(&v1, IdKind::B3, "abc", 50), Some("dev"));
-    assert_eq!(correlation::written_buckets(&[]), None);
-
-    // Inbound remembers over 64 buckets, outbound (another worker: no local copy) looks
-    // up over 32: the mismatch is counted and noted, and the tag still restored.
+t!(correlation_store_size_is_carried_and_a_mismatch_is_detected {
+    // Inbound remembers over 64 x 64 slots, outbound (another worker: no local copy)
+    // looks up over 32 x 64: the mismatch is counted and noted, and the tag still
+    // restored.
     let h = FakeHost::new();
     let inbound = StoreConfig { buckets: 64, per_bucket: 64, ttl_secs: 60 };
     let outbound = StoreConfig { buckets: 32, ..inbound };
-    // An id whose two bucket numbers differ (so the second read is what finds it).
+    // An id whose two slots differ (so the second read is what finds it).
     let id = (0..1000)
         .map(|i| format!("{i:032x}"))
-        .find(|id| correlation::bucket_of(&inbound, IdKind::B3, id) != correlation::bucket_of(&outbound, IdKind::B3, id))
+        .find(|id| correlation::slot_of(&inbound, IdKind::B3, id) != correlation::slot_of(&outbound, IdKind::B3, id))
         .unwrap();
     correlation::remember(&h, &h.local, &inbound, &[(IdKind::B3, &id)], "dev.alice", Contexts::NONE, 1000);
     assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 0);
-    // Make the outbound bucket exist (written by the 64-bucket side with another id).
+    // Make the outbound side's slot exist (written by the 64 x 64 side with another id).
     let other = (0..100000)
         .map(|i| format!("{i:016x}"))
-        .find(|o| correlation::bucket_of(&inbound, IdKind::B3, o) == correlation::bucket_of(&outbound, IdKind::B3, &id))
+        .find(|o| correlation::slot_of(&inbound, IdKind::B3, o) == correlation::slot_of(&outbound, IdKind::B3, &id))
         .unwrap();
     correlation::remember(&h, &h.local, &inbound, &[(IdKind::B3, &other)], "x", Contexts::NONE, 1000);
     let other_worker = LocalStore::new(64);
@@ -1638,7 +1637,7 @@ t!(correlation_bucket_count_is_carried_and_a_mismatch_is_detected {
     assert_eq!(&*hit.tag, "dev.alice", "restored despite the mismatch");
     assert_eq!(h.calls("shared_get"), 2, "one more read, only while misconfigured");
     assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 1);
-    assert_eq!(other_worker.take_mismatch(), Some((1, 64)));
+    assert_eq!(other_worker.take_mismatch(), Some((1, Dims { buckets: 64, entries: 64 })));
     assert_eq!(other_worker.take_mismatch(), None, "taken once");
     // The same sizes: no mismatch, one read.
     h.reset_calls();
@@ -1646,9 +1645,9 @@ t!(correlation_bucket_count_is_carried_and_a_mismatch_is_detected {
     assert!(correlation::recall(&h, &same, &inbound, &[(IdKind::B3, &id)], 1001).is_some());
     assert_eq!(h.calls("shared_get"), 1);
     assert_eq!(same.take_mismatch(), None);
-    // A writer of another size notices too (two inbound configurations).
+    // Other dimensions with the same slot count hash alike: not a mismatch.
+    let same_slots = StoreConfig { buckets: 32, per_bucket: 128, ttl_secs: 60 };
     let w = LocalStore::new(64);
-    correlation::remember(&h, &w, &outbound, &[(IdKind::B3, &id)], "dev", Contexts::NONE, 1002);
-    assert_eq!(w.take_mismatch(), Some((1, 64)));
-    assert_eq!(h.counter(metrics::CORRELATION_BUCKETS_MISMATCH), 2);
+    assert!(correlation::recall(&h, &w, &same_slots, &[(IdKind::B3, &id)], 1001).is_some());
+    assert_eq!(w.take_mismatch(), None);
 });

@@ -48,7 +48,9 @@ struct Args {
     /// Configurations, comma-separated: none, empty-wasm, lua, hopwatch-out@RATE,
     /// hopwatch-in@RATE (RATE overrides report_sample_rate; without @RATE the manifest's),
     /// hopwatch-keys@RATE (hopwatch-out with the routing-key options on, see
-    /// [`ROUTING_KEY_OPTIONS`]).
+    /// [`ROUTING_KEY_OPTIONS`]). `+key=value` overrides a plugin configuration key;
+    /// `+wasm=PATH` runs that configuration with another build of the filter (A/B in one
+    /// run, e.g. `hopwatch-out@0.01,hopwatch-out@0.01+wasm=/tmp/before.wasm`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -126,6 +128,10 @@ struct Config {
     kind: Kind,
     /// Plugin configuration overrides (profiling variants), `+key=value` in the name.
     overrides: Vec<(String, Value)>,
+    /// Another build of the filter for this configuration (`+wasm=PATH`): two builds
+    /// side by side in one run, alternating like any two configurations, so that a
+    /// change is measured against the build before it on the same machine state.
+    wasm: Option<PathBuf>,
 }
 
 /// The routing-key options of `hopwatch-keys@RATE` (issue 13's keys, all on): the tag also
@@ -142,10 +148,15 @@ fn parse_config(name: &str) -> Result<Config> {
     let mut parts = name.split('+');
     let s = parts.next().unwrap_or_default();
     let mut overrides = Vec::new();
+    let mut wasm = None;
     for kv in parts {
         let (k, v) = kv
             .split_once('=')
             .with_context(|| format!("{name:?}: override {kv:?} is not key=value"))?;
+        if k == "wasm" {
+            wasm = Some(PathBuf::from(v));
+            continue;
+        }
         let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         overrides.push((k.to_string(), v));
     }
@@ -176,10 +187,14 @@ fn parse_config(name: &str) -> Result<Config> {
     if !overrides.is_empty() && !matches!(kind, Kind::Hopwatch { .. } | Kind::Probe) {
         bail!("{name:?}: overrides apply to hopwatch and probe configurations only");
     }
+    if wasm.is_some() && !matches!(kind, Kind::Hopwatch { .. }) {
+        bail!("{name:?}: +wasm= applies to hopwatch configurations only");
+    }
     Ok(Config {
         name: name.to_string(),
         kind,
         overrides,
+        wasm,
     })
 }
 
@@ -318,9 +333,10 @@ fn run(args: Args) -> Result<()> {
     let mut configs = Vec::new();
     for c in &args.configs {
         let cfg = parse_config(c)?;
+        let hopwatch_wasm = cfg.wasm.as_ref().unwrap_or(&filter_wasm);
         let missing = match cfg.kind {
             Kind::EmptyWasm | Kind::Probe if !empty_wasm.exists() => Some(&empty_wasm),
-            Kind::Hopwatch { .. } if !filter_wasm.exists() => Some(&filter_wasm),
+            Kind::Hopwatch { .. } if !hopwatch_wasm.exists() => Some(hopwatch_wasm),
             _ => None,
         };
         match missing {
@@ -455,18 +471,18 @@ fn run(args: Args) -> Result<()> {
 
     // One Envoy per configuration, all kept running; only one is loaded at a time.
     let mut envoys: Vec<RunningEnvoy> = Vec::new();
-    let hopwatch_filter = |inbound: bool, rate: Option<f64>, overrides: &[(String, Value)]| {
+    let hopwatch_filter = |inbound: bool, rate: Option<f64>, cfg: &Config| {
         let f = if inbound {
             &sidecar.inbound
         } else {
             &sidecar.outbound
         };
-        let f = manifests::with_wasm_file(f, &filter_wasm);
+        let f = manifests::with_wasm_file(f, cfg.wasm.as_ref().unwrap_or(&filter_wasm));
         let f = match rate {
             Some(r) => envoy::with_sample_rate(&f, r),
             None => f,
         };
-        envoy::with_plugin_overrides(&f, overrides)
+        envoy::with_plugin_overrides(&f, &cfg.overrides)
     };
     for (i, cfg) in configs.iter().enumerate() {
         // The sidecar round trip's two sides: the previous tool ran its Lua filter on the
@@ -479,8 +495,8 @@ fn run(args: Args) -> Result<()> {
             ),
             Kind::Lua => (vec![], vec![envoy::lua_filter()]),
             Kind::Hopwatch { rate, .. } => (
-                vec![hopwatch_filter(true, *rate, &cfg.overrides)],
-                vec![hopwatch_filter(false, *rate, &cfg.overrides)],
+                vec![hopwatch_filter(true, *rate, cfg)],
+                vec![hopwatch_filter(false, *rate, cfg)],
             ),
         };
         let (filters, prime_filters): (Vec<Value>, Vec<Value>) = match &cfg.kind {
@@ -501,13 +517,13 @@ fn run(args: Args) -> Result<()> {
             Kind::Hopwatch {
                 inbound: true,
                 rate,
-            } => (vec![hopwatch_filter(true, *rate, &cfg.overrides)], vec![]),
+            } => (vec![hopwatch_filter(true, *rate, cfg)], vec![]),
             Kind::Hopwatch {
                 inbound: false,
                 rate,
             } => (
-                vec![hopwatch_filter(false, *rate, &cfg.overrides)],
-                vec![hopwatch_filter(true, *rate, &cfg.overrides)],
+                vec![hopwatch_filter(false, *rate, cfg)],
+                vec![hopwatch_filter(true, *rate, cfg)],
             ),
         };
         let ports = Ports {
@@ -1505,6 +1521,10 @@ mod tests {
             ]
         );
         assert!(parse_config("lua+x=1").is_err());
+        let w = parse_config("hopwatch-out@0.01+wasm=/tmp/before.wasm").unwrap();
+        assert_eq!(w.wasm, Some(PathBuf::from("/tmp/before.wasm")));
+        assert!(w.overrides.is_empty(), "the build is not a plugin configuration key");
+        assert!(parse_config("none+wasm=/tmp/x.wasm").is_err());
         let k = parse_config("hopwatch-keys@0.01").unwrap();
         assert_eq!(
             k.kind,
