@@ -261,7 +261,10 @@ impl Shared {
         m.push_str(" side has ");
         crate::flags::push_u64(&mut m, u64::from(self.core.config.correlation_buckets));
         m.push_str(" x ");
-        crate::flags::push_u64(&mut m, u64::from(self.core.config.correlation_bucket_entries));
+        crate::flags::push_u64(
+            &mut m,
+            u64::from(self.core.config.correlation_bucket_entries),
+        );
         m.push_str(" (configure both sides alike); ");
         crate::flags::push_u64(&mut m, count);
         m.push_str(" time(s) since the last such line");

@@ -625,8 +625,13 @@ fn fuzz_correlation_codec_of_arbitrary_bytes() {
             correlation::remember(&host, &local, &cfg, &id_refs, "dev", Contexts::NONE, now);
             if now < u32::MAX - 60 {
                 if let Some(&(k, id)) = id_refs.last().filter(|(_, id)| !id.is_empty()) {
-                    let hit = correlation::recall(&host, &LocalStore::new(8), &cfg, &[(k, id)], now);
-                    assert_eq!(hit.map(|h| h.tag.to_string()).as_deref(), Some("dev"), "{id:?}");
+                    let hit =
+                        correlation::recall(&host, &LocalStore::new(8), &cfg, &[(k, id)], now);
+                    assert_eq!(
+                        hit.map(|h| h.tag.to_string()).as_deref(),
+                        Some("dev"),
+                        "{id:?}"
+                    );
                 }
             }
         },

@@ -1523,7 +1523,10 @@ mod tests {
         assert!(parse_config("lua+x=1").is_err());
         let w = parse_config("hopwatch-out@0.01+wasm=/tmp/before.wasm").unwrap();
         assert_eq!(w.wasm, Some(PathBuf::from("/tmp/before.wasm")));
-        assert!(w.overrides.is_empty(), "the build is not a plugin configuration key");
+        assert!(
+            w.overrides.is_empty(),
+            "the build is not a plugin configuration key"
+        );
         assert!(parse_config("none+wasm=/tmp/x.wasm").is_err());
         let k = parse_config("hopwatch-keys@0.01").unwrap();
         assert_eq!(
