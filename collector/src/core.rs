@@ -110,6 +110,9 @@ pub struct Pending {
     key: u128,
     group: Group,
     partial: bool,
+    /// A re-check of a trace analysed cut short (counted in
+    /// [`CoreStats::traces_rechecked`], not again in `traces_analysed`).
+    recheck: bool,
     /// Findings already reported for this trace (late hops merged with it).
     previous: Vec<Finding>,
 }
@@ -239,7 +242,8 @@ pub struct CoreStats {
     /// analysed as cut short (no HOP_MISSING).
     pub traces_evicted_cut_short: u64,
     /// Cut-short traces analysed again in full once no late hop came (see
-    /// [`Core::take_ready`]).
+    /// [`Core::take_ready`]): only those whose cut-short analysis withheld a verdict
+    /// ([`Analysis::withheld`]). Not counted in `traces_analysed`.
     pub traces_rechecked: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
@@ -275,7 +279,8 @@ pub struct Core {
     /// Evicted recent traces, freed by the caller outside the lock.
     graveyard: Vec<Arc<Analysed>>,
     recent_q: VecDeque<u128>,
-    /// Traces evicted cut short (key, last hop's arrival): analysed again in full once
+    /// Traces evicted cut short whose analysis withheld a verdict ([`Analysis::withheld`])
+    /// (key, last hop's arrival): analysed again in full once
     /// [`Limits::complete_after`] has passed without a late hop (see
     /// [`Core::take_ready`]), so that a bound hit under load does not lose the verdicts
     /// a cut-short analysis withholds (HOP_MISSING).
@@ -585,13 +590,9 @@ impl Core {
                 let complete_after = self.limits.complete_after().as_millis() as u64;
                 let partial = now_ms.saturating_sub(g.last_ms) < complete_after;
                 if partial {
+                    // Queued for a re-check by `store_done` if its analysis withheld
+                    // a verdict.
                     self.stats.traces_evicted_cut_short += 1;
-                    // Bounded like the queues it sits beside (16 bytes an entry); the
-                    // oldest re-check is given up first.
-                    if self.recheck_q.len() >= self.limits.max_open_traces {
-                        self.recheck_q.pop_front();
-                    }
-                    self.recheck_q.push_back((key, g.last_ms));
                 }
                 return self.finish(key, now_ms, partial);
             }
@@ -672,7 +673,8 @@ impl Core {
     /// (none if they were pushed out since); only findings the cut-short analysis did not
     /// have are reported.
     fn recheck(&mut self, key: u128, last_ms: u64) -> Option<Pending> {
-        let old = self.recent.get(&key)?;
+        // Analysed again since (late hops) without withholding anything: nothing to add.
+        let old = self.recent.get(&key).filter(|o| o.analysis.withheld)?;
         self.stats.traces_rechecked += 1;
         Some(Pending {
             key,
@@ -684,6 +686,7 @@ impl Core {
                 bytes: 0,
             },
             partial: false,
+            recheck: true,
             previous: old.analysis.findings.clone(),
         })
     }
@@ -764,6 +767,7 @@ impl Core {
             key,
             group: g,
             partial,
+            recheck: false,
             previous,
         })
     }
@@ -776,11 +780,24 @@ impl Core {
                     key,
                     group: g,
                     previous,
-                    ..
+                    partial,
+                    recheck,
                 },
             analysis,
         } = d;
-        self.stats.traces_analysed += 1;
+        if !recheck {
+            self.stats.traces_analysed += 1;
+        }
+        if partial && analysis.withheld {
+            // Only a trace whose cut-short analysis withheld a verdict (an outbound hop
+            // without its callee's, a hidden call) can get more from a full one: the
+            // common healthy trace is never analysed twice. Bounded like the queues it
+            // sits beside (16 bytes an entry); the oldest re-check is given up first.
+            if self.recheck_q.len() >= self.limits.max_open_traces {
+                self.recheck_q.pop_front();
+            }
+            self.recheck_q.push_back((key, g.last_ms));
+        }
         let same = |a: &Finding, b: &Finding| {
             a.kind == b.kind
                 && a.namespace == b.namespace
@@ -954,4 +971,102 @@ pub fn validate_hop(i: usize, h: &Hop) -> Result<(), String> {
         return Err(format!("hop {i}: trace_id or request_id is too long"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopwatch_proto::v1::BreakKind;
+
+    fn hop(dir: Direction, wl: &str, svc: &str, span: &str, up: &str, dest: &str) -> Hop {
+        let out = dir == Direction::Outbound;
+        Hop {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            span_id: span.into(),
+            upstream_span_id: up.into(),
+            request_id: format!("req-{span}-{up}"),
+            direction: dir as i32,
+            workload: wl.into(),
+            namespace: "default".into(),
+            pod: format!("{wl}-pod"),
+            service: svc.into(),
+            authority: format!("{}:9080", if out { dest } else { svc }),
+            response_code: 200,
+            upstream_cluster: if out {
+                format!("outbound|9080||{dest}.default.svc.cluster.local")
+            } else {
+                "inbound|9080||".into()
+            },
+            upstream_host: "10.1.2.3:9080".into(),
+            start_time_unix_micros: 1_000_000,
+            duration_micros: 1_000,
+            sampled_report: true,
+            ..Default::default()
+        }
+    }
+
+    /// productpage -> reviews, both sides reported unless `drop_callee`.
+    fn call(trace: &str, drop_callee: bool) -> Vec<Hop> {
+        let mut hops = vec![
+            hop(Direction::Inbound, "productpage-v1", "productpage", "a1", "", ""),
+            hop(Direction::Outbound, "productpage-v1", "productpage", "a1", "a2", "reviews"),
+            hop(Direction::Inbound, "reviews-v1", "reviews", "a2", "", ""),
+        ];
+        if drop_callee {
+            hops.pop();
+        }
+        for h in &mut hops {
+            h.trace_id = trace.into();
+        }
+        hops
+    }
+
+    /// Ingests `trace` and then another trace at the same instant, which evicts it (one
+    /// open trace at most) cut short; then polls past the late-hop window. Returns the
+    /// findings of the poll and the core.
+    fn evicted_cut_short(trace: Vec<Hop>) -> (Vec<TraceResult>, Core) {
+        let mut core = Core::new(Limits {
+            max_open_traces: 1,
+            ..Limits::default()
+        });
+        let now = 1_000_000;
+        assert!(core.ingest(&trace, now).1.is_empty());
+        let other = vec![hop(Direction::Inbound, "details-v1", "details", "b1", "", "")];
+        let (_, evicted) = core.ingest(&other, now);
+        assert_eq!(evicted.len(), 1, "the first trace was evicted");
+        assert_eq!(core.stats.traces_evicted_cut_short, 1);
+        assert!(
+            evicted[0].findings.iter().all(|f| f.kind != BreakKind::HopMissing),
+            "cut short: no HOP_MISSING"
+        );
+        let later = now + LATE_HOP_WINDOW.as_millis() as u64 + 1;
+        let results = core.poll(later, usize::MAX);
+        (results, core)
+    }
+
+    #[test]
+    fn a_healthy_cut_short_trace_is_not_rechecked() {
+        let (results, core) = evicted_cut_short(call("1", false));
+        assert_eq!(core.stats.traces_rechecked, 0);
+        assert!(results.iter().all(|r| r.findings.is_empty()), "{results:?}");
+    }
+
+    #[test]
+    fn a_cut_short_trace_with_an_unpartnered_outbound_hop_is_rechecked() {
+        let (results, core) = evicted_cut_short(call("2", true));
+        assert_eq!(core.stats.traces_rechecked, 1);
+        let missing: Vec<_> = results
+            .iter()
+            .flat_map(|r| &r.findings)
+            .filter(|f| f.kind == BreakKind::HopMissing)
+            .collect();
+        assert_eq!(missing.len(), 1, "{results:?}");
+        assert_eq!(
+            (missing[0].workload.as_str(), missing[0].peer.as_str()),
+            ("productpage-v1", "reviews")
+        );
+        // A re-check is not a further trace analysed: only the evicted one was (the
+        // other is not quiet yet).
+        assert_eq!(core.stats.traces_analysed, 1);
+    }
 }

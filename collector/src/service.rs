@@ -849,6 +849,11 @@ impl Collector {
             "Evicted traces analysed as cut short, without HOP_MISSING (a hop of theirs arrived less than 2s, or trace quiet if shorter, before).",
             cs.traces_evicted_cut_short,
         );
+        s.counter(
+            "hopwatch_traces_rechecked",
+            "Traces analysed cut short whose analysis withheld a verdict (HOP_MISSING), analysed again in full once no late hop came.",
+            cs.traces_rechecked,
+        );
         s.gauge(
             "hopwatch_pods_indexed",
             "Pods in the cross-trace inbound index.",
