@@ -348,7 +348,17 @@ impl Core {
     /// to make room are analysed at once and returned.
     pub fn ingest(&mut self, hops: &[Hop], now_ms: u64) -> (u32, Vec<TraceResult>) {
         let converted = Self::convert(&self.shared, hops);
-        self.ingest_converted(hops, converted, now_ms)
+        let (accepted, evicted) = self.ingest_converted(hops, converted, now_ms);
+        let shared = self.shared.clone();
+        let limits = self.limits.clone();
+        let results = evicted
+            .into_iter()
+            .map(|p| {
+                let d = Self::analyse_pending(&shared, &limits, p, now_ms);
+                self.store_done(d)
+            })
+            .collect();
+        (accepted, results)
     }
 
     /// First half of ingest, without the aggregator: interns the hops' strings and
@@ -371,13 +381,15 @@ impl Core {
     }
 
     /// Second half of ingest: adds converted hops (`converted[i]` is `hops[i]`) to their
-    /// trace groups.
+    /// trace groups. Returns the traces evicted to make room, taken out of the open set:
+    /// the caller analyses them ([`Core::analyse_pending`], outside the lock) and stores
+    /// them ([`Core::store_done`]), as for [`Core::take_ready`].
     pub fn ingest_converted(
         &mut self,
         hops: &[Hop],
         converted: Vec<(u128, CHop)>,
         now_ms: u64,
-    ) -> (u32, Vec<TraceResult>) {
+    ) -> (u32, Vec<Pending>) {
         let mut evicted = Vec::new();
         let mut accepted = 0u32;
         for (h, (key, c)) in hops.iter().zip(converted) {
@@ -580,7 +592,7 @@ impl Core {
         }
     }
 
-    fn evict_one(&mut self, now_ms: u64) -> Option<TraceResult> {
+    fn evict_one(&mut self, now_ms: u64) -> Option<Pending> {
         while let Some((key, t)) = self.quiet_q.pop_front() {
             if let Some(g) = self.open.get(&key).filter(|g| g.last_ms == t) {
                 self.stats.traces_evicted += 1;
@@ -594,7 +606,7 @@ impl Core {
                     // a verdict.
                     self.stats.traces_evicted_cut_short += 1;
                 }
-                return self.finish(key, now_ms, partial);
+                return self.take(key, partial);
             }
         }
         None
