@@ -188,11 +188,30 @@ pub struct Analysed {
     pub trace_id: Box<str>,
     pub hops: Vec<CHop>,
     pub analysis: Analysis,
+    /// [`Analysed::count_bytes`], counted once (it is read again when the trace leaves
+    /// the recent store).
+    bytes: usize,
 }
 
 impl Analysed {
-    /// Accounted bytes: the Arc, the map slot and queue entry, the hops and the analysis.
+    fn new(trace_id: Box<str>, hops: Vec<CHop>, analysis: Analysis) -> Analysed {
+        let mut t = Analysed {
+            trace_id,
+            hops,
+            analysis,
+            bytes: 0,
+        };
+        t.bytes = t.count_bytes();
+        t
+    }
+
+    /// Accounted bytes (see [`Analysed::count_bytes`]).
     fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Accounted bytes: the Arc, the map slot and queue entry, the hops and the analysis.
+    fn count_bytes(&self) -> usize {
         std::mem::size_of::<Analysed>()
             + 2 * budget::ALLOC_OVERHEAD
             + map_slot(32)
@@ -421,15 +440,19 @@ impl Core {
                 f &= f - 1;
             }
             self.workload_bytes = self.workload_bytes + ws.bytes() - before;
+            // Looked up once (the map is large: each lookup of a new key is a cache
+            // miss); again only if an eviction ran, which may have taken this trace.
             while self.open_hops >= self.limits.max_open_hops.max(1) {
                 match self.evict_one(now_ms) {
                     Some(r) => evicted.push(r),
                     None => break,
                 }
             }
+            let evictions = evicted.len();
+            let mut exists = self.open.contains_key(&key);
             // The byte budget: room for this hop (and its trace's overhead when new).
             let need = c.bytes()
-                + if self.open.contains_key(&key) {
+                + if exists {
                     0
                 } else {
                     Group::base_bytes(crate::other_ids::group_id(h))
@@ -443,7 +466,12 @@ impl Core {
                     None => break,
                 }
             }
-            if !self.open.contains_key(&key) {
+            if exists && evicted.len() > evictions {
+                exists = self.open.contains_key(&key);
+            }
+            let g = if exists {
+                self.open.get_mut(&key)
+            } else {
                 while self.open.len() >= self.limits.max_open_traces.max(1) {
                     match self.evict_one(now_ms) {
                         Some(r) => evicted.push(r),
@@ -454,19 +482,18 @@ impl Core {
                 let tid: &str = if gid.is_empty() { &h.request_id } else { gid };
                 let bytes = Group::base_bytes(tid) + 3 * std::mem::size_of::<CHop>();
                 self.open_bytes += bytes;
-                self.open.insert(
-                    key,
-                    Group {
-                        trace_id: tid.into(),
-                        hops: Vec::with_capacity(3),
-                        first_ms: now_ms,
-                        last_ms: 0,
-                        bytes,
-                    },
-                );
                 self.age_q.push_back((key, now_ms));
-            }
-            let g = self.open.get_mut(&key).expect("group just inserted");
+                Some(self.open.entry(key).or_insert(Group {
+                    trace_id: tid.into(),
+                    hops: Vec::with_capacity(3),
+                    first_ms: now_ms,
+                    last_ms: 0,
+                    bytes,
+                }))
+            };
+            let Some(g) = g else {
+                continue; // not reached: present, or inserted just now
+            };
             if g.hops.len() >= self.limits.max_hops_per_trace {
                 self.stats.hops_dropped_trace_full += 1;
             } else {
@@ -828,11 +855,7 @@ impl Core {
         };
         // Keep it for GetTrace, bounded by hops and bytes.
         self.recent_hops += g.hops.len();
-        let t = Analysed {
-            trace_id: g.trace_id,
-            hops: g.hops,
-            analysis,
-        };
+        let t = Analysed::new(g.trace_id, g.hops, analysis);
         self.recent_bytes += t.bytes();
         if let Some(old) = self.recent.insert(key, Arc::new(t)) {
             self.recent_hops -= old.hops.len();
@@ -1020,8 +1043,22 @@ mod tests {
     /// productpage -> reviews, both sides reported unless `drop_callee`.
     fn call(trace: &str, drop_callee: bool) -> Vec<Hop> {
         let mut hops = vec![
-            hop(Direction::Inbound, "productpage-v1", "productpage", "a1", "", ""),
-            hop(Direction::Outbound, "productpage-v1", "productpage", "a1", "a2", "reviews"),
+            hop(
+                Direction::Inbound,
+                "productpage-v1",
+                "productpage",
+                "a1",
+                "",
+                "",
+            ),
+            hop(
+                Direction::Outbound,
+                "productpage-v1",
+                "productpage",
+                "a1",
+                "a2",
+                "reviews",
+            ),
             hop(Direction::Inbound, "reviews-v1", "reviews", "a2", "", ""),
         ];
         if drop_callee {
@@ -1043,12 +1080,22 @@ mod tests {
         });
         let now = 1_000_000;
         assert!(core.ingest(&trace, now).1.is_empty());
-        let other = vec![hop(Direction::Inbound, "details-v1", "details", "b1", "", "")];
+        let other = vec![hop(
+            Direction::Inbound,
+            "details-v1",
+            "details",
+            "b1",
+            "",
+            "",
+        )];
         let (_, evicted) = core.ingest(&other, now);
         assert_eq!(evicted.len(), 1, "the first trace was evicted");
         assert_eq!(core.stats.traces_evicted_cut_short, 1);
         assert!(
-            evicted[0].findings.iter().all(|f| f.kind != BreakKind::HopMissing),
+            evicted[0]
+                .findings
+                .iter()
+                .all(|f| f.kind != BreakKind::HopMissing),
             "cut short: no HOP_MISSING"
         );
         let later = now + LATE_HOP_WINDOW.as_millis() as u64 + 1;
