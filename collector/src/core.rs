@@ -132,6 +132,11 @@ struct Group {
     bytes: usize,
 }
 
+/// At most this share (1/n) of the open traces' byte budget holds cut-short traces
+/// awaiting their re-check; beyond, the oldest re-check is given up (counted in
+/// [`CoreStats::rechecks_dropped`]).
+pub const RECHECK_SHARE: usize = 8;
+
 /// Bytes of a queue entry of the quiet/age queues.
 const QUEUE_ENTRY: usize = std::mem::size_of::<(u128, u64)>();
 
@@ -264,6 +269,8 @@ pub struct CoreStats {
     /// [`Core::take_ready`]): only those whose cut-short analysis withheld a verdict
     /// ([`Analysis::withheld`]). Not counted in `traces_analysed`.
     pub traces_rechecked: u64,
+    /// Re-checks given up for the bounds (see [`RECHECK_SHARE`]).
+    pub rechecks_dropped: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
     /// Hops that arrived for a trace already analysed (merged with it).
@@ -303,7 +310,14 @@ pub struct Core {
     /// [`Limits::complete_after`] has passed without a late hop (see
     /// [`Core::take_ready`]), so that a bound hit under load does not lose the verdicts
     /// a cut-short analysis withholds (HOP_MISSING).
-    recheck_q: VecDeque<(u128, u64)>,
+    ///
+    /// Each entry holds the analysed trace itself (shared with the recent store), so
+    /// that the re-check does not depend on the recent store keeping it for the window
+    /// (under load it holds well under a second of traffic). Their bytes are
+    /// `recheck_bytes`, counted in [`Core::open_bytes`] and bounded to a
+    /// [`RECHECK_SHARE`] of the open traces' budget.
+    recheck_q: VecDeque<(u128, u64, Arc<Analysed>)>,
+    recheck_bytes: usize,
     recent_hops: usize,
     recent_bytes: usize,
     open_bytes: usize,
@@ -332,6 +346,7 @@ impl Core {
             recent: FxHashMap::default(),
             recent_q: VecDeque::new(),
             recheck_q: VecDeque::new(),
+            recheck_bytes: 0,
             recent_hops: 0,
             recent_bytes: 0,
             open_bytes: 0,
@@ -527,7 +542,7 @@ impl Core {
     pub fn open_bytes(&self) -> usize {
         // Queue entries beyond the two per trace counted in each group: lazily deleted.
         let extra = (self.quiet_q.len() + self.age_q.len()).saturating_sub(2 * self.open.len());
-        self.open_bytes + extra * QUEUE_ENTRY
+        self.open_bytes + extra * QUEUE_ENTRY + self.recheck_bytes
     }
     pub fn recent_bytes(&self) -> usize {
         self.recent_bytes
@@ -613,6 +628,9 @@ impl Core {
         for t in &self.graveyard {
             t.hops.iter().for_each(|h| h.mark(m));
         }
+        for (_, _, t) in &self.recheck_q {
+            t.hops.iter().for_each(|h| h.mark(m));
+        }
         for &(ns, wl) in self.workloads.keys() {
             m.mark(ns);
             m.mark(wl);
@@ -690,32 +708,41 @@ impl Core {
         }
         let complete_after = self.limits.complete_after().as_millis() as u64;
         while out.len() < budget {
-            let Some(&(key, last)) = self.recheck_q.front() else {
+            let Some(&(key, last, _)) = self.recheck_q.front() else {
                 break;
             };
             if last + complete_after > now_ms {
                 break;
             }
-            self.recheck_q.pop_front();
+            let Some((_, _, old)) = self.pop_recheck() else {
+                break;
+            };
             // A late hop re-opened it: its own analysis merges the earlier hops.
             if self.open.contains_key(&key) {
                 continue;
             }
-            if let Some(p) = self.recheck(key, last) {
-                out.push(p);
+            // Analysed again since (late hops merged): that analysis decided (and, cut
+            // short with a verdict withheld, queued its own re-check).
+            if self.recent.get(&key).is_some_and(|r| !Arc::ptr_eq(r, &old)) {
+                continue;
             }
+            out.push(self.recheck(key, last, &old));
         }
         out
     }
 
-    /// A full analysis of a trace analysed cut short, from its hops in the recent store
-    /// (none if they were pushed out since); only findings the cut-short analysis did not
-    /// have are reported.
-    fn recheck(&mut self, key: u128, last_ms: u64) -> Option<Pending> {
-        // Analysed again since (late hops) without withholding anything: nothing to add.
-        let old = self.recent.get(&key).filter(|o| o.analysis.withheld)?;
+    fn pop_recheck(&mut self) -> Option<(u128, u64, Arc<Analysed>)> {
+        let e = self.recheck_q.pop_front()?;
+        self.recheck_bytes -= e.2.bytes();
+        Some(e)
+    }
+
+    /// A full analysis of a trace analysed cut short (`old`, kept by the re-check queue
+    /// even if the recent store let it go); only findings the cut-short analysis did
+    /// not have are reported.
+    fn recheck(&mut self, key: u128, last_ms: u64, old: &Analysed) -> Pending {
         self.stats.traces_rechecked += 1;
-        Some(Pending {
+        Pending {
             key,
             group: Group {
                 trace_id: old.trace_id.clone(),
@@ -727,7 +754,7 @@ impl Core {
             partial: false,
             recheck: true,
             previous: old.analysis.findings.clone(),
-        })
+        }
     }
 
     /// Analyses every open trace (shutdown).
@@ -827,16 +854,11 @@ impl Core {
         if !recheck {
             self.stats.traces_analysed += 1;
         }
-        if partial && analysis.withheld {
-            // Only a trace whose cut-short analysis withheld a verdict (an outbound hop
-            // without its callee's, a hidden call) can get more from a full one: the
-            // common healthy trace is never analysed twice. Bounded like the queues it
-            // sits beside (16 bytes an entry); the oldest re-check is given up first.
-            if self.recheck_q.len() >= self.limits.max_open_traces {
-                self.recheck_q.pop_front();
-            }
-            self.recheck_q.push_back((key, g.last_ms));
-        }
+        // Only a trace whose cut-short analysis withheld a verdict (an outbound hop
+        // without its callee's, a hidden call) can get more from a full one: the common
+        // healthy trace is never analysed twice.
+        let queue_recheck = partial && analysis.withheld;
+        let last_ms = g.last_ms;
         let same = |a: &Finding, b: &Finding| {
             a.kind == b.kind
                 && a.namespace == b.namespace
@@ -855,9 +877,29 @@ impl Core {
         };
         // Keep it for GetTrace, bounded by hops and bytes.
         self.recent_hops += g.hops.len();
-        let t = Analysed::new(g.trace_id, g.hops, analysis);
+        let t = Arc::new(Analysed::new(g.trace_id, g.hops, analysis));
         self.recent_bytes += t.bytes();
-        if let Some(old) = self.recent.insert(key, Arc::new(t)) {
+        if queue_recheck {
+            // Bounded by count like the queues it sits beside, and by bytes; the oldest
+            // re-check is given up first.
+            let max_bytes = self.limits.budgets.open / RECHECK_SHARE;
+            while !self.recheck_q.is_empty()
+                && (self.recheck_q.len() >= self.limits.max_open_traces
+                    || self.recheck_bytes + t.bytes() > max_bytes)
+            {
+                if let Some((_, _, old)) = self.pop_recheck() {
+                    self.stats.rechecks_dropped += 1;
+                    self.graveyard.push(old);
+                }
+            }
+            if t.bytes() <= max_bytes {
+                self.recheck_bytes += t.bytes();
+                self.recheck_q.push_back((key, last_ms, t.clone()));
+            } else {
+                self.stats.rechecks_dropped += 1;
+            }
+        }
+        if let Some(old) = self.recent.insert(key, t) {
             self.recent_hops -= old.hops.len();
             self.recent_bytes -= old.bytes();
             self.graveyard.push(old);
@@ -1074,8 +1116,13 @@ mod tests {
     /// open trace at most) cut short; then polls past the late-hop window. Returns the
     /// findings of the poll and the core.
     fn evicted_cut_short(trace: Vec<Hop>) -> (Vec<TraceResult>, Core) {
+        evicted_cut_short_with(trace, Limits::default().max_recent_hops)
+    }
+
+    fn evicted_cut_short_with(trace: Vec<Hop>, max_recent_hops: usize) -> (Vec<TraceResult>, Core) {
         let mut core = Core::new(Limits {
             max_open_traces: 1,
+            max_recent_hops,
             ..Limits::default()
         });
         let now = 1_000_000;
@@ -1127,5 +1174,21 @@ mod tests {
         // A re-check is not a further trace analysed: only the evicted one was (the
         // other is not quiet yet).
         assert_eq!(core.stats.traces_analysed, 1);
+    }
+
+    #[test]
+    fn the_recheck_does_not_need_the_recent_store_to_keep_the_trace() {
+        // The recent store keeps one hop: the evicted trace (two hops) leaves it at once.
+        let (results, core) = evicted_cut_short_with(call("3", true), 1);
+        assert_eq!(core.recent_traces(), 0);
+        assert_eq!(core.stats.traces_rechecked, 1);
+        assert_eq!(core.stats.rechecks_dropped, 0);
+        assert!(
+            results
+                .iter()
+                .flat_map(|r| &r.findings)
+                .any(|f| f.kind == BreakKind::HopMissing),
+            "{results:?}"
+        );
     }
 }

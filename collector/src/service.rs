@@ -874,6 +874,11 @@ impl Collector {
             "Traces analysed cut short whose analysis withheld a verdict (HOP_MISSING), analysed again in full once no late hop came.",
             cs.traces_rechecked,
         );
+        s.counter(
+            "hopwatch_rechecks_dropped",
+            "Re-checks of cut-short traces given up for the bounds (an eighth of the open traces' byte budget, max open traces).",
+            cs.rechecks_dropped,
+        );
         s.gauge(
             "hopwatch_pods_indexed",
             "Pods in the cross-trace inbound index.",
