@@ -386,6 +386,11 @@ pub struct Analysis {
     pub nodes: Vec<Node>,
     pub roots: Vec<u32>,
     pub findings: Vec<Finding>,
+    /// Cut short ([`Ctx::partial`]) and a verdict was withheld for it: an outbound hop
+    /// without its callee's hop that HOP_MISSING would report (whether the destination is
+    /// known is not asked: the registry may learn it meanwhile), or a hidden call. A full
+    /// analysis of the same hops may report more only then; else it reports nothing new.
+    pub withheld: bool,
 }
 
 pub fn severity_of(kind: BreakKind) -> Severity {
@@ -782,9 +787,9 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
     };
 
     // Calls no sidecar saw as HTTP (TCP-named ports), revealed by the callee's own calls.
-    let hidden = if cx.partial {
-        Vec::new()
-    } else {
+    // Computed cut short too (it is cheap: a scan per unparented outbound hop), only to
+    // tell whether a full analysis would report one.
+    let mut hidden = {
         let mut callee_of = vec![None; hops.len()];
         for n in &nodes {
             if let (Some(o), Some(i)) = (n.out, n.inb) {
@@ -798,6 +803,11 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             cx.slack_us,
         )
     };
+    let mut withheld = false;
+    if cx.partial && !hidden.is_empty() {
+        withheld = true;
+        hidden.clear();
+    }
     for (nid, node) in nodes.iter().enumerate() {
         let nid = nid as u32;
         // --- outbound hop checks: tag chain, trace chain, missing callee ---
@@ -975,8 +985,7 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
             // Never for a refused request: the refusing sidecar answered it (a policy
             // denial reported by the callee joins as its inbound hop; one made by the
             // caller's own sidecar never left it).
-            if !cx.partial
-                && node.inb.is_none()
+            let missing = node.inb.is_none()
                 && !oh.answered_before_filter()
                 && policy_denied::denial(oh, it).is_none()
                 && oh.sampled_report()
@@ -988,7 +997,12 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
                 && oh.response_code != 0
                 && oh.response_flags == 0
                 && !oh.upstream_host.is_empty()
-                && oh.bits & BIT_DEST_EXTERNAL == 0
+                && oh.bits & BIT_DEST_EXTERNAL == 0;
+            // Cut short the callee's hop may still come: withheld (see
+            // `Analysis::withheld`), the re-check reports it if it never came.
+            withheld |= missing && cx.partial;
+            if missing
+                && !cx.partial
                 && (oh.bits & BIT_DEST_IN_MESH != 0
                     || cx.registry.knows(oh.dest_namespace, oh.dest_service))
             {
@@ -1291,6 +1305,7 @@ pub fn analyse(hops: &[CHop], key: u128, cx: &Ctx) -> Analysis {
         nodes,
         roots,
         findings,
+        withheld,
     }
 }
 

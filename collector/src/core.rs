@@ -110,6 +110,9 @@ pub struct Pending {
     key: u128,
     group: Group,
     partial: bool,
+    /// A re-check of a trace analysed cut short (counted in
+    /// [`CoreStats::traces_rechecked`], not again in `traces_analysed`).
+    recheck: bool,
     /// Findings already reported for this trace (late hops merged with it).
     previous: Vec<Finding>,
 }
@@ -128,6 +131,11 @@ struct Group {
     /// Accounted bytes (see [`Group::base_bytes`]).
     bytes: usize,
 }
+
+/// At most this share (1/n) of the open traces' byte budget holds cut-short traces
+/// awaiting their re-check; beyond, the oldest re-check is given up (counted in
+/// [`CoreStats::rechecks_dropped`]).
+pub const RECHECK_SHARE: usize = 8;
 
 /// Bytes of a queue entry of the quiet/age queues.
 const QUEUE_ENTRY: usize = std::mem::size_of::<(u128, u64)>();
@@ -185,11 +193,30 @@ pub struct Analysed {
     pub trace_id: Box<str>,
     pub hops: Vec<CHop>,
     pub analysis: Analysis,
+    /// [`Analysed::count_bytes`], counted once (it is read again when the trace leaves
+    /// the recent store).
+    bytes: usize,
 }
 
 impl Analysed {
-    /// Accounted bytes: the Arc, the map slot and queue entry, the hops and the analysis.
+    fn new(trace_id: Box<str>, hops: Vec<CHop>, analysis: Analysis) -> Analysed {
+        let mut t = Analysed {
+            trace_id,
+            hops,
+            analysis,
+            bytes: 0,
+        };
+        t.bytes = t.count_bytes();
+        t
+    }
+
+    /// Accounted bytes (see [`Analysed::count_bytes`]).
     fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Accounted bytes: the Arc, the map slot and queue entry, the hops and the analysis.
+    fn count_bytes(&self) -> usize {
         std::mem::size_of::<Analysed>()
             + 2 * budget::ALLOC_OVERHEAD
             + map_slot(32)
@@ -239,8 +266,11 @@ pub struct CoreStats {
     /// analysed as cut short (no HOP_MISSING).
     pub traces_evicted_cut_short: u64,
     /// Cut-short traces analysed again in full once no late hop came (see
-    /// [`Core::take_ready`]).
+    /// [`Core::take_ready`]): only those whose cut-short analysis withheld a verdict
+    /// ([`Analysis::withheld`]). Not counted in `traces_analysed`.
     pub traces_rechecked: u64,
+    /// Re-checks given up for the bounds (see [`RECHECK_SHARE`]).
+    pub rechecks_dropped: u64,
     pub traces_analysed: u64,
     pub traces_analysed_at_max_age: u64,
     /// Hops that arrived for a trace already analysed (merged with it).
@@ -275,11 +305,19 @@ pub struct Core {
     /// Evicted recent traces, freed by the caller outside the lock.
     graveyard: Vec<Arc<Analysed>>,
     recent_q: VecDeque<u128>,
-    /// Traces evicted cut short (key, last hop's arrival): analysed again in full once
+    /// Traces evicted cut short whose analysis withheld a verdict ([`Analysis::withheld`])
+    /// (key, last hop's arrival): analysed again in full once
     /// [`Limits::complete_after`] has passed without a late hop (see
     /// [`Core::take_ready`]), so that a bound hit under load does not lose the verdicts
     /// a cut-short analysis withholds (HOP_MISSING).
-    recheck_q: VecDeque<(u128, u64)>,
+    ///
+    /// Each entry holds the analysed trace itself (shared with the recent store), so
+    /// that the re-check does not depend on the recent store keeping it for the window
+    /// (under load it holds well under a second of traffic). Their bytes are
+    /// `recheck_bytes`, counted in [`Core::open_bytes`] and bounded to a
+    /// [`RECHECK_SHARE`] of the open traces' budget.
+    recheck_q: VecDeque<(u128, u64, Arc<Analysed>)>,
+    recheck_bytes: usize,
     recent_hops: usize,
     recent_bytes: usize,
     open_bytes: usize,
@@ -308,6 +346,7 @@ impl Core {
             recent: FxHashMap::default(),
             recent_q: VecDeque::new(),
             recheck_q: VecDeque::new(),
+            recheck_bytes: 0,
             recent_hops: 0,
             recent_bytes: 0,
             open_bytes: 0,
@@ -343,7 +382,17 @@ impl Core {
     /// to make room are analysed at once and returned.
     pub fn ingest(&mut self, hops: &[Hop], now_ms: u64) -> (u32, Vec<TraceResult>) {
         let converted = Self::convert(&self.shared, hops);
-        self.ingest_converted(hops, converted, now_ms)
+        let (accepted, evicted) = self.ingest_converted(hops, converted, now_ms);
+        let shared = self.shared.clone();
+        let limits = self.limits.clone();
+        let results = evicted
+            .into_iter()
+            .map(|p| {
+                let d = Self::analyse_pending(&shared, &limits, p, now_ms);
+                self.store_done(d)
+            })
+            .collect();
+        (accepted, results)
     }
 
     /// First half of ingest, without the aggregator: interns the hops' strings and
@@ -366,13 +415,15 @@ impl Core {
     }
 
     /// Second half of ingest: adds converted hops (`converted[i]` is `hops[i]`) to their
-    /// trace groups.
+    /// trace groups. Returns the traces evicted to make room, taken out of the open set:
+    /// the caller analyses them ([`Core::analyse_pending`], outside the lock) and stores
+    /// them ([`Core::store_done`]), as for [`Core::take_ready`].
     pub fn ingest_converted(
         &mut self,
         hops: &[Hop],
         converted: Vec<(u128, CHop)>,
         now_ms: u64,
-    ) -> (u32, Vec<TraceResult>) {
+    ) -> (u32, Vec<Pending>) {
         let mut evicted = Vec::new();
         let mut accepted = 0u32;
         for (h, (key, c)) in hops.iter().zip(converted) {
@@ -404,15 +455,19 @@ impl Core {
                 f &= f - 1;
             }
             self.workload_bytes = self.workload_bytes + ws.bytes() - before;
+            // Looked up once (the map is large: each lookup of a new key is a cache
+            // miss); again only if an eviction ran, which may have taken this trace.
             while self.open_hops >= self.limits.max_open_hops.max(1) {
                 match self.evict_one(now_ms) {
                     Some(r) => evicted.push(r),
                     None => break,
                 }
             }
+            let evictions = evicted.len();
+            let mut exists = self.open.contains_key(&key);
             // The byte budget: room for this hop (and its trace's overhead when new).
             let need = c.bytes()
-                + if self.open.contains_key(&key) {
+                + if exists {
                     0
                 } else {
                     Group::base_bytes(crate::other_ids::group_id(h))
@@ -426,7 +481,12 @@ impl Core {
                     None => break,
                 }
             }
-            if !self.open.contains_key(&key) {
+            if exists && evicted.len() > evictions {
+                exists = self.open.contains_key(&key);
+            }
+            let g = if exists {
+                self.open.get_mut(&key)
+            } else {
                 while self.open.len() >= self.limits.max_open_traces.max(1) {
                     match self.evict_one(now_ms) {
                         Some(r) => evicted.push(r),
@@ -437,19 +497,18 @@ impl Core {
                 let tid: &str = if gid.is_empty() { &h.request_id } else { gid };
                 let bytes = Group::base_bytes(tid) + 3 * std::mem::size_of::<CHop>();
                 self.open_bytes += bytes;
-                self.open.insert(
-                    key,
-                    Group {
-                        trace_id: tid.into(),
-                        hops: Vec::with_capacity(3),
-                        first_ms: now_ms,
-                        last_ms: 0,
-                        bytes,
-                    },
-                );
                 self.age_q.push_back((key, now_ms));
-            }
-            let g = self.open.get_mut(&key).expect("group just inserted");
+                Some(self.open.entry(key).or_insert(Group {
+                    trace_id: tid.into(),
+                    hops: Vec::with_capacity(3),
+                    first_ms: now_ms,
+                    last_ms: 0,
+                    bytes,
+                }))
+            };
+            let Some(g) = g else {
+                continue; // not reached: present, or inserted just now
+            };
             if g.hops.len() >= self.limits.max_hops_per_trace {
                 self.stats.hops_dropped_trace_full += 1;
             } else {
@@ -483,7 +542,7 @@ impl Core {
     pub fn open_bytes(&self) -> usize {
         // Queue entries beyond the two per trace counted in each group: lazily deleted.
         let extra = (self.quiet_q.len() + self.age_q.len()).saturating_sub(2 * self.open.len());
-        self.open_bytes + extra * QUEUE_ENTRY
+        self.open_bytes + extra * QUEUE_ENTRY + self.recheck_bytes
     }
     pub fn recent_bytes(&self) -> usize {
         self.recent_bytes
@@ -569,13 +628,16 @@ impl Core {
         for t in &self.graveyard {
             t.hops.iter().for_each(|h| h.mark(m));
         }
+        for (_, _, t) in &self.recheck_q {
+            t.hops.iter().for_each(|h| h.mark(m));
+        }
         for &(ns, wl) in self.workloads.keys() {
             m.mark(ns);
             m.mark(wl);
         }
     }
 
-    fn evict_one(&mut self, now_ms: u64) -> Option<TraceResult> {
+    fn evict_one(&mut self, now_ms: u64) -> Option<Pending> {
         while let Some((key, t)) = self.quiet_q.pop_front() {
             if let Some(g) = self.open.get(&key).filter(|g| g.last_ms == t) {
                 self.stats.traces_evicted += 1;
@@ -585,15 +647,11 @@ impl Core {
                 let complete_after = self.limits.complete_after().as_millis() as u64;
                 let partial = now_ms.saturating_sub(g.last_ms) < complete_after;
                 if partial {
+                    // Queued for a re-check by `store_done` if its analysis withheld
+                    // a verdict.
                     self.stats.traces_evicted_cut_short += 1;
-                    // Bounded like the queues it sits beside (16 bytes an entry); the
-                    // oldest re-check is given up first.
-                    if self.recheck_q.len() >= self.limits.max_open_traces {
-                        self.recheck_q.pop_front();
-                    }
-                    self.recheck_q.push_back((key, g.last_ms));
                 }
-                return self.finish(key, now_ms, partial);
+                return self.take(key, partial);
             }
         }
         None
@@ -650,31 +708,41 @@ impl Core {
         }
         let complete_after = self.limits.complete_after().as_millis() as u64;
         while out.len() < budget {
-            let Some(&(key, last)) = self.recheck_q.front() else {
+            let Some(&(key, last, _)) = self.recheck_q.front() else {
                 break;
             };
             if last + complete_after > now_ms {
                 break;
             }
-            self.recheck_q.pop_front();
+            let Some((_, _, old)) = self.pop_recheck() else {
+                break;
+            };
             // A late hop re-opened it: its own analysis merges the earlier hops.
             if self.open.contains_key(&key) {
                 continue;
             }
-            if let Some(p) = self.recheck(key, last) {
-                out.push(p);
+            // Analysed again since (late hops merged): that analysis decided (and, cut
+            // short with a verdict withheld, queued its own re-check).
+            if self.recent.get(&key).is_some_and(|r| !Arc::ptr_eq(r, &old)) {
+                continue;
             }
+            out.push(self.recheck(key, last, &old));
         }
         out
     }
 
-    /// A full analysis of a trace analysed cut short, from its hops in the recent store
-    /// (none if they were pushed out since); only findings the cut-short analysis did not
-    /// have are reported.
-    fn recheck(&mut self, key: u128, last_ms: u64) -> Option<Pending> {
-        let old = self.recent.get(&key)?;
+    fn pop_recheck(&mut self) -> Option<(u128, u64, Arc<Analysed>)> {
+        let e = self.recheck_q.pop_front()?;
+        self.recheck_bytes -= e.2.bytes();
+        Some(e)
+    }
+
+    /// A full analysis of a trace analysed cut short (`old`, kept by the re-check queue
+    /// even if the recent store let it go); only findings the cut-short analysis did
+    /// not have are reported.
+    fn recheck(&mut self, key: u128, last_ms: u64, old: &Analysed) -> Pending {
         self.stats.traces_rechecked += 1;
-        Some(Pending {
+        Pending {
             key,
             group: Group {
                 trace_id: old.trace_id.clone(),
@@ -684,8 +752,9 @@ impl Core {
                 bytes: 0,
             },
             partial: false,
+            recheck: true,
             previous: old.analysis.findings.clone(),
-        })
+        }
     }
 
     /// Analyses every open trace (shutdown).
@@ -764,6 +833,7 @@ impl Core {
             key,
             group: g,
             partial,
+            recheck: false,
             previous,
         })
     }
@@ -776,11 +846,19 @@ impl Core {
                     key,
                     group: g,
                     previous,
-                    ..
+                    partial,
+                    recheck,
                 },
             analysis,
         } = d;
-        self.stats.traces_analysed += 1;
+        if !recheck {
+            self.stats.traces_analysed += 1;
+        }
+        // Only a trace whose cut-short analysis withheld a verdict (an outbound hop
+        // without its callee's, a hidden call) can get more from a full one: the common
+        // healthy trace is never analysed twice.
+        let queue_recheck = partial && analysis.withheld;
+        let last_ms = g.last_ms;
         let same = |a: &Finding, b: &Finding| {
             a.kind == b.kind
                 && a.namespace == b.namespace
@@ -799,13 +877,29 @@ impl Core {
         };
         // Keep it for GetTrace, bounded by hops and bytes.
         self.recent_hops += g.hops.len();
-        let t = Analysed {
-            trace_id: g.trace_id,
-            hops: g.hops,
-            analysis,
-        };
+        let t = Arc::new(Analysed::new(g.trace_id, g.hops, analysis));
         self.recent_bytes += t.bytes();
-        if let Some(old) = self.recent.insert(key, Arc::new(t)) {
+        if queue_recheck {
+            // Bounded by count like the queues it sits beside, and by bytes; the oldest
+            // re-check is given up first.
+            let max_bytes = self.limits.budgets.open / RECHECK_SHARE;
+            while !self.recheck_q.is_empty()
+                && (self.recheck_q.len() >= self.limits.max_open_traces
+                    || self.recheck_bytes + t.bytes() > max_bytes)
+            {
+                if let Some((_, _, old)) = self.pop_recheck() {
+                    self.stats.rechecks_dropped += 1;
+                    self.graveyard.push(old);
+                }
+            }
+            if t.bytes() <= max_bytes {
+                self.recheck_bytes += t.bytes();
+                self.recheck_q.push_back((key, last_ms, t.clone()));
+            } else {
+                self.stats.rechecks_dropped += 1;
+            }
+        }
+        if let Some(old) = self.recent.insert(key, t) {
             self.recent_hops -= old.hops.len();
             self.recent_bytes -= old.bytes();
             self.graveyard.push(old);
@@ -954,4 +1048,147 @@ pub fn validate_hop(i: usize, h: &Hop) -> Result<(), String> {
         return Err(format!("hop {i}: trace_id or request_id is too long"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopwatch_proto::v1::BreakKind;
+
+    fn hop(dir: Direction, wl: &str, svc: &str, span: &str, up: &str, dest: &str) -> Hop {
+        let out = dir == Direction::Outbound;
+        Hop {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            span_id: span.into(),
+            upstream_span_id: up.into(),
+            request_id: format!("req-{span}-{up}"),
+            direction: dir as i32,
+            workload: wl.into(),
+            namespace: "default".into(),
+            pod: format!("{wl}-pod"),
+            service: svc.into(),
+            authority: format!("{}:9080", if out { dest } else { svc }),
+            response_code: 200,
+            upstream_cluster: if out {
+                format!("outbound|9080||{dest}.default.svc.cluster.local")
+            } else {
+                "inbound|9080||".into()
+            },
+            upstream_host: "10.1.2.3:9080".into(),
+            start_time_unix_micros: 1_000_000,
+            duration_micros: 1_000,
+            sampled_report: true,
+            ..Default::default()
+        }
+    }
+
+    /// productpage -> reviews, both sides reported unless `drop_callee`.
+    fn call(trace: &str, drop_callee: bool) -> Vec<Hop> {
+        let mut hops = vec![
+            hop(
+                Direction::Inbound,
+                "productpage-v1",
+                "productpage",
+                "a1",
+                "",
+                "",
+            ),
+            hop(
+                Direction::Outbound,
+                "productpage-v1",
+                "productpage",
+                "a1",
+                "a2",
+                "reviews",
+            ),
+            hop(Direction::Inbound, "reviews-v1", "reviews", "a2", "", ""),
+        ];
+        if drop_callee {
+            hops.pop();
+        }
+        for h in &mut hops {
+            h.trace_id = trace.into();
+        }
+        hops
+    }
+
+    /// Ingests `trace` and then another trace at the same instant, which evicts it (one
+    /// open trace at most) cut short; then polls past the late-hop window. Returns the
+    /// findings of the poll and the core.
+    fn evicted_cut_short(trace: Vec<Hop>) -> (Vec<TraceResult>, Core) {
+        evicted_cut_short_with(trace, Limits::default().max_recent_hops)
+    }
+
+    fn evicted_cut_short_with(trace: Vec<Hop>, max_recent_hops: usize) -> (Vec<TraceResult>, Core) {
+        let mut core = Core::new(Limits {
+            max_open_traces: 1,
+            max_recent_hops,
+            ..Limits::default()
+        });
+        let now = 1_000_000;
+        assert!(core.ingest(&trace, now).1.is_empty());
+        let other = vec![hop(
+            Direction::Inbound,
+            "details-v1",
+            "details",
+            "b1",
+            "",
+            "",
+        )];
+        let (_, evicted) = core.ingest(&other, now);
+        assert_eq!(evicted.len(), 1, "the first trace was evicted");
+        assert_eq!(core.stats.traces_evicted_cut_short, 1);
+        assert!(
+            evicted[0]
+                .findings
+                .iter()
+                .all(|f| f.kind != BreakKind::HopMissing),
+            "cut short: no HOP_MISSING"
+        );
+        let later = now + LATE_HOP_WINDOW.as_millis() as u64 + 1;
+        let results = core.poll(later, usize::MAX);
+        (results, core)
+    }
+
+    #[test]
+    fn a_healthy_cut_short_trace_is_not_rechecked() {
+        let (results, core) = evicted_cut_short(call("1", false));
+        assert_eq!(core.stats.traces_rechecked, 0);
+        assert!(results.iter().all(|r| r.findings.is_empty()), "{results:?}");
+    }
+
+    #[test]
+    fn a_cut_short_trace_with_an_unpartnered_outbound_hop_is_rechecked() {
+        let (results, core) = evicted_cut_short(call("2", true));
+        assert_eq!(core.stats.traces_rechecked, 1);
+        let missing: Vec<_> = results
+            .iter()
+            .flat_map(|r| &r.findings)
+            .filter(|f| f.kind == BreakKind::HopMissing)
+            .collect();
+        assert_eq!(missing.len(), 1, "{results:?}");
+        assert_eq!(
+            (missing[0].workload.as_str(), missing[0].peer.as_str()),
+            ("productpage-v1", "reviews")
+        );
+        // A re-check is not a further trace analysed: only the evicted one was (the
+        // other is not quiet yet).
+        assert_eq!(core.stats.traces_analysed, 1);
+    }
+
+    #[test]
+    fn the_recheck_does_not_need_the_recent_store_to_keep_the_trace() {
+        // The recent store keeps one hop: the evicted trace (two hops) leaves it at once.
+        let (results, core) = evicted_cut_short_with(call("3", true), 1);
+        assert_eq!(core.recent_traces(), 0);
+        assert_eq!(core.stats.traces_rechecked, 1);
+        assert_eq!(core.stats.rechecks_dropped, 0);
+        assert!(
+            results
+                .iter()
+                .flat_map(|r| &r.findings)
+                .any(|f| f.kind == BreakKind::HopMissing),
+            "{results:?}"
+        );
+    }
 }

@@ -698,15 +698,16 @@ pub fn request_id_key(rid: &str) -> std::borrow::Cow<'_, str> {
 /// space).
 pub fn group_key(trace_id: &str, request_id: &str) -> u128 {
     if !trace_id.is_empty() {
-        let t = trace_id.to_ascii_lowercase();
-        if t.len() <= 32 {
-            if let Ok(v) = u128::from_str_radix(&t, 16) {
+        // Hex digits parse alike in either case: no lowercase copy for the common id.
+        if trace_id.len() <= 32 {
+            if let Ok(v) = u128::from_str_radix(trace_id, 16) {
                 // Top bit clear: trace-id space.
                 if v >> 127 == 0 {
                     return v;
                 }
             }
         }
+        let t = trace_id.to_ascii_lowercase();
         let h = ((hash64(t.as_bytes(), 1) as u128) << 64) | hash64(t.as_bytes(), 2) as u128;
         return h & !(3u128 << 126) | (1u128 << 126);
     }
@@ -1044,5 +1045,11 @@ mod tests {
         );
         assert_ne!(group_key("abc", ""), group_key("", "abc"));
         assert_ne!(group_key("not-hex", ""), group_key("", "not-hex"));
+        // Ids that are not 32 hex digits are hashed, case-insensitively too.
+        assert_eq!(group_key("NOT-HEX", ""), group_key("not-hex", ""));
+        assert_eq!(
+            group_key(&"AB".repeat(20), ""),
+            group_key(&"ab".repeat(20), "")
+        );
     }
 }

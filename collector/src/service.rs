@@ -163,6 +163,10 @@ pub struct Collector {
     /// Serialises analysis polls and string table compactions (a compaction must not
     /// run while traces are analysed outside the aggregator's lock).
     poll_lock: Mutex<()>,
+    /// Held (shared) by a Report while it analyses the traces its hops evicted outside
+    /// the aggregator's lock, and (exclusive) by a string table compaction: the symbols
+    /// of a trace taken out of the open set are in no store the compaction marks.
+    evict_gate: RwLock<()>,
     last_compaction_ms: AtomicU64,
 }
 
@@ -212,6 +216,7 @@ impl Collector {
             settings,
             flush_lock: Mutex::new(()),
             poll_lock: Mutex::new(()),
+            evict_gate: RwLock::new(()),
             last_compaction_ms: AtomicU64::new(0),
         }
     }
@@ -289,13 +294,26 @@ impl Collector {
     /// Ingests validated hops that arrived at `now_ms` (a Report, or the WAL's replay).
     pub(crate) fn ingest_accepted(&self, hops: &[hopwatch_proto::v1::Hop], now_ms: u64) -> u32 {
         let _gate = self.gate();
+        let _evicting = self.evict_gate.read();
         // Conversion (interning, cross-trace indexes) outside the aggregator's lock.
         let converted = Core::convert(&self.shared, hops);
         self.graph.lock().observe(converted.iter().map(|(_, h)| h));
         self.fragments.lock().observe(hops);
         let (accepted, evicted) = self.core.lock().ingest_converted(hops, converted, now_ms);
         if !evicted.is_empty() {
-            self.record(evicted);
+            // Analysed outside the aggregator's lock (as in `poll_inner`): the other
+            // Reports' hops go in meanwhile.
+            let done: Vec<_> = evicted
+                .into_iter()
+                .map(|p| Core::analyse_pending(&self.shared, &self.settings.limits, p, now_ms))
+                .collect();
+            let (results, graveyard) = {
+                let mut c = self.core.lock();
+                let results: Vec<TraceResult> = done.into_iter().map(|d| c.store_done(d)).collect();
+                (results, c.take_graveyard())
+            };
+            drop(graveyard);
+            self.record(results);
         }
         accepted
     }
@@ -376,7 +394,9 @@ impl Collector {
 
     fn compact_locked(&self, now_ms: u64) -> usize {
         self.last_compaction_ms.store(now_ms, Relaxed);
-        // Lock order: aggregator, graph, shared (as everywhere else).
+        // No Report is analysing evicted traces (lock order: the eviction gate, then
+        // aggregator, graph, shared, as everywhere else).
+        let _no_evicting = self.evict_gate.write();
         let core = self.core.lock();
         let graph = self.graph.lock();
         let mut sh = self.shared.write();
@@ -848,6 +868,16 @@ impl Collector {
             "hopwatch_trace_evictions_cut_short",
             "Evicted traces analysed as cut short, without HOP_MISSING (a hop of theirs arrived less than 2s, or trace quiet if shorter, before).",
             cs.traces_evicted_cut_short,
+        );
+        s.counter(
+            "hopwatch_traces_rechecked",
+            "Traces analysed cut short whose analysis withheld a verdict (HOP_MISSING), analysed again in full once no late hop came.",
+            cs.traces_rechecked,
+        );
+        s.counter(
+            "hopwatch_rechecks_dropped",
+            "Re-checks of cut-short traces given up for the bounds (an eighth of the open traces' byte budget, max open traces).",
+            cs.rechecks_dropped,
         );
         s.gauge(
             "hopwatch_pods_indexed",

@@ -524,6 +524,15 @@ fn ingest_phase(
         .get("hopwatch_trace_evictions_total")
         .copied()
         .unwrap_or(0.0);
+    let cut_short = m
+        .get("hopwatch_trace_evictions_cut_short_total")
+        .copied()
+        .unwrap_or(f64::NAN);
+    // NaN from a collector older than the counter.
+    let rechecked = m
+        .get("hopwatch_traces_rechecked_total")
+        .copied()
+        .unwrap_or(f64::NAN);
     let peak_open = samples.iter().map(|s| s.3).fold(0.0, f64::max);
     let rss = c.rss_mib();
     let hwm = proc_status_kib(c.proc.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
@@ -587,6 +596,10 @@ fn ingest_phase(
     t.row(vec![
         "peak open traces / early evictions (max open traces)".into(),
         format!("{peak_open:.0} / {evictions:.0}"),
+    ]);
+    t.row(vec![
+        "evicted cut short / re-checked in full".into(),
+        format!("{cut_short:.0} / {rechecked:.0}"),
     ]);
     t.row(vec![
         "collector RSS after / peak".into(),
