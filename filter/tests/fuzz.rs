@@ -5,7 +5,7 @@
 //! over, and the whole request flow over it), trace-context parsing (B3 single and
 //! multi, W3C `traceparent`, `sw8`, `uber-trace-id`, Datadog, `x-request-id`), `baggage`
 //! and `cookie` parsing, the plugin configuration (arbitrary bytes and arbitrary JSON
-//! objects over the real keys) and the correlation bucket codec. Each must never panic
+//! objects over the real keys) and the correlation slot codec. Each must never panic
 //! (the filter runs on the request path of every request; a panic kills the worker's
 //! VM), and round-trips where there is one.
 //!
