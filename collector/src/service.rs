@@ -14,7 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::budget::StoreBytes;
-use crate::core::{validate_hop, Core, Limits, Shared, TraceResult};
+use crate::core::{validate_hop, Core, Limits, Pending, Shared, TraceResult};
 use crate::fragments::FragmentIndex;
 use crate::graph::ServiceGraph;
 use crate::identity::{self, Sender};
@@ -303,19 +303,26 @@ impl Collector {
         if !evicted.is_empty() {
             // Analysed outside the aggregator's lock (as in `poll_inner`): the other
             // Reports' hops go in meanwhile.
-            let done: Vec<_> = evicted
-                .into_iter()
-                .map(|p| Core::analyse_pending(&self.shared, &self.settings.limits, p, now_ms))
-                .collect();
-            let (results, graveyard) = {
-                let mut c = self.core.lock();
-                let results: Vec<TraceResult> = done.into_iter().map(|d| c.store_done(d)).collect();
-                (results, c.take_graveyard())
-            };
-            drop(graveyard);
-            self.record(results);
+            self.analyse_and_record(evicted, now_ms);
         }
         accepted
+    }
+
+    /// Analyses traces taken out of the aggregator, holding only the shared read lock one
+    /// trace at a time (ingest proceeds in between), then stores and records the results.
+    fn analyse_and_record(&self, pending: Vec<Pending>, now_ms: u64) {
+        let done: Vec<_> = pending
+            .into_iter()
+            .map(|p| Core::analyse_pending(&self.shared, &self.settings.limits, p, now_ms))
+            .collect();
+        let (results, graveyard) = {
+            let mut c = self.core.lock();
+            let results: Vec<TraceResult> = done.into_iter().map(|d| c.store_done(d)).collect();
+            (results, c.take_graveyard())
+        };
+        // The evicted recent traces are freed outside the lock.
+        drop(graveyard);
+        self.record(results);
     }
 
     /// Merges analysed traces' findings into the index and notifies watchers.
@@ -418,20 +425,8 @@ impl Collector {
             if n == 0 {
                 return total;
             }
-            // Analysis holds only the shared read lock, one trace at a time: ingest
-            // proceeds in between.
-            let done: Vec<_> = pending
-                .into_iter()
-                .map(|p| Core::analyse_pending(&self.shared, &self.settings.limits, p, now_ms))
-                .collect();
-            let (results, graveyard) = {
-                let mut c = self.core.lock();
-                let results: Vec<TraceResult> = done.into_iter().map(|d| c.store_done(d)).collect();
-                (results, c.take_graveyard())
-            };
-            drop(graveyard);
+            self.analyse_and_record(pending, now_ms);
             total += n;
-            self.record(results);
             if n < CHUNK {
                 return total;
             }
