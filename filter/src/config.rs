@@ -170,15 +170,16 @@ pub struct PluginConfig {
     /// How long an inbound request's correlation ids are remembered, seconds.
     #[serde(default = "d_ttl")]
     pub correlation_ttl_secs: u32,
-    /// Number of shared-data buckets of the correlation store (must be equal on the
-    /// inbound and outbound side). Capacity is `buckets * bucket_entries` ids; each
-    /// inbound request remembers up to 3 ids, so at R inbound requests/s an id survives
-    /// about `capacity / (3 R)` seconds (at most the TTL): 64 x 64 keeps ~1.4 s of
-    /// history at 1000 req/s, ~14 s at 100 req/s, for ~300 KB of shared data and a
-    /// ~4 KB copy per bucket write.
+    /// With `correlation_bucket_entries`, the size of the correlation store: `buckets *
+    /// bucket_entries` one-id slots (the product must be equal on the inbound and outbound
+    /// side; the names are those of the bucketed layout it replaced). Each inbound request
+    /// remembers up to 3 ids, so at R inbound requests/s an id survives about
+    /// `slots / (3 R)` seconds on average (at most the TTL): 64 x 64 keeps ~1.4 s of
+    /// history at 1000 req/s, ~14 s at 100 req/s, for ~330 KB of shared data and one
+    /// ~80-byte write per id.
     #[serde(default = "d_buckets")]
     pub correlation_buckets: u32,
-    /// Entries per bucket (oldest evicted first).
+    /// See `correlation_buckets` (the two multiply).
     #[serde(default = "d_bucket_entries")]
     pub correlation_bucket_entries: u32,
     /// A W3C `baggage` member carrying the tag, read when the tag header is absent and

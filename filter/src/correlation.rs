@@ -469,7 +469,7 @@ struct Slot {
 
 /// This VM's own copy of the correlation entries its inbound side wrote.
 ///
-/// Why: reading a shared-data bucket costs the outbound side a host call that returns
+/// Why: reading a shared-data slot costs the outbound side a host call that returns
 /// data (~1.6 us in Envoy 1.40, most of it the host calling back into the VM to
 /// allocate the copy) on every request. Envoy runs one VM per worker thread and, in a
 /// sidecar, the inbound and outbound plugins share it (same `vm_id`), so when the

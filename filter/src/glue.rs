@@ -144,7 +144,7 @@ struct Shared {
     /// Report calls that failed (a non-zero gRPC status: UNAUTHENTICATED from a token
     /// mismatch, UNAVAILABLE from a collector that is down, ...), with the last status.
     call_failures: RefCell<(Warning, u32)>,
-    /// Correlation buckets written with another bucket count, with the last one seen.
+    /// Correlation slots written with other store dimensions, with the last ones seen.
     bucket_mismatches: RefCell<(Warning, Dims)>,
 }
 
@@ -380,7 +380,7 @@ struct Vm {
     streams: HashMap<u32, Rc<RefCell<Http>>, BuildHasherDefault<IdHasher>>,
     /// Created by the first plugin instance configured in this VM; the inbound and
     /// outbound instances of a sidecar share it (they must have the same
-    /// `correlation_*` settings anyway, as they share the shared-data buckets).
+    /// `correlation_*` settings anyway, as they share the shared-data slots).
     local: Option<Rc<LocalStore>>,
 }
 

@@ -55,8 +55,9 @@ pub const GRPC_ERRORS: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 2);
 /// Streams a filter before hopwatch answered (only `on_log` ran: RBAC, JWT, ext_authz,
 /// fault abort, local rate limit).
 pub const ANSWERED_BEFORE_FILTER: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 3);
-/// Correlation-store buckets found written with another `correlation_buckets` than this
-/// side's (the inbound and outbound configurations disagree).
+/// Correlation-store slots found written with another `correlation_buckets` x
+/// `correlation_bucket_entries` than this side's (the inbound and outbound
+/// configurations disagree).
 pub const CORRELATION_BUCKETS_MISMATCH: Metric = Metric(FLAG_BASE + FLAG_NAMES.len() as u16 + 4);
 /// Number of counters.
 pub const COUNT: usize = FLAG_BASE as usize + FLAG_NAMES.len() + 5;
