@@ -308,6 +308,20 @@ impl Collector {
         accepted
     }
 
+    /// Findings the bounds or the retention removed: their occurrence series go too
+    /// (else the metric family would keep every finding ever seen).
+    fn forget_series(&self, removed: Vec<Break>) {
+        for b in removed {
+            self.metrics.breaks.remove(&BreakLabels {
+                kind: crate::cli::kind_str(b.kind).to_string(),
+                severity: crate::cli::severity_str(b.severity).to_string(),
+                namespace: b.namespace,
+                workload: b.workload,
+                peer: b.peer,
+            });
+        }
+    }
+
     /// Analyses traces taken out of the aggregator, holding only the shared read lock one
     /// trace at a time (ingest proceeds in between), then stores and records the results.
     fn analyse_and_record(&self, pending: Vec<Pending>, now_ms: u64) {
@@ -358,17 +372,7 @@ impl Collector {
                         .inc();
                 }
             }
-            // Findings the bounds removed: their occurrence series go too (else the
-            // metric family would keep every finding ever seen).
-            for b in store.take_evicted() {
-                self.metrics.breaks.remove(&BreakLabels {
-                    kind: crate::cli::kind_str(b.kind).to_string(),
-                    severity: crate::cli::severity_str(b.severity).to_string(),
-                    namespace: b.namespace,
-                    workload: b.workload,
-                    peer: b.peer,
-                });
-            }
+            self.forget_series(store.take_evicted());
         }
         for b in updated {
             let _ = self.watch.send(b);
@@ -474,15 +478,7 @@ impl Collector {
             .retain(min, self.settings.retention_count);
         self.metrics.findings_expired.fetch_add(n as u64, Relaxed);
         let evicted = self.store.write().take_evicted();
-        for b in evicted {
-            self.metrics.breaks.remove(&BreakLabels {
-                kind: crate::cli::kind_str(b.kind).to_string(),
-                severity: crate::cli::severity_str(b.severity).to_string(),
-                namespace: b.namespace,
-                workload: b.workload,
-                peer: b.peer,
-            });
-        }
+        self.forget_series(evicted);
         let keep_us = (self.settings.limits.max_trace_age.as_micros() as u64) * 2;
         let mut core = self.core.lock();
         core.prune_indexes((now_ms * 1000).saturating_sub(keep_us));
