@@ -10,12 +10,22 @@
 mod common;
 mod durability;
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use durability::*;
+
+/// The collector restarted on `data` with the WAL off, so that only the database speaks:
+/// the findings it holds (sample trace ids) and their number.
+async fn reopen_without_wal(data: &Path, log: &Path) -> (Proc, HashSet<String>, usize) {
+    let mut p = Proc::spawn(data, log, &[FLAGS, &["--no-wal"]].concat());
+    let _ = p.ready().await;
+    let (samples, n) = p.samples().await;
+    (p, samples, n)
+}
 
 /// The mounted tmpfs; unmounted on drop (also when the test fails).
 struct Tmpfs(PathBuf);
@@ -161,9 +171,7 @@ async fn disk_full_then_freed_loses_nothing() {
     println!("freed: /healthz 200 after {recovered_after:?}, {reopens} re-opens; SIGTERM exit in {took:?}");
 
     // Every finding in the database (the WAL off: only the database can have them).
-    let mut p = Proc::spawn(&data, &log, &[FLAGS, &["--no-wal"]].concat());
-    let _ = p.ready().await;
-    let (samples, n) = p.samples().await;
+    let (mut p, samples, n) = reopen_without_wal(&data, &log).await;
     let s = survived(&samples, 0..3_300);
     println!(
         "disk full then freed: survived/planted {}/{} ({n} findings stored)",
@@ -197,9 +205,7 @@ async fn disk_full_then_freed_loses_nothing() {
     let (st, took) = p.term(Duration::from_secs(40));
     free_later.join().unwrap();
     assert!(st.success(), "{}", p.log_text());
-    let mut p = Proc::spawn(&data, &log, &[FLAGS, &["--no-wal"]].concat());
-    let _ = p.ready().await;
-    let (samples, n) = p.samples().await;
+    let (p, samples, n) = reopen_without_wal(&data, &log).await;
     let s = survived(&samples, 5_000..6_000);
     println!(
         "SIGTERM while full ({filled} filler bytes), freed 2 s later: exit 0 after {took:?}, survived/planted {}/{} ({n} findings stored)",
