@@ -25,7 +25,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    assert_no_finding, assert_no_finding_at, call, flags, has, kind, of_kind, summary, Permit,
+    assert_healthy, assert_no_finding, assert_no_finding_at, call, flags, has, kind, of_kind,
+    summary, Permit,
 };
 
 /// Meshes at once (see [`Permit`]).
@@ -141,30 +142,7 @@ fn healthy_chain_reports_no_error_and_carries_the_tag_to_the_end() {
 
     let analysed = wait_analysed(&s, &trace, 5);
     let breaks = s.mesh.breaks().expect("breaks");
-    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
-    assert!(
-        errors.is_empty(),
-        "healthy chain produced errors: {}",
-        summary(&breaks)
-    );
-    for k in [
-        "TRACE_NOT_PROPAGATED",
-        "TAG_DROPPED",
-        "TAG_NOT_PROPAGATED",
-        "HOP_MISSING",
-        "UPSTREAM_FAILURE",
-    ] {
-        assert!(
-            of_kind(&breaks, k).is_empty(),
-            "unexpected {k}: {}",
-            summary(&breaks)
-        );
-    }
-    assert_eq!(
-        analysed["breaks"].as_array().map(Vec::len),
-        Some(0),
-        "trace view: {analysed}"
-    );
+    assert_healthy(&breaks, &analysed);
 }
 
 #[test]

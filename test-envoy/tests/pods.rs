@@ -26,7 +26,7 @@ use hopwatch_test_envoy::topology::{topologies_dir, Topology};
 use serde_json::Value;
 
 mod common;
-use common::{assert_no_finding, call, flags, has, of_kind, summary, Permit};
+use common::{assert_healthy, assert_no_finding, call, flags, has, of_kind, summary, Permit};
 
 /// Meshes at once (see [`Permit`]).
 const JOBS: &str = "HOPWATCH_PODS_JOBS";
@@ -135,26 +135,7 @@ fn pods_healthy_chain_carries_tag_and_trace_through_captured_sidecars() {
 
     let analysed = wait_analysed(&s, &trace, 5);
     let breaks = s.mesh.breaks().expect("breaks");
-    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
-    assert!(
-        errors.is_empty(),
-        "healthy chain produced errors: {}",
-        summary(&breaks)
-    );
-    for k in [
-        "TRACE_NOT_PROPAGATED",
-        "TAG_DROPPED",
-        "TAG_NOT_PROPAGATED",
-        "HOP_MISSING",
-        "UPSTREAM_FAILURE",
-    ] {
-        assert_no_finding(&breaks, k);
-    }
-    assert_eq!(
-        analysed["breaks"].as_array().map(Vec::len),
-        Some(0),
-        "trace view: {analysed}"
-    );
+    assert_healthy(&breaks, &analysed);
 }
 
 #[test]
@@ -355,22 +336,7 @@ fn pods_mtls_strict_chain_is_tls_between_the_sidecars_and_healthy() {
 
     let analysed = wait_analysed(&s, &trace, 5);
     let breaks = s.mesh.breaks().expect("breaks");
-    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
-    assert!(errors.is_empty(), "errors: {}", summary(&breaks));
-    for k in [
-        "TRACE_NOT_PROPAGATED",
-        "TAG_DROPPED",
-        "TAG_NOT_PROPAGATED",
-        "HOP_MISSING",
-        "UPSTREAM_FAILURE",
-    ] {
-        assert_no_finding(&breaks, k);
-    }
-    assert_eq!(
-        analysed["breaks"].as_array().map(Vec::len),
-        Some(0),
-        "trace view: {analysed}"
-    );
+    assert_healthy(&breaks, &analysed);
 
     // STRICT really refuses plain text: the same request straight to bravo's pod gets no
     // HTTP answer (its TLS chain closes the connection), and bravo's app never sees it.

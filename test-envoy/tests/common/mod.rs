@@ -117,6 +117,35 @@ pub fn assert_no_finding_at(breaks: &[Value], k: &str, workload: &str) {
     assert!(!has(breaks, k, workload), "{}", summary(breaks));
 }
 
+/// A healthy chain: no ERROR finding, none of the five break kinds a healthy chain must
+/// not show, and the trace view (`analysed`, from [`wait_analysed`]) with no break.
+pub fn assert_healthy(breaks: &[Value], analysed: &Value) {
+    let errors: Vec<&Value> = breaks.iter().filter(|b| b["severity"] == "ERROR").collect();
+    assert!(
+        errors.is_empty(),
+        "healthy chain produced errors: {}",
+        summary(breaks)
+    );
+    for k in [
+        "TRACE_NOT_PROPAGATED",
+        "TAG_DROPPED",
+        "TAG_NOT_PROPAGATED",
+        "HOP_MISSING",
+        "UPSTREAM_FAILURE",
+    ] {
+        assert!(
+            of_kind(breaks, k).is_empty(),
+            "unexpected {k}: {}",
+            summary(breaks)
+        );
+    }
+    assert_eq!(
+        analysed["breaks"].as_array().map(Vec::len),
+        Some(0),
+        "trace view: {analysed}"
+    );
+}
+
 /// Waits until the collector has analysed `trace_id` with at least `min_hops` hops, so
 /// that the absence of a finding means something. `cli` runs the `hopwatch` CLI against
 /// the mesh's collector.
