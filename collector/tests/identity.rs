@@ -181,17 +181,21 @@ async fn a_peer_speaks_only_for_its_own_namespace_and_service_account() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn require_peer_identity_refuses_anonymous_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
+/// The test settings with `--require-peer-identity`.
+fn requiring_peer() -> Settings {
+    Settings {
         identity: Policy {
             require_peer: true,
             ..Policy::default()
         },
         ..fast_settings()
-    };
-    let s = TestServer::start(settings, dir.path()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_peer_identity_refuses_anonymous_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(requiring_peer(), dir.path()).await;
     let mut c = CollectorClient::connect(s.url()).await.unwrap();
     let batch = ReportRequest {
         hops: failing_chain(&trace_id(1), "shop"),
@@ -502,14 +506,7 @@ fn flags() {
 async fn behind_a_real_mtls_sidecar_a_caller_speaks_only_for_itself() {
     use hopwatch_test_envoy::collector_sidecar::{Caller, CollectorSidecar};
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        identity: Policy {
-            require_peer: true,
-            ..Policy::default()
-        },
-        ..fast_settings()
-    };
-    let s = TestServer::start(settings, dir.path()).await;
+    let s = TestServer::start(requiring_peer(), dir.path()).await;
     let callers = [Caller::new("shop", "cart"), Caller::new("prod", "payments")];
     let tls = dir.path().join("tls");
     let grpc = s.grpc;
