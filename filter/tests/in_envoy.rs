@@ -509,6 +509,22 @@ fn mesh_certs(dir: &Path) -> MeshCerts {
     MeshCerts { ca, server, client }
 }
 
+/// Envoy extras with a throwaway mesh CA and certificates (removed when the returned
+/// directory guard drops).
+fn mtls_extras() -> (TempDir, Extras) {
+    let dir = std::env::temp_dir().join(format!(
+        "hopwatch-certs-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let guard = TempDir(dir.clone());
+    let extras = Extras {
+        mtls: Some(mesh_certs(&dir)),
+        ..Extras::default()
+    };
+    (guard, extras)
+}
+
 fn tls_context(certs: &MeshCerts, own: &(PathBuf, PathBuf)) -> Value {
     json!({
         "tls_certificates": [{
@@ -2017,16 +2033,7 @@ fn inbound_annotations(r: &Resp) -> Vec<String> {
 #[test]
 fn inbound_annotations_only_reach_mesh_peers() {
     let echo = start_echo();
-    let dir = std::env::temp_dir().join(format!(
-        "hopwatch-certs-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let _certs_dir = TempDir(dir.clone());
-    let extras = Extras {
-        mtls: Some(mesh_certs(&dir)),
-        ..Extras::default()
-    };
+    let (_certs_dir, extras) = mtls_extras();
     let envoy = spawn_envoy_with(&echo, None, &|_| {}, Some(ENV_TAG), 1, &extras);
     envoy.wait_ready();
     assert_eq!(
@@ -2074,16 +2081,7 @@ fn inbound_annotations_only_reach_mesh_peers() {
 #[test]
 fn debug_header_is_ignored_from_outside_the_mesh() {
     let echo = start_echo();
-    let dir = std::env::temp_dir().join(format!(
-        "hopwatch-certs-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let _certs_dir = TempDir(dir.clone());
-    let extras = Extras {
-        mtls: Some(mesh_certs(&dir)),
-        ..Extras::default()
-    };
+    let (_certs_dir, extras) = mtls_extras();
     let envoy = spawn_envoy_with(
         &echo,
         None,
